@@ -1,0 +1,488 @@
+"""Evaluate a SegVLM checkpoint on PhraseCut with the official evaluator's definitions.
+
+Run (one process, or one process per GPU with torchrun; the numbers are identical):
+
+    python evaluate.py --ckpt runs/paper/best.pth                  # <data_dir>/test.lmdb of that run
+    python evaluate.py --ckpt best.pth --data data/val.lmdb --json val.json
+    python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
+    torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
+    python evaluate.py --benchmark                                 # paper preset, random weights
+    python evaluate.py --ckpt best.pth --benchmark                 # time that checkpoint's model
+
+Metrics (PhraseCut's evaluator, SPEC section 7). Every task is scored at the
+*original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
+upsampled and cropped out of the letterbox by `data.unletterbox`, then
+thresholded. Per task I = |G and P|, U = |G or P|, IoU = 0 when I == 0 else I / U.
+
+- mIoU      mean of the per-task IoU (the paper's Table 1 "mean IoU")
+- oIoU      cumulative ("overall") IoU, sum(I) / sum(U)
+- prec@k    fraction of tasks with IoU strictly greater than k, k in 0.5 ... 0.9
+
+Every number is a fraction in [0, 1]; the printed table shows percentages.
+
+Threshold: 0.35 on the sigmoid, CRIS's value (its test script thresholds the
+upsampled probability at 0.35). A mask head trained with BCE/RAF on sparse
+foreground is slightly under-confident, so a cut below 0.5 recovers thin parts;
+`--threshold` changes it, and the JSON does not depend on anything else.
+
+Under torchrun every rank scores the tasks rank, rank + W, rank + 2W, ...
+(no padding, so no task counts twice), the per-task (I, U, subsets) are
+gathered with all_gather_object and the metrics are computed once from the
+full list in dataset order: the result is exactly that of one process.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DEFAULT_THRESHOLD = 0.35  # CRIS's cut on the sigmoid; see the module docstring
+PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+METRIC_KEYS = ("mIoU", "oIoU") + tuple(f"prec@{k}" for k in PREC_THRESHOLDS) + ("n",)
+
+# The official evaluator's subsets that need nothing but the task record. Its
+# category subsets (c20, c100, ...), stuff/object (t_*) and attribute kinds
+# (a_*) rely on vocabulary lists in its code and are not reproduced here.
+SUBSETS = (
+    "i_single", "i_multi", "i_many",
+    "p_name", "p_att", "p_att+", "p_rel", "p_rel+", "p_verbose",
+    "s_small", "s_mid", "s_large",
+)
+SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
+
+
+# --------------------------------------------------------------------------- metrics
+
+def task_iou(pred, gt):
+    """Intersection and union of one task's binary masks, as Python ints.
+
+    pred, gt: (H, W) bool (or 0/1) numpy arrays or torch tensors of the same
+    shape, at the original image size. Returns (I, U) = (|G and P|, |G or P|).
+    """
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool().to(torch.as_tensor(pred).device)
+        return int((pred & gt).sum()), int((pred | gt).sum())
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
+def iou(intersection, union):
+    """The official per-task IoU: 0 when the intersection is empty (so also when U == 0)."""
+    return 0.0 if intersection == 0 else intersection / union
+
+
+def mean_iou(intersections, unions):
+    """Mean of the per-task IoU. fsum makes it independent of the order of the tasks."""
+    return math.fsum(iou(i, u) for i, u in zip(intersections, unions)) / len(intersections)
+
+
+def cumulative_iou(intersections, unions):
+    """sum(I) / sum(U) over all tasks, in exact integer sums; 0 when every union is empty."""
+    total_u = sum(int(u) for u in unions)
+    return 0.0 if total_u == 0 else sum(int(i) for i in intersections) / total_u
+
+
+def precision_at(intersections, unions, k):
+    """Fraction of tasks whose IoU is strictly greater than k (IoU == 0.5 is not a hit at 0.5)."""
+    return sum(iou(i, u) > k for i, u in zip(intersections, unions)) / len(intersections)
+
+
+def summarize(intersections, unions):
+    """The metric dict of one set of tasks: {"mIoU", "oIoU", "prec@0.5" ... "prec@0.9", "n"}.
+
+    Fractions in [0, 1]. An empty set gives n = 0 and None for every metric
+    (JSON null), so a subset always has the same keys.
+    """
+    if len(intersections) != len(unions):
+        raise ValueError("intersections and unions differ in length")
+    n = len(intersections)
+    if n == 0:
+        return {**{key: None for key in METRIC_KEYS}, "n": 0}
+    out = {"mIoU": mean_iou(intersections, unions), "oIoU": cumulative_iou(intersections, unions)}
+    for k in PREC_THRESHOLDS:
+        out[f"prec@{k}"] = precision_at(intersections, unions, k)
+    out["n"] = n
+    return out
+
+
+def phrasecut_subsets(num_instances, phrase_type, has_attributes, has_relations, rel_area):
+    """Names of the PhraseCut subsets one task belongs to, in SUBSETS order.
+
+    Follows the official `get_subset`:
+    - instances: i_single if exactly 1 box; i_multi if more than 1 (the
+      official code counts 5+ here too, although the paper's text says 2-4);
+      i_many if 5 or more.
+    - phrase: p_name if the phrase type is "name"; p_att if it has any
+      attribute; p_rel if it has any relation; p_att+ / p_rel+ / p_verbose if
+      the phrase type is "attribute" / "relation" / "verbose".
+    - size, rel_area = ground-truth pixels / image pixels: s_small below 0.02,
+      s_large above 0.2, s_mid otherwise (both boundaries included in s_mid).
+    """
+    names = set()
+    if num_instances == 1:
+        names.add("i_single")
+    if num_instances > 1:
+        names.add("i_multi")
+    if num_instances >= 5:
+        names.add("i_many")
+    if phrase_type == "name":
+        names.add("p_name")
+    if has_attributes:
+        names.add("p_att")
+    if has_relations:
+        names.add("p_rel")
+    type_subset = {"attribute": "p_att+", "relation": "p_rel+", "verbose": "p_verbose"}.get(phrase_type)
+    if type_subset:
+        names.add(type_subset)
+    if rel_area < SMALL_AREA:
+        names.add("s_small")
+    elif rel_area > LARGE_AREA:
+        names.add("s_large")
+    else:
+        names.add("s_mid")
+    return [name for name in SUBSETS if name in names]
+
+
+def summarize_tasks(tasks):
+    """The JSON layout from per-task records [(I, U, subset names), ...].
+
+    Returns {metric keys of `summarize` for all tasks, "subsets": {name: same
+    keys}}; every name in SUBSETS is present, empty ones with n = 0.
+    """
+    result = summarize([t[0] for t in tasks], [t[1] for t in tasks])
+    result["subsets"] = {}
+    for name in SUBSETS:
+        members = [t for t in tasks if name in t[2]]
+        result["subsets"][name] = summarize([t[0] for t in members], [t[1] for t in members])
+    return result
+
+
+def format_table(result):
+    """The metrics as a text table in percent, one row for all tasks and one per subset."""
+    header = f"{'subset':<10} {'n':>7} {'mIoU':>7} {'oIoU':>7}" + "".join(f" {'P@' + str(k):>7}" for k in PREC_THRESHOLDS)
+    rows = [header, "-" * len(header)]
+    for name, m in [("all", result)] + list(result.get("subsets", {}).items()):
+        cells = [m["mIoU"], m["oIoU"]] + [m[f"prec@{k}"] for k in PREC_THRESHOLDS]
+        rows.append(f"{name:<10} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- masks on disk
+
+_SAFE_TASK_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def mask_path(out_dir, task_id):
+    """out_dir / f"{task_id}.png", refusing any task id that could leave out_dir.
+
+    Allowed: letters, digits, '_', '-', '.', not starting with '.', no '..',
+    at most 200 characters (PhraseCut ids look like "2412359__1373393").
+    Anything else (path separators, '..', absolute paths, NUL, empty) is a ValueError.
+    """
+    if not isinstance(task_id, str) or len(task_id) > 200 or ".." in task_id \
+            or not _SAFE_TASK_ID.fullmatch(task_id):
+        raise ValueError(f"unsafe task id for a file name: {task_id!r} (allowed: letters, digits, '_', '-', "
+                         "'.', no leading '.', no '..')")
+    out_dir = Path(out_dir)
+    path = out_dir / f"{task_id}.png"
+    if path.resolve().parent != out_dir.resolve():  # belt and braces against symlink tricks in the name
+        raise ValueError(f"task id {task_id!r} resolves outside {out_dir}")
+    return path
+
+
+def save_mask(mask, out_dir, task_id):
+    """Write one (H, W) bool mask as out_dir/<task_id>.png, mode L, 0/255 (the official evaluator's input)."""
+    from PIL import Image
+    path = mask_path(out_dir, task_id)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.cpu().numpy()
+    Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255).save(path)
+    return path
+
+
+def load_mask(path):
+    """Read a saved mask back as (H, W) bool: any nonzero pixel is foreground, as the official reader does."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 0
+
+
+# --------------------------------------------------------------------------- distributed
+
+def dist_info():
+    """(rank, world_size); (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_tasks(tasks):
+    """Every rank's per-task records, merged in dataset order, on every rank.
+
+    tasks: [(index, I, U, subset names), ...] of this rank. Python ints cross
+    the wire as they are (all_gather_object pickles them), so sums stay exact.
+    """
+    rank, world = dist_info()
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, tasks)
+        tasks = [t for shard in shards for t in shard]
+    tasks = sorted(tasks, key=lambda t: t[0])
+    if len({t[0] for t in tasks}) != len(tasks):
+        raise RuntimeError("a task was scored twice; the shards overlap")
+    return tasks
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _item(value, i):
+    """Element i of a collated field, whether collate made it a list or a tensor."""
+    v = value[i]
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def _unwrap(model):
+    # DDP's forward may talk to the other ranks (buffer broadcast), and shards
+    # differ in length by one batch: run the plain module instead.
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
+             save_masks=None, progress=True, amp=False):
+    """Score `model` on every task of `dataset` and return the JSON layout.
+
+    model: a SegVLM (or a DDP wrapper around one); put in eval mode here and
+        returned to train mode afterwards if it was training.
+    dataset: data.PhraseCutLMDB(..., train=False), whose items carry the
+        original-size `gt_mask` and the subset fields.
+    threshold: cut on the sigmoid probability at the original size.
+    device: where to run; default the model's parameters' device.
+    save_masks: a directory; each task's prediction is written there as
+        <task_id>.png, 0/255 at the original size (each rank writes its shard).
+    amp: bf16 autocast on CUDA (the sigmoid and the scoring stay in float32).
+
+    Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
+    same keys}}, fractions in [0, 1]. Under torch.distributed each rank scores
+    the indices rank::world_size and every rank returns the same full result.
+    """
+    import data  # the dataset pipeline; imported here so the metric functions stand alone
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    net = _unwrap(model)
+    was_training = net.training
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    rank, world = dist_info()
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=data.collate)
+    if save_masks is not None:
+        Path(save_masks).mkdir(parents=True, exist_ok=True)
+
+    tasks = []
+    net.eval()
+    try:
+        for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                logits = net(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
+            prob = logits.float().sigmoid()
+            for i, task_id in enumerate(batch["task_id"]):
+                gt = batch["gt_mask"][i].to(device).bool()  # (H, W) at the original size
+                h, w = gt.shape
+                pred = data.unletterbox(prob[i, 0], h, w) > threshold  # (S/4, S/4) -> (H, W)
+                inter, union = task_iou(pred, gt)
+                names = phrasecut_subsets(
+                    int(_item(batch["num_instances"], i)), _item(batch["phrase_type"], i),
+                    bool(_item(batch["has_attributes"], i)), bool(_item(batch["has_relations"], i)),
+                    int(gt.sum()) / (h * w))
+                tasks.append((int(_item(batch["index"], i)), inter, union, names))
+                if save_masks is not None:
+                    save_mask(pred, save_masks, task_id)
+    finally:
+        net.train(was_training)
+
+    tasks = gather_tasks(tasks)
+    return summarize_tasks([t[1:] for t in tasks])
+
+
+# --------------------------------------------------------------------------- pictures
+
+@torch.no_grad()
+def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
+    """Write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
+
+    Each PNG shows the image at its original size, the ground truth in green,
+    the prediction in red, and the phrase with the task's IoU in the title.
+    Returns the written paths.
+    """
+    import data
+    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+    net = _unwrap(model)
+    was_training = net.training
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    paths = []
+    net.eval()
+    try:
+        for k in range(min(num, len(dataset))):
+            item = dataset[k]
+            logits = net(item["image"][None].to(device), item["tokens"][None].to(device)).float().cpu()
+            gt = item["gt_mask"].bool()
+            h, w = gt.shape
+            pred = data.unletterbox(logits[0, 0].sigmoid(), h, w) > threshold
+            inter, union = task_iou(pred, gt)
+            # undo the normalisation, then cut the image out of the letterbox like the masks
+            image = data.unletterbox((item["image"] * std + mean).clamp(0, 1), h, w).clamp(0, 1)
+            image = image.permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+
+            fig = Figure(figsize=(12, 4.4))
+            panels = [("image", None, None), ("ground truth", gt, (0.1, 0.9, 0.1)), ("prediction", pred, (0.95, 0.1, 0.1))]
+            for j, (title, mask, color) in enumerate(panels):
+                ax = fig.add_subplot(1, 3, j + 1)
+                shown = image.copy()
+                if mask is not None:
+                    m = mask.numpy()
+                    shown[m] = 0.45 * shown[m] + 0.55 * np.array(color)
+                ax.imshow(shown)
+                ax.set_title(title)
+                ax.axis("off")
+            fig.suptitle(f'"{item["phrase"]}"   IoU {iou(inter, union):.3f}   ({item["task_id"]})')
+            fig.tight_layout()
+            mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
+            path = out_dir / f"{k:04d}_{item['task_id']}.png"
+            fig.savefig(path, dpi=80)
+            paths.append(path)
+    finally:
+        net.train(was_training)
+    return paths
+
+
+# --------------------------------------------------------------------------- command line
+
+def resolve_data_path(ckpt, data_arg=None):
+    """--data if given, else <checkpoint's data_dir>/test.lmdb; a clear error when neither exists."""
+    if data_arg:
+        path = Path(data_arg)
+        if not path.exists():
+            raise FileNotFoundError(f"--data {path} does not exist")
+        return path
+    data_dir = ckpt.get("data_dir") or ""
+    if not data_dir:
+        raise ValueError("the checkpoint does not say which data it was trained beside (no 'data_dir'); "
+                         "pass --data PATH.lmdb")
+    path = Path(data_dir) / "test.lmdb"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} (the checkpoint's data_dir/test.lmdb) does not exist; pass --data PATH.lmdb")
+    return path
+
+
+def init_distributed():
+    """Join the torchrun process group if there is one; returns the device this rank uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint written by train.py; the model is rebuilt from it alone")
+    p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="cut on the sigmoid probability (CRIS uses 0.35)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (CUDA only)")
+    p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
+    p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
+    p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
+    p.add_argument("--num", type=int, default=8, help="how many figures --vis writes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time the model instead of evaluating it (paper preset, random weights without --ckpt)")
+    p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size")
+    p.add_argument("--compile", action="store_true", help="--benchmark: also try torch.compile (CUDA)")
+    args = p.parse_args(argv)
+    if not args.benchmark and not args.ckpt:
+        p.error("--ckpt is required (except with --benchmark)")
+    if not 0.0 < args.threshold < 1.0:
+        p.error(f"--threshold must be between 0 and 1, got {args.threshold}")
+    for name in ("batch_size", "num", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def run(args):
+    """The CLI's work; raises ValueError / FileNotFoundError for the user's mistakes."""
+    import data
+    import model as segvlm
+
+    device = init_distributed()
+    if args.device:
+        device = torch.device(args.device)
+    rank, world = dist_info()
+    if args.benchmark:
+        return run_benchmark(args, device)
+
+    net, ckpt = segvlm.load_checkpoint(args.ckpt, map_location="cpu")
+    net.to(device)
+    cfg = net.config
+    path = resolve_data_path(ckpt, args.data)
+    dataset = data.PhraseCutLMDB(str(path), input_size=cfg.input_size, word_len=cfg.word_len, train=False)
+    if len(dataset) == 0:
+        raise ValueError(f"{path} holds no tasks")
+
+    start = time.perf_counter()
+    result = evaluate(net, dataset, threshold=args.threshold, batch_size=args.batch_size,
+                      num_workers=args.workers, device=device, save_masks=args.save_masks,
+                      progress=not args.no_progress, amp=args.amp)
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        print(format_table(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.vis:
+            save_overlays(net, dataset, args.vis, num=args.num, threshold=args.threshold, device=device)
+        print(f"{args.ckpt} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
+              f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.7 {100 * result['prec@0.7']:.2f}  "
+              f"P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks, threshold {args.threshold}, "
+              f"{world} process{'es' if world > 1 else ''}, {seconds:.1f} s)")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
