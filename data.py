@@ -1,0 +1,654 @@
+"""PhraseCut for SegVLM: a synthetic PhraseCut, a PhraseCut -> LMDB converter, and the dataset.
+
+    python data.py synth --out data/synth --images 1875 --seed 0 --size 160
+    python data.py build --root data/synth --split train --out data/train.lmdb
+    python data.py build --root VGPhraseCut_v0 --split val --out val.lmdb --skip-missing
+    python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
+
+`synth` writes a small referring dataset in exactly PhraseCut's layout (images/<image_id>.jpg,
+image_data_split.json, refer_{train,val,test,miniv}.json), so the converter, loader, training and
+evaluation run the same way on it and on the real VGPhraseCut_v0.
+
+Choices where PhraseCut and the spec are silent (all deliberate, all tested):
+- Letterbox: scale = S / max(W, H), content resized (PIL bilinear) to round(W*scale) x round(H*scale)
+  and *centred* (CRIS-like); padding is CLIP's mean, i.e. exactly 0 after normalisation.
+- Mask: the official rule (PhraseCut utils/data_transfer.polygons_to_mask): points truncated with
+  int(), ImageDraw.polygon(points, outline=1, fill=1) on an 'L' image at the original size, union of
+  all polygons of all instances, polygons of fewer than 2 points skipped. Instances without polygons
+  add nothing. The letterboxed mask is that mask resized with nearest-neighbour and padded with 0.
+- Images are decoded in stored pixel order (no EXIF rotation: annotations use stored coordinates).
+  Large JPEGs (>= 2x the input size) are decoded at a reduced DCT scale (PIL's Image.draft) first.
+  Modes: alpha is dropped, palettes expanded, CMYK converted by PIL; 16-bit images are scaled
+  from 0..65535 to 0..255; float images are clipped to 0..255.
+- Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
+  with the end token kept. An empty phrase is an error at build time, naming the task.
+- The image size is the image file's own (image_data_split.json is not needed); the builder counts
+  disagreements with image_data_split.json in the header.
+- Synthetic splits: 80/10/10 train/val/test by image; miniv is a fifth of val (PhraseCut samples
+  miniv from val): those images say split "miniv" in image_data_split.json, and their tasks are in
+  both refer_val.json and refer_miniv.json.
+"""
+import argparse
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # 0-1 scale, RGB
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SPLITS = ("train", "val", "test", "miniv")
+LMDB_FORMAT = "segvlm-phrasecut"
+LMDB_VERSION = 1
+DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1500 train, 187 val, 188 test
+_MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def tokenize(phrases, word_len=22):
+    """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token."""
+    import clip  # imported here: clip imports pkg_resources, slow and noisy at module import
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
+
+
+# ----------------------------------------------------------------------------- images and masks
+
+def to_rgb(img):
+    """Any PIL mode -> 'RGB' (see the module docstring for the rule per mode)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img).astype(np.float32)
+        if img.mode != "F":
+            arr = arr / 257.0  # 16-bit range -> 8-bit range
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def open_image(data, name, max_size=None):
+    """Decode image bytes -> (RGB PIL image, (H, W) of the stored image); errors name `name`.
+
+    max_size=(w, h): a JPEG at least twice that size is decoded at a reduced DCT scale (draft)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if max_size and img.format == "JPEG" and w >= 2 * max_size[0] and h >= 2 * max_size[1]:
+            img.draft(None, max_size)
+        img.load()
+        return to_rgb(img), (h, w)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def polygons_to_mask(polygons, width, height):
+    """Official PhraseCut rule. polygons: instances -> polygons -> [x, y]. -> (H, W) uint8 in {0, 1}."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for instance in polygons:
+        for polygon in instance:
+            if len(polygon) < 2:
+                continue
+            draw.polygon([(int(x), int(y)) for x, y in polygon], outline=1, fill=1)
+    return np.asarray(canvas)
+
+
+def letterbox_geometry(height, width, size):
+    """Where an (height, width) image lands on the size x size canvas: (nh, nw, top, left)."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+def letterbox(image, size, orig_size=None):
+    """PIL image -> ((3, size, size) float CLIP-normalised, meta). Padding normalises to exactly 0.
+
+    orig_size=(H, W) when `image` was decoded smaller (draft) than the stored image, so that the
+    geometry matches the mask's. meta: orig_size (H, W) and content (top, left, nh, nw)."""
+    h, w = orig_size or (image.height, image.width)
+    nh, nw, top, left = letterbox_geometry(h, w, size)
+    content = np.asarray(to_rgb(image).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+    content = torch.from_numpy(content).permute(2, 0, 1)  # HWC -> CHW
+    canvas = torch.zeros(3, size, size)
+    canvas[:, top:top + nh, left:left + nw] = (content / 255.0 - _MEAN) / _STD
+    return canvas, {"orig_size": (h, w), "content": (top, left, nh, nw)}
+
+
+def letterbox_mask(mask, size):
+    """(H, W) {0,1} array -> (1, size, size) float, nearest-neighbour, padding 0."""
+    h, w = mask.shape
+    nh, nw, top, left = letterbox_geometry(h, w, size)
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((nw, nh), Image.NEAREST))
+    canvas = torch.zeros(1, size, size)
+    canvas[0, top:top + nh, left:left + nw] = torch.from_numpy(small.astype(np.float32))
+    return canvas
+
+
+def unletterbox(prob, orig_h, orig_w, input_size=None):
+    """(..., s, s) map over the letterboxed canvas -> (..., orig_h, orig_w), bilinear.
+
+    The content box is found with letterbox_geometry at resolution s, which is exact for s equal to
+    the input size. For a coarser map (the model's S/4 logits) pass input_size=S: the map is first
+    upsampled to S (CRIS's protocol), so rounding matches the letterbox exactly."""
+    lead, s = prob.shape[:-2], prob.shape[-1]
+    x = prob.reshape(-1, 1, s, s).float()
+    if input_size is not None and input_size != s:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+        s = input_size
+    nh, nw, top, left = letterbox_geometry(orig_h, orig_w, s)
+    x = x[..., top:top + nh, left:left + nw]
+    x = F.interpolate(x, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, orig_h, orig_w)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class _PhraseCutItems(Dataset):
+    """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
+
+    def __init__(self, input_size=416, word_len=22, train=True):
+        self.input_size, self.word_len, self.train = input_size, word_len, train
+
+    def _read(self, index):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} tasks")
+        task, data = self._read(index)
+        size = self.input_size
+        name = f"images/{task['image_id']}.jpg"
+        img, (h, w) = open_image(data, name, max_size=(size, size))
+        image, _ = letterbox(img, size, orig_size=(h, w))
+        gt = polygons_to_mask(task["Polygons"], w, h)
+        item = {"image": image, "tokens": tokenize(task["phrase"], self.word_len)[0],
+                "mask": letterbox_mask(gt, size)}
+        if not self.train:
+            ps = task.get("phrase_structure") or {}
+            item.update(
+                task_id=str(task["task_id"]), phrase=task["phrase"],
+                orig_size=torch.tensor([h, w], dtype=torch.long), gt_mask=torch.from_numpy(gt.copy()),
+                num_instances=len(task["instance_boxes"]), phrase_type=ps.get("type", "verbose"),
+                has_attributes=bool(ps.get("attributes")),
+                has_relations=bool(ps.get("relation_descriptions") or ps.get("relation_ids")),
+                name=str(ps.get("name", "")), mask_area=float(gt.mean()), index=index)
+        return item
+
+
+_READERS = {}  # (st_dev, st_ino) -> (owner, lmdb.Environment); py-lmdb allows one per file per process
+
+
+def _reader(path):
+    """This process's read-only environment for `path`, opened on first use. A forked DataLoader
+    worker inherits its parent's environment, which LMDB must not use across fork: it is closed in
+    the child (the parent's stays open) and a fresh one opened, so workers never share one."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise FileNotFoundError(f"no LMDB file at {path}") from err
+    key, owner = (st.st_dev, st.st_ino), (os.getpid(), st.st_size, st.st_mtime_ns)
+    old_owner, env = _READERS.get(key, (None, None))
+    if old_owner != owner:  # first use, a forked child, or a rebuilt file that reuses the inode
+        if env is not None:
+            env.close()
+        try:
+            env = lmdb.open(str(path), subdir=False, readonly=True, lock=False,
+                            readahead=False, meminit=False)
+        except lmdb.Error as err:
+            raise ValueError(f"{path} is not a readable LMDB file: {err}") from err
+        _READERS[key] = (owner, env)
+    return env
+
+
+class PhraseCutLMDB(_PhraseCutItems):
+    """PhraseCut tasks from one split's LMDB made by build_lmdb.
+
+    Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}. With
+    train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
+    num_instances, phrase_type, has_attributes, has_relations, name, mask_area (fraction), index.
+    The LMDB is opened lazily per process (see _reader), so DataLoader workers (fork or spawn) each
+    get their own; the length comes from the header record, whose format version is checked."""
+
+    def __init__(self, path, input_size=416, word_len=22, train=True):
+        super().__init__(input_size, word_len, train)
+        self.path = str(path)
+        with _reader(self.path).begin() as txn:
+            raw = txn.get(b"__header__")
+        self.header = json.loads(raw) if raw else {}
+        found = (self.header.get("format"), self.header.get("version"))
+        if found != (LMDB_FORMAT, LMDB_VERSION):
+            raise ValueError(f"{self.path}: found LMDB format {found[0]!r} version {found[1]!r}, "
+                             f"expected {LMDB_FORMAT!r} version {LMDB_VERSION}; rebuild it with "
+                             f"`python data.py build`")
+        self.num_tasks = int(self.header["num_tasks"])
+
+    def __len__(self):
+        return self.num_tasks
+
+    def _read(self, index):
+        with _reader(self.path).begin() as txn:
+            task = json.loads(txn.get(b"task/%08d" % index))
+            data = txn.get(b"img/" + str(task["image_id"]).encode())
+        return task, data
+
+
+class PhraseCutFolder(_PhraseCutItems):
+    """The same items read straight from a PhraseCut directory (refer_<split>.json + images/)."""
+
+    def __init__(self, root, split, input_size=416, word_len=22, train=True):
+        super().__init__(input_size, word_len, train)
+        self.root = Path(root)
+        self.tasks = _load_tasks(self.root, split)
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def _read(self, index):
+        task = self.tasks[index]
+        return task, (self.root / "images" / f"{task['image_id']}.jpg").read_bytes()
+
+
+def collate(batch):
+    """List of items -> dict: equal-shape tensors stacked, numbers and bools made tensors,
+    strings and gt_mask (its size varies with the image) kept as lists."""
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        first = values[0]
+        if key == "gt_mask" or isinstance(first, str):
+            out[key] = values
+        elif isinstance(first, torch.Tensor) and all(v.shape == first.shape for v in values):
+            out[key] = torch.stack(values)
+        elif isinstance(first, (bool, int, float)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+# ----------------------------------------------------------------------------- PhraseCut -> LMDB
+
+def _load_tasks(root, split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    refer = Path(root) / f"refer_{split}.json"
+    if not refer.is_file():
+        raise FileNotFoundError(f"{refer} not found: is --root a PhraseCut directory?")
+    with open(refer) as f:
+        return json.load(f)
+
+
+def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
+    """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
+
+    Layout (no pickle: JSON and raw bytes):
+      b"__header__"     JSON {format, version, split, num_tasks, num_images, skipped_tasks, ...}
+      b"img/<image_id>" the image file's own bytes, once per image
+      b"task/<i:08d>"   JSON task record (PhraseCut's fields + width, height of the image)
+    Written under a temporary name and renamed when complete; on any error the temporary is removed.
+    """
+    root, out = Path(root), Path(out)
+    tasks = _load_tasks(root, split)
+    refer_bytes = (root / f"refer_{split}.json").stat().st_size
+    for i, task in enumerate(tasks):
+        missing = [k for k in ("task_id", "image_id", "phrase", "Polygons") if k not in task]
+        if missing:
+            raise ValueError(f"task {task.get('task_id', f'#{i}')} lacks fields {missing}")
+        if not str(task["phrase"]).strip():
+            raise ValueError(f"task {task['task_id']} in refer_{split}.json has an empty phrase")
+    listed = {}
+    if (root / "image_data_split.json").is_file():
+        with open(root / "image_data_split.json") as f:
+            listed = {str(d["image_id"]): (d.get("width"), d.get("height")) for d in json.load(f)}
+    image_ids = sorted({str(t["image_id"]) for t in tasks}, key=str.encode)  # byte order: append
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    map_size = 2 * refer_bytes + (1 << 30)
+    for image_id in image_ids:
+        path = root / "images" / f"{image_id}.jpg"
+        map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
+    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
+    try:
+        sizes, bad, image_bytes, mismatches = {}, [], 0, 0
+        txn = env.begin(write=True)
+        for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
+            path = root / "images" / f"{image_id}.jpg"
+            try:
+                if not path.is_file():
+                    raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
+                data = path.read_bytes()
+                _, (h, w) = open_image(data, str(path), max_size=(64, 64))  # a full decode checks it
+            except (OSError, ValueError):
+                if not skip_missing:
+                    raise
+                bad.append(image_id)
+                continue
+            txn.put(b"img/" + image_id.encode(), data, append=True)
+            sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
+            mismatches += image_id in listed and listed[image_id] != (w, h)
+            if (k + 1) % commit_every == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        n = 0
+        for task in tasks:
+            image_id = str(task["image_id"])
+            if image_id not in sizes:
+                continue
+            w, h = sizes[image_id]
+            record = json.dumps({**task, "width": w, "height": h}, separators=(",", ":"))
+            txn.put(b"task/%08d" % n, record.encode(), append=True)
+            n += 1
+            if n % (20 * commit_every) == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        if n == 0:
+            raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
+        header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
+                  "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
+                  "skipped_images": len(bad), "size_mismatches": int(mismatches),
+                  "source": str(root.resolve())}
+        txn.put(b"__header__", json.dumps(header).encode())
+        txn.commit()
+        env.sync(True)
+        env.close()
+        os.replace(tmp, out)
+    except BaseException:
+        env.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    lmdb_bytes = os.path.getsize(out)
+    return {**header, "lmdb_bytes": lmdb_bytes, "image_bytes": image_bytes,
+            "annotation_bytes": refer_bytes, "ratio": lmdb_bytes / (image_bytes + refer_bytes)}
+
+
+# ----------------------------------------------------------------------------- synthetic PhraseCut
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
+           "yellow": (235, 205, 45), "purple": (145, 60, 195), "white": (245, 245, 245)}
+SIZES = {"small": 0.08, "large": 0.15}  # shape radius as a fraction of the image's longer side
+RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+
+
+def _outline(kind, cx, cy, r):
+    """Polygon [[x, y], ...] (ints) of one shape of radius r centred at (cx, cy)."""
+    if kind == "circle":
+        angles, radii = np.linspace(0, 2 * np.pi, 32, endpoint=False), [r] * 32
+    elif kind == "square":
+        angles, radii = np.pi / 4 + np.arange(4) * np.pi / 2, [1.25 * r] * 4
+    elif kind == "triangle":
+        angles, radii = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3, [1.2 * r] * 3
+    elif kind == "star":
+        angles, radii = -np.pi / 2 + np.arange(10) * np.pi / 5, [1.2 * r, 0.5 * r] * 5
+    elif kind == "hexagon":
+        angles, radii = np.arange(6) * np.pi / 3, [1.05 * r] * 6
+    else:  # diamond: a rhombus taller than wide, so it never looks like a square
+        return [[round(cx + dx * r), round(cy + dy * r)]
+                for dx, dy in ((0, -1.2), (0.75, 0), (0, 1.2), (-0.75, 0))]
+    return [[round(cx + q * np.cos(a)), round(cy + q * np.sin(a))] for a, q in zip(angles, radii)]
+
+
+def _scene(rng, width, height):
+    """Random shapes: dicts with kind, colour, size, r, cx, cy. One image in five has a group of
+    5-6 small shapes sharing a kind, a colour or the size, so "all ..." phrases reach i_many."""
+    longer, shapes = max(width, height), []
+    group = str(rng.choice(["kind", "colour", "size"])) if rng.random() < 0.2 else None
+    trait = {"kind": str(rng.choice(SHAPES)), "colour": str(rng.choice(list(COLOURS))),
+             "size": "small", None: None}[group]
+    n_group = int(rng.integers(5, 7)) if group else 0
+    n_other = int(rng.integers(0, 3)) if group else int(rng.integers(3, 7))
+    overlap = rng.random() < 0.25
+    for k in range(n_group + n_other):
+        in_group = k < n_group
+        kinds = [x for x in SHAPES if group != "kind" or (x == trait) == in_group]
+        colours = [x for x in COLOURS if group != "colour" or (x == trait) == in_group]
+        sizes = ["small"] if in_group else ["large"] if group == "size" else list(SIZES)
+        kind, colour, size = str(rng.choice(kinds)), str(rng.choice(colours)), str(rng.choice(sizes))
+        if shapes and rng.random() < 0.6:  # a distractor: same kind or same colour as an earlier shape
+            ref = shapes[int(rng.integers(len(shapes)))]
+            if rng.random() < 0.5:
+                kind = ref["kind"] if ref["kind"] in kinds else kind
+            else:
+                colour = ref["colour"] if ref["colour"] in colours else colour
+        r = SIZES[size] * longer
+        for _ in range(60):  # rejection sampling; a shape that finds no room is dropped
+            cx, cy = rng.uniform(1.25 * r, width - 1.25 * r), rng.uniform(1.25 * r, height - 1.25 * r)
+            gap = 0.7 if overlap and rng.random() < 0.3 else 1.1  # sometimes overlapping
+            if all(np.hypot(cx - s["cx"], cy - s["cy"]) >= gap * (r + s["r"]) for s in shapes):
+                shapes.append({"kind": kind, "colour": colour, "size": size, "r": r,
+                               "cx": float(cx), "cy": float(cy)})
+                break
+    return shapes
+
+
+def _describe(size, colour, kind, count):
+    noun = (kind or "shape") + ("s" if count > 1 else "")
+    words = [w for w in (size, colour) if w] + [noun]
+    return ("all " if count > 1 else "") + " ".join(words), noun, [w for w in (size, colour) if w]
+
+
+def _phrases(shapes, width, height):
+    """Candidate (phrase, phrase_structure, referred shape indices); every phrase refers to exactly
+    its shapes. Name/attribute phrases are minimal: dropping any word would refer to more shapes,
+    so a distractor (same kind in another colour, same colour in another kind, ...) makes each
+    word necessary. Relation phrases disambiguate a kind that occurs 2+ times, with a clear margin."""
+    def match(size, colour, kind):
+        return frozenset(i for i, s in enumerate(shapes) if size in (None, s["size"])
+                         and colour in (None, s["colour"]) and kind in (None, s["kind"]))
+    descs = {}  # (size, colour, kind) -> referred shapes, every description that refers to some
+    for size in (None, *SIZES):
+        for colour in (None, *COLOURS):
+            for kind in (None, *SHAPES):
+                ids = match(size, colour, kind)
+                if ids and (size, colour, kind) != (None, None, None):
+                    descs[(size, colour, kind)] = ids
+    cands = []
+    for (size, colour, kind), ids in descs.items():
+        drops = [(None, colour, kind) if size else None, (size, None, kind) if colour else None,
+                 (size, colour, None) if kind else None]
+        if all(match(*d) != ids for d in drops if d and any(d)):  # any(d): not the empty phrase
+            text, noun, atts = _describe(size, colour, kind, len(ids))
+            cands.append((text, {"name": noun, "attributes": atts, "relation_ids": [],
+                                 "relation_descriptions": [], "type": "attribute" if atts else "name"}, ids))
+    margin = 0.1 * max(width, height)
+    objects = [(d, next(iter(ids))) for d, ids in descs.items() if len(ids) == 1 and d[2] and not d[0]]
+    for (size, colour, kind), ids in descs.items():
+        for (_, ocolour, okind), obj in objects:  # objects: "circle", "blue circle"
+            subjects = ids - {obj}
+            if kind is None or len(subjects) < 2:
+                continue
+            for predicate, (axis, sign) in RELATIONS.items():
+                key = ("cx", "cy")[axis]
+                offset = {i: sign * (shapes[obj][key] - shapes[i][key]) for i in subjects}
+                if any(abs(v) < margin for v in offset.values()):
+                    continue  # too close to call
+                referred = frozenset(i for i, v in offset.items() if v > 0)
+                if referred and referred != subjects:
+                    text, noun, atts = _describe(size, colour, kind, len(referred))
+                    obj_text = _describe(None, ocolour, okind, 1)[0]
+                    cands.append((f"{text} {predicate} the {obj_text}",
+                                  {"name": noun, "attributes": atts, "relation_ids": [len(cands)],
+                                   "relation_descriptions": [[predicate, okind]], "type": "relation"},
+                                  referred))
+    return cands
+
+
+def _render(rng, shapes, width, height):
+    """Noisy textured background, then the shapes, then sensor-like noise -> RGB PIL image."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    base = rng.uniform(75, 165) + rng.uniform(-18, 18, size=3)
+    field = (rng.uniform(-30, 30) * xx + rng.uniform(-30, 30) * yy
+             + 12 * np.sin(2 * np.pi * (rng.uniform(2, 6) * xx + rng.random()))
+             * np.sin(2 * np.pi * (rng.uniform(2, 6) * yy + rng.random())))
+    bg = base + field[..., None] + rng.normal(0, 7, size=(height, width, 3))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for s in shapes:
+        fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[s["colour"]])
+        draw.polygon([tuple(p) for p in s["polygon"]], fill=fill, outline=fill)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 5, size=(height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
+    """Write a synthetic referring dataset in PhraseCut's layout under out_dir; same seed, same bytes.
+
+    Each image (longer side `size`, 4:3, landscape or portrait) holds 3-8 shapes of 6 kinds, 6 colours
+    and 2 sizes; about 4-5 phrases per image of each PhraseCut type (name, attribute, relation), for
+    one shape or several ("all green shapes")."""
+    if num_images < 3:
+        raise ValueError("synthesize needs at least 3 images (train, val and test)")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_images)
+    n_val = n_test = max(1, round(0.1 * num_images))
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[int(i) + 1] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    val_ids = [int(i) + 1 for i in order[:n_val]]
+    miniv = set(val_ids[:max(1, n_val // 5)])
+    images, refer = [], {s: [] for s in SPLITS}
+    for image_id in tqdm(range(1, num_images + 1), desc="synth", disable=not progress):
+        short = round(size * 0.75)
+        width, height = (size, short) if rng.random() < 0.6 else (short, size)
+        shapes = _scene(rng, width, height)
+        for s in shapes:
+            s["polygon"] = _outline(s["kind"], s["cx"], s["cy"], s["r"])
+        _render(rng, shapes, width, height).save(out / "images" / f"{image_id}.jpg", "JPEG", quality=90)
+        split = split_of[image_id]
+        images.append({"image_id": image_id, "width": width, "height": height,
+                       "split": "miniv" if image_id in miniv else split, "url": "",
+                       "coco_id": None, "flickr_id": None})
+        cands = _phrases(shapes, width, height)
+        group = [c for c in cands if len(c[2]) >= 5]  # always ask for the big group: i_many
+        chosen, used = group[:1], {group[0][0]} if group else set()
+        weights = {"name": 1.0, "attribute": 2.0, "relation": 1.5}  # per type, uniform within it
+        target = int(rng.integers(4, 6))
+        while len(chosen) < target:
+            left = [c for c in cands if c[0] not in used]
+            if not left:
+                break
+            p = np.array([weights[c[1]["type"]] / sum(c[1]["type"] == d[1]["type"] for d in left)
+                          for c in left])
+            pick = left[int(rng.choice(len(left), p=p / p.sum()))]
+            chosen.append(pick)
+            used.add(pick[0])
+        for j, (phrase, structure, ids) in enumerate(chosen):
+            ids = sorted(ids)
+            boxes = []
+            for i in ids:
+                xs, ys = [p[0] for p in shapes[i]["polygon"]], [p[1] for p in shapes[i]["polygon"]]
+                boxes.append([min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1])
+            task = {"task_id": f"{image_id}__{j}", "image_id": image_id,
+                    "ann_ids": [image_id * 100 + i for i in ids], "instance_boxes": boxes,
+                    "Polygons": [[shapes[i]["polygon"]] for i in ids], "phrase": phrase,
+                    "phrase_structure": structure}
+            refer[split].append(task)
+            if image_id in miniv:
+                refer["miniv"].append(task)
+    for name, obj in [("image_data_split", images)] + [(f"refer_{s}", refer[s]) for s in SPLITS]:
+        with open(out / f"{name}.json", "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+    return out
+
+
+def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False):
+    """Make (once) and return a directory with train.lmdb, val.lmdb, test.lmdb and the raw
+    synthetic PhraseCut under VGPhraseCut_v0/. Built in a temporary directory and renamed when
+    finished, so a half-made cache is never taken for a finished one; if two processes race, the
+    first rename wins and the other discards its copy."""
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_px{size}_v{LMDB_VERSION}"
+    if (final / "COMPLETE").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress)
+        for split in ("train", "val", "test"):
+            build_lmdb(tmp / "VGPhraseCut_v0", split, tmp / f"{split}.lmdb", progress=progress)
+        (tmp / "COMPLETE").write_text(json.dumps({"num_images": num_images, "seed": seed, "size": size}))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "COMPLETE").is_file():
+                raise RuntimeError(f"{final} exists but is incomplete; remove it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- benchmark and CLI
+
+def _rate(dataset, n):
+    for i in range(min(5, len(dataset))):  # warm up: page cache, tokenizer cache
+        dataset[i]
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i % len(dataset)]
+    return n / (time.perf_counter() - start)
+
+
+def bench(path, root=None, n=300, input_size=416):
+    """Samples/s for one process producing training samples, from the LMDB and from the folder."""
+    torch.set_num_threads(1)
+    ds = PhraseCutLMDB(path, input_size=input_size)
+    rates = {"lmdb": _rate(ds, n)}
+    root = Path(root or ds.header["source"])
+    if (root / f"refer_{ds.header['split']}.json").is_file():
+        rates["folder"] = _rate(PhraseCutFolder(root, ds.header["split"], input_size), n)
+    return rates
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write a synthetic PhraseCut")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=160, help="longer image side in pixels")
+    p = sub.add_parser("build", help="convert one split to LMDB")
+    p.add_argument("--root", required=True)
+    p.add_argument("--split", required=True, choices=SPLITS)
+    p.add_argument("--out", required=True)
+    p.add_argument("--skip-missing", action="store_true", help="skip tasks whose image is missing or unreadable")
+    p = sub.add_parser("bench", help="samples/s at the input size")
+    p.add_argument("path")
+    p.add_argument("--root", default=None, help="PhraseCut directory (default: the one it was built from)")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--input-size", type=int, default=416)
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        out = synthesize(args.out, args.images, args.seed, args.size, progress=True)
+        print(f"wrote {args.images} images to {out}")
+    elif args.command == "build":
+        s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)
+        print(f"{args.out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
+              f"tasks ({s['skipped_images']} missing or unreadable images)")
+        print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
+              f"annotations {s['annotation_bytes']:,})")
+    else:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+        rates = bench(args.path, args.root, args.n, args.input_size)
+        for source, rate in rates.items():
+            print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
+
+
+if __name__ == "__main__":
+    main()
