@@ -17,7 +17,8 @@ Choices where PhraseCut and the spec are silent (all deliberate, all tested):
   all polygons of all instances, polygons of fewer than 2 points skipped. Instances without polygons
   add nothing. The letterboxed mask is that mask resized with nearest-neighbour and padded with 0.
 - Images are decoded in stored pixel order (no EXIF rotation: annotations use stored coordinates).
-  Large JPEGs (>= 2x the input size) are decoded at a reduced DCT scale (PIL's Image.draft) first.
+  JPEGs at least 2x larger than their letterboxed size are decoded at a reduced DCT scale first
+  (PIL's Image.draft), then resized as usual.
   Modes: alpha is dropped, palettes expanded, CMYK converted by PIL; 16-bit images are scaled
   from 0..65535 to 0..255; float images are clipped to 0..255.
 - Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
@@ -50,7 +51,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPLITS = ("train", "val", "test", "miniv")
 LMDB_FORMAT = "segvlm-phrasecut"
 LMDB_VERSION = 1
-DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1500 train, 187 val, 188 test
+DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1499 train, 188 val, 188 test
 _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -77,15 +78,18 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_image(data, name, max_size=None):
+def open_image(data, name, fit=None):
     """Decode image bytes -> (RGB PIL image, (H, W) of the stored image); errors name `name`.
 
-    max_size=(w, h): a JPEG at least twice that size is decoded at a reduced DCT scale (draft)."""
+    fit=S: a JPEG at least twice the size of its letterboxed content is decoded at a reduced DCT
+    scale (PIL's draft: 1/2, 1/4 or 1/8, never below the content size), which is much faster."""
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if max_size and img.format == "JPEG" and w >= 2 * max_size[0] and h >= 2 * max_size[1]:
-            img.draft(None, max_size)
+        if fit and img.format == "JPEG":
+            nh, nw, _, _ = letterbox_geometry(h, w, fit)
+            if w >= 2 * nw and h >= 2 * nh:
+                img.draft(None, (nw, nh))
         img.load()
         return to_rgb(img), (h, w)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
@@ -171,7 +175,7 @@ class _PhraseCutItems(Dataset):
         task, data = self._read(index)
         size = self.input_size
         name = f"images/{task['image_id']}.jpg"
-        img, (h, w) = open_image(data, name, max_size=(size, size))
+        img, (h, w) = open_image(data, name, fit=size)
         image, _ = letterbox(img, size, orig_size=(h, w))
         gt = polygons_to_mask(task["Polygons"], w, h)
         item = {"image": image, "tokens": tokenize(task["phrase"], self.word_len)[0],
@@ -304,18 +308,21 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
     tasks = _load_tasks(root, split)
     refer_bytes = (root / f"refer_{split}.json").stat().st_size
     for i, task in enumerate(tasks):
-        missing = [k for k in ("task_id", "image_id", "phrase", "Polygons") if k not in task]
+        missing = [k for k in ("task_id", "image_id", "phrase", "instance_boxes", "Polygons") if k not in task]
         if missing:
             raise ValueError(f"task {task.get('task_id', f'#{i}')} lacks fields {missing}")
         if not str(task["phrase"]).strip():
             raise ValueError(f"task {task['task_id']} in refer_{split}.json has an empty phrase")
-    listed = {}
-    if (root / "image_data_split.json").is_file():
-        with open(root / "image_data_split.json") as f:
-            listed = {str(d["image_id"]): (d.get("width"), d.get("height")) for d in json.load(f)}
+    listed = {}  # image sizes as image_data_split.json says (the release names it ...split3000.json)
+    for name in ("image_data_split.json", "image_data_split3000.json"):
+        if (root / name).is_file():
+            with open(root / name) as f:
+                listed = {str(d["image_id"]): (d.get("width"), d.get("height")) for d in json.load(f)}
+            break
     image_ids = sorted({str(t["image_id"]) for t in tasks}, key=str.encode)  # byte order: append
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed run that had our process id
     map_size = 2 * refer_bytes + (1 << 30)
     for image_id in image_ids:
         path = root / "images" / f"{image_id}.jpg"
@@ -330,7 +337,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
                 if not path.is_file():
                     raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
                 data = path.read_bytes()
-                _, (h, w) = open_image(data, str(path), max_size=(64, 64))  # a full decode checks it
+                _, (h, w) = open_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
             except (OSError, ValueError):
                 if not skip_missing:
                     raise
@@ -358,7 +365,8 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
             raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
         header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
                   "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
-                  "skipped_images": len(bad), "size_mismatches": int(mismatches),
+                  "skipped_images": len(bad), "skipped_image_ids": bad[:20],
+                  "size_mismatches": int(mismatches),
                   "source": str(root.resolve())}
         txn.put(b"__header__", json.dumps(header).encode())
         txn.commit()
@@ -639,7 +647,8 @@ def main(argv=None):
     elif args.command == "build":
         s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)
         print(f"{args.out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
-              f"tasks ({s['skipped_images']} missing or unreadable images)")
+              f"tasks ({s['skipped_images']} missing or unreadable images"
+              f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
         print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
               f"annotations {s['annotation_bytes']:,})")
     else:
