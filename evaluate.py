@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -296,10 +297,12 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 logits = net(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
             prob = logits.float().sigmoid()
+            size = batch["image"].shape[-1]  # the letterbox side S the logits' S/4 map covers
             for i, task_id in enumerate(batch["task_id"]):
                 gt = batch["gt_mask"][i].to(device).bool()  # (H, W) at the original size
                 h, w = gt.shape
-                pred = data.unletterbox(prob[i, 0], h, w) > threshold  # (S/4, S/4) -> (H, W)
+                # (S/4, S/4) -> up to (S, S) -> content box -> (H, W), CRIS's protocol
+                pred = data.unletterbox(prob[i, 0], h, w, input_size=size) > threshold
                 inter, union = task_iou(pred, gt)
                 names = phrasecut_subsets(
                     int(_item(batch["num_instances"], i)), _item(batch["phrase_type"], i),
@@ -343,7 +346,8 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             logits = net(item["image"][None].to(device), item["tokens"][None].to(device)).float().cpu()
             gt = item["gt_mask"].bool()
             h, w = gt.shape
-            pred = data.unletterbox(logits[0, 0].sigmoid(), h, w) > threshold
+            size = item["image"].shape[-1]
+            pred = data.unletterbox(logits[0, 0].sigmoid(), h, w, input_size=size) > threshold
             inter, union = task_iou(pred, gt)
             # undo the normalisation, then cut the image out of the letterbox like the masks
             image = data.unletterbox((item["image"] * std + mean).clamp(0, 1), h, w).clamp(0, 1)
@@ -403,6 +407,53 @@ def init_distributed():
     return torch.device("cpu")
 
 
+def _preset_of(cfg):
+    """The PRESETS name whose architecture `cfg` has (the enhancement switches and sizes of input aside)."""
+    import model as segvlm
+    ignore = {"deform", "se", "input_size"}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    for name, preset in segvlm.PRESETS.items():
+        if {k: v for k, v in preset.to_dict().items() if k not in ignore} == mine:
+            return name
+    raise ValueError("--benchmark times a preset's architecture (model.benchmark builds it from a preset "
+                     f"name) and this checkpoint's matches none of {sorted(segvlm.PRESETS)}")
+
+
+def run_benchmark(args, device):
+    """Frames per second at batch 1 and images per second at --batch, enhancement on and off.
+
+    The timer is model.benchmark: random weights (speed does not depend on
+    them), warm-up passes first, the device synchronised around each pass,
+    the on and off models alternated, the median kept. With --ckpt the
+    checkpoint's architecture and input size are timed, else the paper preset
+    at 416x416.
+    """
+    import model as segvlm
+    if dist_info()[0] != 0:
+        return None  # one timer is enough; the other ranks only wait
+    if args.ckpt:
+        net, _ = segvlm.load_checkpoint(args.ckpt, map_location="cpu")
+        preset, size = _preset_of(net.config), net.config.input_size
+        del net
+    else:
+        preset, size = "paper", 416
+    results = {}
+    for batch in sorted({1, args.batch}):
+        results[batch] = segvlm.benchmark(preset, size=size, batch_size=batch, repeats=args.repeats,
+                                          warmup=args.warmup, device=device, verbose=False)
+    one, many = results[1], results[args.batch]
+    print(f"benchmark: {preset} architecture at {size}x{size} on {one['device']} "
+          f"({one['threads']} threads), median of {args.repeats} after {args.warmup} warm-up passes")
+    print(f"{'':<22} {'batch':>5} {'with block':>12} {'without':>12} {'ratio':>7}")
+    for batch, r in results.items():
+        unit = "frames/s" if batch == 1 else "images/s"
+        print(f"{unit:<22} {batch:>5} {batch / r['with_block_s']:>12.2f} {batch / r['without_block_s']:>12.2f} "
+              f"{r['ratio']:>7.3f}")
+    print(f"summary: {1 / one['with_block_s']:.2f} FPS at batch 1, {args.batch / many['with_block_s']:.2f} "
+          f"images/s at batch {args.batch}; the enhancement block costs x{one['ratio']:.3f} in time at batch 1")
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -422,13 +473,14 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="time the model instead of evaluating it (paper preset, random weights without --ckpt)")
     p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size")
-    p.add_argument("--compile", action="store_true", help="--benchmark: also try torch.compile (CUDA)")
+    p.add_argument("--repeats", type=int, default=10, help="--benchmark: timed passes per setting")
+    p.add_argument("--warmup", type=int, default=2, help="--benchmark: untimed passes first")
     args = p.parse_args(argv)
     if not args.benchmark and not args.ckpt:
         p.error("--ckpt is required (except with --benchmark)")
     if not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold must be between 0 and 1, got {args.threshold}")
-    for name in ("batch_size", "num", "batch"):
+    for name in ("batch_size", "num", "batch", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -474,6 +526,7 @@ def run(args):
 
 
 def main(argv=None):
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     args = parse_args(argv)
     try:
         run(args)

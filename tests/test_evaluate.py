@@ -122,3 +122,122 @@ def test_mask_round_trip_non_square(tmp_path):
     with Image.open(path) as im:
         assert im.size == (9, 5) and im.mode == "L" and set(np.unique(np.asarray(im))) == {0, 255}
     assert np.array_equal(ev.load_mask(path), mask)
+
+
+# --------------------------------------------------------------------------- on a tiny synthetic LMDB
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as train.py leaves it: test.lmdb (29 tasks on 6 non-square images) and
+    a smoke-preset checkpoint with random weights whose data_dir points here."""
+    import data
+    import model
+    out = tmp_path_factory.mktemp("run")
+    root = data.synthesize(out / "raw", num_images=8, seed=1, size=80)
+    data.build_lmdb(root, "train", out / "test.lmdb", progress=False)
+    torch.manual_seed(0)
+    net = model.build_model("smoke")
+    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
+                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": str(out)}, out / "best.pth")
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(run_dir):
+    import data
+    import model
+    net, _ = model.load_checkpoint(run_dir / "best.pth")
+    cfg = net.config
+    return net, data.PhraseCutLMDB(run_dir / "test.lmdb", input_size=cfg.input_size, word_len=cfg.word_len,
+                                   train=False)
+
+
+class Oracle(torch.nn.Module):
+    """Returns, batch after batch, logits made from each task's letterboxed ground truth:
+    scoring them checks that predictions land on the right pixels of the original image."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        masks = torch.stack([dataset[i]["mask"] for i in range(len(dataset))])  # (N, 1, S, S)
+        self.logits = 20 * (torch.nn.functional.avg_pool2d(masks, 4) - 0.5)  # (N, 1, S/4, S/4)
+        self.seen = 0
+
+    def forward(self, image, tokens):
+        out = self.logits[self.seen:self.seen + len(image)]
+        self.seen += len(image)
+        return out
+
+
+def test_predictions_map_back_onto_non_square_originals(run_dir):
+    import data
+    dataset = data.PhraseCutLMDB(run_dir / "test.lmdb", input_size=416, word_len=10, train=False)
+    shapes = {tuple(dataset[i]["gt_mask"].shape) for i in range(len(dataset))}
+    assert (60, 80) in shapes and (80, 60) in shapes  # landscape and portrait
+    result = ev.evaluate(Oracle(dataset), dataset, batch_size=3, device="cpu", progress=False)
+    assert result["n"] == len(dataset) == 29
+    assert result["mIoU"] > 0.97 and result["prec@0.9"] == 1.0  # a shifted or stretched mask fails this
+
+
+def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, tmp_path):
+    net, dataset = smoke
+    net.train()
+    result = ev.evaluate(net, dataset, batch_size=4, save_masks=tmp_path, progress=False)
+    assert net.training
+    assert result["n"] == 29 and 0 < result["mIoU"] < 1 and result["oIoU"] != result["mIoU"]
+    # PhraseCut's own evaluator reads these files: read them back and score them the same way
+    tasks = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        pred = ev.load_mask(tmp_path / f"{item['task_id']}.png")
+        gt = item["gt_mask"].numpy().astype(bool)
+        assert pred.shape == gt.shape
+        inter, union = ev.task_iou(pred, gt)
+        tasks.append((inter, union, ev.phrasecut_subsets(item["num_instances"], item["phrase_type"],
+                                                         item["has_attributes"], item["has_relations"],
+                                                         gt.mean())))
+    assert ev.summarize_tasks(tasks) == result
+    assert len(list(tmp_path.glob("*.png"))) == 29
+
+
+def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
+    net, dataset = smoke
+    expected = ev.evaluate(net, dataset, batch_size=1, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # --data defaults to the checkpoint's data_dir/test.lmdb
+    one = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run_dir / "best.pth"), "--batch-size", "1",
+                          "--json", str(tmp_path / "one.json"), "--vis", str(tmp_path / "vis"), "--num", "2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert "mIoU" in one.stdout and "i_single" in one.stdout
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 2
+    # batch 1: each task's forward pass is then the same float arithmetic on every shard
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "evaluate.py", "--ckpt", str(run_dir / "best.pth"), "--data", str(run_dir / "test.lmdb"),
+                          "--batch-size", "1", "--json", str(tmp_path / "two.json"), "--no-progress"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    one_json = json.loads((tmp_path / "one.json").read_text())
+    assert one_json == json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(expected))
+
+
+def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
+    ckpt = torch.load(run_dir / "best.pth", weights_only=True)
+    ckpt["data_dir"] = ""
+    torch.save(ckpt, tmp_path / "no_data.pth")
+    with pytest.raises(SystemExit, match="pass --data"):
+        ev.main(["--ckpt", str(tmp_path / "no_data.pth")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        ev.main(["--ckpt", str(run_dir / "best.pth"), "--data", str(tmp_path / "missing.lmdb")])
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="evaluate.py: error: .*junk.pth"):
+        ev.main(["--ckpt", str(tmp_path / "junk.pth")])
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--threshold", "1.5", "--ckpt", "x"])
+    assert exit_info.value.code == 2  # argparse
+
+
+def test_benchmark_on_a_checkpoint(run_dir, capsys):
+    ev.main(["--ckpt", str(run_dir / "best.pth"), "--benchmark", "--batch", "2", "--repeats", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "smoke architecture at 64x64" in out and "frames/s" in out and "images/s" in out
