@@ -1,0 +1,104 @@
+"""predict.py: a mask at the image's size from the Python API and the CLI, and a clean refusal
+of each bad input (not an image, a decompression bomb, an empty phrase, a foreign or truncated
+checkpoint)."""
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import predict  # noqa: E402
+
+
+def png_header(width, height):
+    """A PNG that declares width x height but holds almost no data: PIL checks the size on open."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import model
+    out = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    net = model.build_model("smoke")
+    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
+                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, out / "best.pth")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(out / "photo.jpg")
+    return out
+
+
+def test_predict_returns_a_mask_at_the_image_size(files):
+    model = predict.load_model(files / "best.pth", device="cpu")
+    image = predict.open_image(files / "photo.jpg")
+    mask = predict.predict(model, image, "red circle")
+    assert mask.dtype == bool and mask.shape == (37, 53)
+    prob = predict.predict_proba(model, image, "red circle")
+    assert prob.shape == (37, 53) and 0 <= prob.min() <= prob.max() <= 1
+    assert np.array_equal(mask, prob > predict.DEFAULT_THRESHOLD)
+    assert predict.overlay(image, mask, "red circle").size == (53, 37)
+
+
+def test_cli_writes_overlay_and_mask(files, tmp_path):
+    run = subprocess.run([sys.executable, "predict.py", "--ckpt", str(files / "best.pth"),
+                          "--image", str(files / "photo.jpg"), "--phrase", "blue square",
+                          "--out", str(tmp_path / "overlay.png"), "--mask", str(tmp_path / "mask.png")],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "overlay.png") as im:
+        assert im.size == (53, 37) and im.mode == "RGB"
+    with Image.open(tmp_path / "mask.png") as im:
+        assert im.size == (53, 37) and set(np.unique(np.asarray(im))) <= {0, 255}
+
+
+def test_open_image_refuses_bombs(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (11, 11)).save(tmp_path / "warn.png")  # 121 > 100: PIL only warns; we refuse
+    Image.new("RGB", (15, 15)).save(tmp_path / "error.png")  # 225 > 2 x 100: PIL raises
+    for name in ("warn.png", "error.png"):
+        with pytest.raises(ValueError, match=f"{name}: image too large"):
+            predict.open_image(tmp_path / name)
+
+
+def test_bad_inputs_exit_cleanly(files, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))  # 400 M pixels, a few bytes
+    raw = (files / "best.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
+    good = ["--ckpt", str(files / "best.pth"), "--image", str(files / "photo.jpg"), "--phrase", "a shape"]
+    cases = {
+        "not an image": ["--image", str(tmp_path / "notes.jpg")],
+        "too large to decode safely": ["--image", str(tmp_path / "bomb.png")],
+        "image not found": ["--image", str(tmp_path / "missing.jpg")],
+        "phrase is empty": ["--phrase", "   "],
+        "truncated or corrupt": ["--ckpt", str(tmp_path / "truncated.pth")],
+        "not a SegVLM checkpoint": ["--ckpt", str(tmp_path / "foreign.pth")],
+    }
+    for message, change in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(good + change)  # argparse keeps the last of a repeated flag
+        assert str(exit_info.value.code).startswith("predict.py: error: ") and message in str(exit_info.value.code)
+
+
+def test_cli_error_has_no_traceback(files, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    run = subprocess.run([sys.executable, "predict.py", "--ckpt", str(files / "best.pth"),
+                          "--image", str(tmp_path / "notes.png"), "--phrase", "x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr and "predict.py: error:" in run.stderr and "notes.png" in run.stderr
