@@ -1,0 +1,624 @@
+"""SegVLM: CRIS (CLIP-driven referring image segmentation) plus the
+deformable-attentive visual enhancement block of the paper (eq. 1-3).
+
+    image (B, 3, H, W) + tokens (B, L)  ->  logits (B, 1, H/4, W/4)
+
+Data flow, shapes for the "paper" preset at 416x416 (SPEC §2-3):
+
+    CLIPBackbone.encode_image  c3 (B, 512, 52, 52), c4 (B, 1024, 26, 26), c5 (B, 512, 13, 13)
+    CLIPBackbone.encode_text   words (B, L, 512), state (B, 512)
+    FPN (neck)                 (B, 512, 26, 26), text-conditioned at c5
+    Decoder                    (B, 512, 26, 26), visual tokens attend to the words
+    EnhancementBlock (eq. 1-3) deformable conv -> SE -> projector's upsampling -> + residual
+    Projector                  (B, 256, 104, 104) -> text-to-pixel dynamic conv -> (B, 1, 104, 104)
+
+With `deform=False, se=False` the enhancement block is absent and the model is
+exactly the CRIS baseline.
+
+    from model import build_model
+    model = build_model("demo")                     # random weights, small, CPU-trainable
+    model = build_model("paper", clip_weights="RN101", deform=False, se=False)
+    python model.py --benchmark                     # time the block's cost on this device
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import clip
+import clip.model
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import SqueezeExcitation
+
+from layers import CoordConv, DecoderLayer, DeformableConv2d, conv_bn_relu, linear_bn_relu, \
+    sine_position_1d, sine_position_2d
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass
+class SegVLMConfig:
+    """Every size of SegVLM. `to_dict()` / `from_dict()` make it a plain, JSON-able dict,
+    so a checkpoint can rebuild its own model. Defaults are the "paper" preset."""
+
+    # CLIP vision (ModifiedResNet); its attention pool has vision_width*32//64 heads, CLIP's rule
+    embed_dim: int = 512              # CLIP's joint embedding: c5 channels and sentence state size
+    image_resolution: int = 224       # CLIP's pretraining size: sets the attention pool's 7x7 grid
+    vision_layers: tuple = (3, 4, 23, 3)
+    vision_width: int = 64            # c3 has vision_width*8 channels, c4 vision_width*16
+    # CLIP text
+    context_length: int = 77          # length of CLIP's positional embedding (>= word_len)
+    vocab_size: int = 49408           # CLIP's BPE vocabulary; clip.tokenize needs it
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+    # neck (FPN); its inputs are c3, c4, c5, so CRIS's fpn_in follows from the CLIP fields
+    fpn_out: tuple = (256, 512, 1024)
+    # decoder
+    decoder_layers: int = 3
+    decoder_dim: int = 512            # must equal fpn_out[1], the FPN's output channels
+    decoder_heads: int = 8
+    decoder_ffn: int = 2048
+    decoder_dropout: float = 0.1
+    # projector
+    proj_dim: int = 256               # channels of the map the dynamic kernel convolves
+    kernel_size: int = 3              # dynamic kernel size
+    # enhancement (Table 2's switches)
+    deform: bool = True               # deformable conv (eq. 1) with the residual shortcut (eq. 3)
+    se: bool = True                   # squeeze-and-excitation (eq. 2)
+    se_reduction: int = 16            # SE squeeze: channels // 16, as in Hu et al. 2018
+    # input
+    input_size: int = 416             # training/eval side; forward accepts any multiple of 32
+    word_len: int = 22                # longest token sequence accepted
+
+    def __post_init__(self):
+        self.vision_layers = tuple(self.vision_layers)
+        self.fpn_out = tuple(self.fpn_out)
+        problems = []
+        if len(self.vision_layers) != 4:
+            problems.append(f"vision_layers needs 4 entries, got {self.vision_layers}")
+        if len(self.fpn_out) != 3:
+            problems.append(f"fpn_out needs 3 entries, got {self.fpn_out}")
+        elif self.decoder_dim != self.fpn_out[1]:
+            problems.append(f"decoder_dim ({self.decoder_dim}) must equal fpn_out[1] ({self.fpn_out[1]})")
+        if self.word_len > self.context_length:
+            problems.append(f"word_len ({self.word_len}) exceeds CLIP's context_length ({self.context_length})")
+        if self.image_resolution % 32 or self.input_size % 32:
+            problems.append("image_resolution and input_size must be multiples of 32")
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            problems.append(f"decoder_dim ({self.decoder_dim}) must divide by decoder_heads and by 4")
+        if self.transformer_width % self.transformer_heads:
+            problems.append(f"transformer_width ({self.transformer_width}) must divide by transformer_heads")
+        if problems:
+            raise ValueError("invalid SegVLMConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        """Plain dict of ints, floats, bools and lists (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegVLMConfig":
+        """Inverse of `to_dict` (lists back to tuples); unknown keys are an error."""
+        unknown = sorted(set(d) - set(config_fields()))
+        if unknown:
+            raise ValueError(f"unknown SegVLMConfig field(s) {unknown}; valid fields: {config_fields()}")
+        return cls(**d)  # __post_init__ turns lists back into tuples
+
+
+def config_fields() -> list:
+    return [f.name for f in dataclasses.fields(SegVLMConfig)]
+
+
+PRESETS = {
+    # CRIS with CLIP RN101 at 416x416 (SPEC §2).
+    "paper": SegVLMConfig(),
+    # CLIP's architecture scaled down to train on a CPU in minutes at 128-160 px: a forward and
+    # backward pass of 16 images at 128 px takes about 0.2 s on one CPU thread (the deformable
+    # conv, slow on CPUs, is about a fifth of it).
+    "demo": SegVLMConfig(
+        embed_dim=64, image_resolution=128, vision_layers=(1, 1, 1, 1), vision_width=8,
+        context_length=16, transformer_width=64, transformer_heads=2, transformer_layers=2,
+        fpn_out=(32, 48, 96), decoder_layers=1, decoder_dim=48, decoder_heads=4, decoder_ffn=144,
+        proj_dim=32, se_reduction=8, input_size=128, word_len=16),
+    # The smallest that still exercises every part, for tests.
+    "smoke": SegVLMConfig(
+        embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+        context_length=12, transformer_width=32, transformer_heads=2, transformer_layers=1,
+        fpn_out=(16, 32, 64), decoder_layers=1, decoder_dim=32, decoder_heads=2, decoder_ffn=64,
+        proj_dim=16, se_reduction=4, input_size=64, word_len=10),
+}
+
+
+# --------------------------------------------------------------------------- CLIP encoders
+
+class CLIPBackbone(clip.model.CLIP):
+    """CLIP's image and text encoders, returning maps and word features instead of one vector each.
+
+    This *is* `clip.model.CLIP` (ModifiedResNet, AttentionPool2d, Transformer),
+    so OpenAI's state dict loads into it under the same key names, with two changes:
+
+    - `logit_scale` is deleted: only CLIP's contrastive forward uses it, and a
+      parameter that never gets a gradient makes DistributedDataParallel fail.
+      It is dropped, not frozen, so it is neither trained nor saved.
+    - `c5_residual` (conv1x1 + BN, 2048 -> embed_dim for RN101) is new. It
+      lives here, as in CRIS's code, so it trains at the backbone's learning rate.
+
+    c5 path (SPEC §2): CLIP's attention pool is applied at every position
+    instead of once. Each of the H*W tokens queries all tokens; there is no mean
+    token; the pool's positional embedding without its first row (the mean
+    token's) is resized bicubically from CLIP's 7x7 grid to the map size; then
+    c_proj, plus `c5_residual` on the raw layer4 map, and ReLU. This is what
+    CRIS's modified AttentionPool2d computes; here it reuses CLIP's unmodified
+    module and its weights.
+    """
+
+    def __init__(self, cfg: SegVLMConfig):
+        super().__init__(
+            embed_dim=cfg.embed_dim,
+            image_resolution=cfg.image_resolution, vision_layers=tuple(cfg.vision_layers),
+            vision_width=cfg.vision_width, vision_patch_size=None,
+            context_length=cfg.context_length, vocab_size=cfg.vocab_size,
+            transformer_width=cfg.transformer_width, transformer_heads=cfg.transformer_heads,
+            transformer_layers=cfg.transformer_layers)
+        del self.logit_scale
+        self.c5_residual = nn.Sequential(nn.Conv2d(cfg.vision_width * 32, cfg.embed_dim, 1, bias=False),
+                                         nn.BatchNorm2d(cfg.embed_dim))
+
+    def forward(self, image, tokens):
+        return self.encode_image(image), self.encode_text(tokens)
+
+    def encode_image(self, image: torch.Tensor):
+        """image (B, 3, H, W) -> c3 (B, 8w, H/8, W/8), c4 (B, 16w, H/16, W/16), c5 (B, embed_dim, H/32, W/32),
+        w = vision_width."""
+        v = self.visual
+        x = v.relu1(v.bn1(v.conv1(image)))  # CLIP's 3-conv stem, then avgpool: stride 4
+        x = v.relu2(v.bn2(v.conv2(x)))
+        x = v.relu3(v.bn3(v.conv3(x)))
+        x = v.avgpool(x)
+        x = v.layer1(x)
+        c3 = v.layer2(x)
+        c4 = v.layer3(c3)
+        x = v.layer4(c4)  # (B, 32w, H/32, W/32)
+        c5 = F.relu(dense_attention_pool(v.attnpool, x) + self.c5_residual(x))
+        return c3, c4, c5
+
+    def encode_text(self, tokens: torch.Tensor):
+        """tokens (B, L) -> words (B, L, width) after ln_final, not projected; state (B, embed_dim).
+
+        CLIP's causal mask means a word only sees the words before it, so the
+        padding after the end-of-text (EOT) token changes no real word's
+        feature. state = the EOT token's feature @ text_projection; EOT has the
+        largest id, hence argmax, as in CLIP's encode_text.
+        """
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, width)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # (B, L, width) -> (L, B, width) -> back
+        words = self.ln_final(x)  # (B, L, width)
+        eot = words[torch.arange(words.shape[0], device=words.device), tokens.argmax(dim=-1)]  # (B, width)
+        return words, eot @ self.text_projection  # (B, L, width), (B, embed_dim)
+
+
+def dense_attention_pool(pool: clip.model.AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's attention pool at every position: (B, C, H, W) -> (B, out_dim, H, W)."""
+    b, c, h, w = x.shape
+    grid = pool.positional_embedding[1:]  # (g*g, C): drop the mean token's row
+    g = round(grid.shape[0] ** 0.5)
+    grid = grid.reshape(1, g, g, c).permute(0, 3, 1, 2)  # (1, C, g, g)
+    if (g, g) != (h, w):
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+    pos = grid.flatten(2).permute(2, 0, 1)  # (1, C, HW) -> (HW, 1, C)
+    seq = x.flatten(2).permute(2, 0, 1) + pos.to(x.dtype)  # (B, C, HW) -> (HW, B, C)
+    out = attention_pool_tokens(pool, seq)  # (HW, B, out_dim)
+    return out.permute(1, 2, 0).reshape(b, -1, h, w)  # (B, out_dim, HW) -> (B, out_dim, H, W)
+
+
+def attention_pool_tokens(pool: clip.model.AttentionPool2d, seq: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention with CLIP's pool weights, every token a query: (T, B, C) -> (T, B, out_dim).
+
+    CLIP's own pool is this with the mean token as the only query.
+    """
+    out, _ = F.multi_head_attention_forward(
+        query=seq, key=seq, value=seq, embed_dim_to_check=seq.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return out
+
+
+# --------------------------------------------------------------------------- neck, decoder, projector
+
+class FPN(nn.Module):
+    """CRIS's text-conditioned feature pyramid: (c3, c4, c5, state) -> (B, fpn_out[1], H/16, W/16).
+
+    The sentence state multiplies c5 once (f5 = BN-ReLU(conv(c5) * state)); f5, f4, f3 are
+    fused top-down at stride 16, aggregated, and given coordinates (CoordConv).
+    """
+
+    def __init__(self, in_ch: tuple, out_ch: tuple, state_dim: int):
+        super().__init__()
+        c3, c4, c5 = in_ch
+        o3, o4, o5 = out_ch
+        self.txt_proj = linear_bn_relu(state_dim, o5)
+        self.f5_proj = conv_bn_relu(c5, o5, 1)
+        self.f5_norm = nn.Sequential(nn.BatchNorm2d(o5), nn.ReLU(inplace=True))
+        self.f4_proj = conv_bn_relu(c4, o4, 3)
+        self.f4_cat = conv_bn_relu(o5 + o4, o4, 1)
+        self.f3_proj = conv_bn_relu(c3, o3, 3)
+        self.f3_cat = conv_bn_relu(o3 + o4, o4, 1)
+        self.out5 = conv_bn_relu(o5, o4, 3)
+        self.out4 = conv_bn_relu(o4, o4, 3)
+        self.out3 = conv_bn_relu(o4, o4, 3)
+        self.aggregate = conv_bn_relu(3 * o4, o4, 1)
+        self.coord = nn.Sequential(CoordConv(o4, o4), conv_bn_relu(o4, o4, 3))
+
+    def forward(self, c3, c4, c5, state):
+        state = self.txt_proj(state)[:, :, None, None]  # (B, o5) -> (B, o5, 1, 1)
+        f5 = self.f5_norm(self.f5_proj(c5) * state)  # (B, o5, H/32, W/32)
+        f4 = self.f4_cat(torch.cat([self.f4_proj(c4), up(f5, 2)], dim=1))  # (B, o4, H/16, W/16)
+        f3 = F.avg_pool2d(self.f3_proj(c3), 2)  # (B, o3, H/8, W/8) -> (B, o3, H/16, W/16)
+        f3 = self.f3_cat(torch.cat([f3, f4], dim=1))  # (B, o4, H/16, W/16)
+        fused = torch.cat([self.out3(f3), self.out4(f4), up(self.out5(f5), 2)], dim=1)  # (B, 3*o4, H/16, W/16)
+        return self.coord(self.aggregate(fused))  # (B, o4, H/16, W/16)
+
+
+class Decoder(nn.Module):
+    """Vision-language transformer decoder (SPEC §2): visual tokens attend to each other and to the words."""
+
+    def __init__(self, cfg: SegVLMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_ffn, cfg.decoder_dropout, cfg.transformer_width)
+            for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(cfg.decoder_dim)
+
+    def forward(self, vis, words, pad_mask):
+        """vis (B, C, h, w); words (B, L, D); pad_mask (B, L) True at padding -> (B, C, h, w)."""
+        b, c, h, w = vis.shape
+        vis_pos = sine_position_2d(h, w, c, vis.device).to(vis.dtype)  # (hw, C)
+        word_pos = sine_position_1d(words.shape[1], words.shape[2], words.device).to(words.dtype)  # (L, D)
+        x = vis.flatten(2).transpose(1, 2)  # (B, C, hw) -> (B, hw, C)
+        for layer in self.layers:
+            x = layer(x, words, vis_pos, word_pos, pad_mask)
+        return self.norm(x).transpose(1, 2).reshape(b, c, h, w)  # (B, hw, C) -> (B, C, hw) -> (B, C, h, w)
+
+
+class Projector(nn.Module):
+    """Text-to-pixel dynamic convolution (CRIS): the sentence becomes a 3x3 kernel that scores every pixel.
+
+    visual(x): up x2 -> conv3x3 -> up x2 -> conv3x3 -> conv1x1, (B, C, h, w) -> (B, proj_dim, 4h, 4w)
+    text_to_pixel(v, state): Linear(state) gives each sample its own kernel (1 output
+    channel, proj_dim inputs, k x k) and bias, applied with one grouped conv (groups = B).
+    """
+
+    def __init__(self, in_dim: int, proj_dim: int, state_dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear"), conv_bn_relu(in_dim, in_dim, 3),
+            nn.Upsample(scale_factor=2, mode="bilinear"), conv_bn_relu(in_dim, proj_dim, 3),
+            nn.Conv2d(proj_dim, proj_dim, 1))
+        self.txt = nn.Linear(state_dim, proj_dim * kernel_size * kernel_size + 1)
+
+    def visual(self, x):
+        return self.vis(x)
+
+    def text_to_pixel(self, v, state):
+        b, c, h, w = v.shape
+        k = self.kernel_size
+        params = self.txt(state)  # (B, C*k*k + 1)
+        weight = params[:, :-1].reshape(b, c, k, k)  # (B, C, k, k): B output channels, one per group
+        bias = params[:, -1]  # (B,)
+        out = F.conv2d(v.reshape(1, b * c, h, w), weight, bias, padding=k // 2, groups=b)  # (1, B, h, w)
+        return out.transpose(0, 1)  # (B, 1, h, w)
+
+    def forward(self, x, state):
+        return self.text_to_pixel(self.visual(x), state)
+
+
+class EnhancementBlock(nn.Module):
+    """Deformable-attentive visual enhancement (paper §3.3, eq. 1-3), wrapped around the projector's visual branch.
+
+        x_dcf   = phi(x, F_offset(x))                     eq. (1)  deformable 3x3 conv
+        x_se    = sigma(W2 delta(W1 GAP(x_dcf))) * x_dcf   eq. (2)  squeeze-and-excitation
+        x_fused = P(x_se) + F_residual(U(x))               eq. (3)  P: projector's upsampling stack
+
+    x is the decoder's output (B, 512, 26, 26 at 416 px). The paper gives no
+    resolution; at 26x26 the deformable conv is cheap (SPEC §3). U is a x4 bilinear
+    upsampling and F_residual a conv1x1 + BN to the projector's width, so the
+    shortcut meets P(x_se) at (B, 256, 104, 104). F_residual(U(x)) is computed as
+    BN(U(conv(x))): a 1x1 conv without bias commutes with bilinear upsampling
+    (both are linear, and bilinear weights sum to one), so this is the same
+    function with 16x fewer multiplications; tests check the equality.
+
+    Switches (Table 2):
+    - `deform` turns on the deformable conv *and* the residual shortcut, as the
+      ablation's "+ Deformable + Residual" row adds them together.
+    - `se` turns on SE (torchvision.ops.SqueezeExcitation is eq. 2 exactly;
+      squeeze = channels // se_reduction, 16 by default as in Hu et al. 2018).
+    With deform off the deformable conv is replaced by the identity, not by a
+    plain 3x3 conv as SPEC §3 says: a plain conv would add a layer CRIS lacks,
+    and "both off == the CRIS baseline exactly" wins. No switch combination
+    leaves a parameter unused.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, deform: bool, se: bool, se_reduction: int):
+        super().__init__()
+        self.deform = DeformableConv2d(in_dim, in_dim, 3) if deform else None
+        self.se = SqueezeExcitation(in_dim, max(1, in_dim // se_reduction)) if se else None
+        if deform:
+            self.residual_conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
+            self.residual_bn = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x, visual_stack):
+        """x (B, C, h, w); visual_stack maps (B, C, h, w) -> (B, out_dim, 4h, 4w)."""
+        y = self.deform(x) if self.deform is not None else x  # eq. (1)
+        y = self.se(y) if self.se is not None else y  # eq. (2)
+        y = visual_stack(y)  # (B, out_dim, 4h, 4w)
+        if self.deform is not None:  # eq. (3)
+            y = y + self.residual_bn(up(self.residual_conv(x), 4))
+        return y
+
+
+def up(x, factor):
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- the model
+
+class SegVLM(nn.Module):
+    """image (B, 3, H, W) CLIP-normalised float, tokens (B, L) long from clip.tokenize
+    -> logits (B, 1, H/4, W/4), unnormalised (sigmoid gives the mask probability).
+
+    H and W may be any multiples of 32 (positional encodings are computed per
+    call); L may be anything up to word_len. Token id 0 is padding: hidden from
+    the decoder by its key padding mask.
+
+    Parts: `backbone` (every CLIP parameter, plus the new c5 residual; trained at
+    lr x 0.1), `neck`, `decoder`, `projector`, `enhance` (None when both
+    switches are off). All new convolutions are Kaiming-normal initialised
+    (paper §4.2), except the zero-initialised offset conv.
+    """
+
+    def __init__(self, cfg: SegVLMConfig):
+        super().__init__()
+        self.config = cfg
+        w = cfg.vision_width
+        self.backbone = CLIPBackbone(cfg)
+        self.neck = FPN((8 * w, 16 * w, cfg.embed_dim), cfg.fpn_out, cfg.embed_dim)
+        self.decoder = Decoder(cfg)
+        self.projector = Projector(cfg.decoder_dim, cfg.proj_dim, cfg.embed_dim, cfg.kernel_size)
+        self.enhance = (EnhancementBlock(cfg.decoder_dim, cfg.proj_dim, cfg.deform, cfg.se, cfg.se_reduction)
+                        if cfg.deform or cfg.se else None)
+        head_convs = [self.backbone.c5_residual[0], *self.neck.modules(), *self.projector.modules()]
+        if self.enhance is not None:
+            head_convs += [m for n, m in self.enhance.named_modules() if n != "deform.offset"]
+        for m in head_convs:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(image, tokens)
+        c3, c4, c5 = self.backbone.encode_image(image)
+        words, state = self.backbone.encode_text(tokens)
+        x = self.neck(c3, c4, c5, state)  # (B, C, H/16, W/16)
+        x = self.decoder(x, words, pad_mask=tokens == 0)  # (B, C, H/16, W/16)
+        if self.enhance is not None:
+            v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
+        else:
+            v = self.projector.visual(x)  # CRIS
+        return self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
+
+    def check_inputs(self, image, tokens):
+        cfg = self.config
+        if not torch.is_tensor(image) or image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be a (B, 3, H, W) tensor, got shape {tuple(getattr(image, 'shape', ()))}")
+        if not image.is_floating_point():
+            raise ValueError(f"image must be a float tensor normalised with CLIP's mean/std, got {image.dtype}")
+        h, w = image.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"image height and width must be multiples of 32 (e.g. {cfg.input_size}), got {h}x{w}")
+        if not torch.is_tensor(tokens) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a (B, L) tensor, got shape {tuple(getattr(tokens, 'shape', ()))}")
+        if tokens.dtype != torch.long:
+            raise ValueError(f"tokens must be torch.long (int64) ids from clip.tokenize, got {tokens.dtype}")
+        if tokens.shape[1] > cfg.word_len:
+            raise ValueError(f"tokens have length {tokens.shape[1]}, more than word_len={cfg.word_len}; "
+                             f"tokenize with context_length={cfg.word_len}, truncate=True")
+        if tokens.shape[0] != image.shape[0]:
+            raise ValueError(f"image batch ({image.shape[0]}) and tokens batch ({tokens.shape[0]}) differ")
+
+
+def parameter_counts(model: SegVLM) -> dict:
+    """Number of parameters in each part, and the total."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+    parts = {name: count(getattr(model, attr)) for name, attr in
+             [("backbone", "backbone"), ("neck", "neck"), ("decoder", "decoder"),
+              ("projector", "projector"), ("enhancement", "enhance")]}
+    parts["total"] = count(model)
+    return parts
+
+
+# --------------------------------------------------------------------------- building and loading
+
+CLIP_FIELDS = ("embed_dim", "image_resolution", "vision_layers", "vision_width",
+               "context_length", "vocab_size", "transformer_width", "transformer_layers")
+
+
+def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM:
+    """Build SegVLM from a preset ("paper", "demo", "smoke") and config overrides.
+
+    clip_weights:
+      None        random weights: the architecture only, to train from scratch;
+      "RN101" ... a CLIP model name, through clip.load(name, jit=False) (downloads when online);
+      a path      OpenAI's .pt (a TorchScript archive) or a plain CLIP state dict.
+    With weights, CLIP's architecture fields are read from the state dict (as
+    clip.model.build_model does); overriding one to a different value is an
+    error. transformer_heads cannot be read from weights: CLIP's rule width // 64
+    is used unless overridden.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - set(config_fields()))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {config_fields()}")
+    state_dict = None
+    if clip_weights is not None:
+        state_dict = load_clip_state_dict(clip_weights)
+        from_weights = clip_fields_from_state_dict(state_dict)
+        for k, v in from_weights.items():
+            given = overrides.get(k, v)
+            if (tuple(given) if k == "vision_layers" else given) != v:
+                raise ValueError(f"override {k}={overrides[k]} contradicts the CLIP weights {clip_weights!r}, "
+                                 f"which have {k}={v}")
+        overrides.setdefault("transformer_heads", from_weights["transformer_width"] // 64)
+        overrides = {**overrides, **from_weights}
+    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    model = SegVLM(cfg)
+    if state_dict is not None:
+        missing, unexpected = model.backbone.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith("c5_residual.")]
+        if missing or unexpected:
+            raise ValueError(f"CLIP weights {clip_weights!r} do not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def load_clip_state_dict(clip_weights) -> dict:
+    """A float32 CLIP state dict from a model name or a file, with keys the backbone does not have removed."""
+    name = clip_weights if clip_weights in clip.available_models() else "RN101"
+    help_msg = (f"could not load CLIP weights {clip_weights!r}. Get them on a machine with internet with "
+                f"`python -c \"import clip; clip.load('{name}', jit=False)\"` (saved to ~/.cache/clip/{name}.pt), "
+                f"copy that file here and pass its path as clip_weights; or pass clip_weights=None to train "
+                f"from scratch with random weights.")
+    try:
+        if os.path.isfile(str(clip_weights)):
+            try:
+                with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files are TorchScript
+                    warnings.simplefilter("ignore", FutureWarning)
+                    sd = torch.jit.load(clip_weights, map_location="cpu").state_dict()  # OpenAI's archive
+            except RuntimeError:
+                sd = torch.load(clip_weights, map_location="cpu", weights_only=True)  # a plain state dict
+        elif clip_weights in clip.available_models():
+            sd = clip.load(clip_weights, device="cpu", jit=False)[0].state_dict()
+        else:
+            raise FileNotFoundError(f"no such file, and not one of CLIP's names {clip.available_models()}")
+    except Exception as e:  # a failed download, a missing or unreadable file: one message says what to do
+        raise RuntimeError(f"{help_msg} ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict) or "visual.attnpool.positional_embedding" not in sd:
+        raise ValueError(f"{clip_weights!r} is not a CLIP ResNet state dict (SegVLM needs a ResNet CLIP, e.g. RN101)")
+    drop = ("logit_scale", "input_resolution", "context_length", "vocab_size")
+    return {k: v.float() for k, v in sd.items() if k not in drop}
+
+
+def clip_fields_from_state_dict(sd: dict) -> dict:
+    """CLIP's architecture, read from the shapes of its weights."""
+    layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5))
+    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=grid * 32,
+        vision_layers=layers,
+        vision_width=sd["visual.layer1.0.conv1.weight"].shape[0],
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=sd["ln_final.weight"].shape[0],
+        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+    )
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by train.py and rebuild its model -> (model in eval mode, checkpoint dict).
+
+    The checkpoint is a plain dict {"model": state_dict, "config": cfg.to_dict(), ...},
+    read with torch.load(weights_only=True). No CLIP weights are needed: the
+    state dict holds them. The state dict must fit exactly (strict loading).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config', found {keys}")
+    try:
+        cfg = SegVLMConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a SegVLM checkpoint: bad config: {e}") from e
+    model = SegVLM(cfg)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the model its config describes: {e}") from e
+    return model.to(map_location).eval(), ckpt
+
+
+# --------------------------------------------------------------------------- speed
+
+@torch.no_grad()
+def benchmark(preset="paper", size=416, batch_size=1, repeats=10, warmup=2, device=None, verbose=True) -> dict:
+    """Median time of one forward pass with the enhancement block on and off, random weights.
+
+    The two models run alternately, after `warmup` passes each, so that a
+    change in machine load hits both alike. Returns seconds and their ratio.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    models = {flag: build_model(preset, deform=flag, se=flag).to(device).eval() for flag in (True, False)}
+    cfg = models[True].config
+    image = torch.randn(batch_size, 3, size, size, device=device)
+    tokens = clip.tokenize(["a black baseball cap on the table"] * batch_size, context_length=cfg.word_len).to(device)
+
+    def once(m):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m(image, tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for _ in range(warmup):
+        for m in models.values():
+            once(m)
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for flag, m in models.items():
+            times[flag].append(once(m))
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    result = dict(device=str(device), preset=preset, size=size, batch_size=batch_size, repeats=repeats,
+                  threads=torch.get_num_threads(), with_block_s=on, without_block_s=off, ratio=on / off)
+    if verbose:
+        print(f"{preset} preset, {size}x{size}, batch {batch_size}, {device} ({torch.get_num_threads()} threads), "
+              f"median of {repeats}: with block {on * 1000:.1f} ms, without {off * 1000:.1f} ms, "
+              f"ratio {on / off:.3f} (+{(on / off - 1) * 100:.1f}%)")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", action="store_true", help="time a forward pass with and without the block")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    parser.add_argument("--size", type=int, default=416)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args()
+    if args.benchmark:
+        benchmark(args.preset, args.size, args.batch_size, args.repeats, device=args.device)
+    else:
+        model = build_model(args.preset)
+        for name, n in parameter_counts(model).items():
+            print(f"{name:12s} {n:>12,d}")

@@ -1,0 +1,77 @@
+"""Building blocks: deformable conv (eq. 1), SE (eq. 2), positional encodings, CoordConv, decoder layer."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import SqueezeExcitation
+
+from layers import CoordConv, DecoderLayer, DeformableConv2d, sine_position_1d, sine_position_2d
+
+
+def test_deformable_conv_with_zero_offsets_is_a_plain_conv():
+    torch.manual_seed(0)
+    dcn = DeformableConv2d(6, 5, 3)
+    x = torch.randn(2, 6, 7, 9)
+    assert torch.count_nonzero(dcn.offset(x)) == 0  # zero-initialised offsets
+    ref = F.conv2d(x, dcn.weight, dcn.bias, padding=1)
+    assert torch.allclose(dcn(x), ref, atol=1e-5)
+
+
+def test_deformable_conv_with_integer_offsets_shifts_the_taps():
+    """Offsets of (0, +1) everywhere sample one pixel to the right: a conv of the shifted map."""
+    torch.manual_seed(0)
+    dcn = DeformableConv2d(3, 4, 3)
+    with torch.no_grad():
+        dcn.offset.bias[1::2] = 1.0  # channels are (dy, dx) per tap; dx = +1
+    x = torch.randn(1, 3, 6, 6)
+    shifted = F.pad(x[..., 1:], (0, 1))  # x(i, j + 1), zero beyond the right border
+    ref = F.conv2d(shifted, dcn.weight, dcn.bias, padding=1)
+    # column 0's left taps read x(i, 0) in the deformable conv but padding in the reference
+    assert torch.allclose(dcn(x)[..., 1:], ref[..., 1:], atol=1e-5)
+
+
+def test_squeeze_excitation_is_eq2():
+    """torchvision's SqueezeExcitation = sigma(W2 relu(W1 GAP(x))) * x, computed by hand."""
+    torch.manual_seed(0)
+    se = SqueezeExcitation(8, 2)
+    x = torch.randn(3, 8, 5, 4)
+    gap = x.mean(dim=(2, 3))  # (B, C)
+    w1, b1 = se.fc1.weight[:, :, 0, 0], se.fc1.bias
+    w2, b2 = se.fc2.weight[:, :, 0, 0], se.fc2.bias
+    s = torch.sigmoid(torch.relu(gap @ w1.T + b1) @ w2.T + b2)  # (B, C)
+    assert torch.allclose(se(x), s[:, :, None, None] * x, atol=1e-6)
+
+
+def test_sine_positions():
+    pe = sine_position_1d(5, 8)
+    assert pe.shape == (5, 8)
+    # position 3, channel pair 1: frequency 10000^(-2/8)
+    assert math.isclose(pe[3, 2].item(), math.sin(3 * 10000 ** (-2 / 8)), rel_tol=1e-5)
+    assert math.isclose(pe[3, 3].item(), math.cos(3 * 10000 ** (-2 / 8)), rel_tol=1e-5)
+    pe2 = sine_position_2d(3, 4, 16)  # row-major tokens: token = row * 4 + col
+    assert pe2.shape == (12, 16)
+    token = 2 * 4 + 1  # row 2, column 1
+    assert torch.allclose(pe2[token, :8], sine_position_1d(4, 8)[1])  # first half: x (column)
+    assert torch.allclose(pe2[token, 8:], sine_position_1d(3, 8)[2])  # second half: y (row)
+
+
+def test_coordconv_sees_position():
+    conv = CoordConv(1, 2).eval()
+    x = torch.zeros(1, 1, 4, 6)
+    out = conv(x)
+    assert out.shape == (1, 2, 4, 6)
+    assert not torch.allclose(out[..., 0], out[..., -1])  # a constant input still gives a varying map
+
+
+def test_decoder_layer_ignores_padded_words():
+    torch.manual_seed(0)
+    layer = DecoderLayer(d_model=16, nhead=2, dim_ffn=32, dropout=0.1, word_dim=16).eval()
+    vis = torch.randn(2, 12, 16)
+    words = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, False, True, True], [False, False, False, False, True]])
+    out = layer(vis, words, sine_position_2d(3, 4, 16), sine_position_1d(5, 16), pad)
+    words2 = words.clone()
+    words2[pad] = torch.randn(int(pad.sum()), 16) * 100
+    out2 = layer(vis, words2, sine_position_2d(3, 4, 16), sine_position_1d(5, 16), pad)
+    assert torch.allclose(out, out2, atol=1e-5)
