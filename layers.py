@@ -5,7 +5,9 @@
 - `sine_position_1d`, `sine_position_2d`: fixed positional encodings of the
   vision-language decoder, computed on the fly for any sequence length or map
   size.
-- `DecoderLayer`: one layer of CRIS's vision-language transformer decoder.
+- `DecoderLayer`, `Decoder`: CRIS's vision-language transformer decoder.
+- `FPN`: CRIS's text-conditioned feature pyramid (the neck).
+- `Projector`: CRIS's text-to-pixel dynamic convolution.
 - `DeformableConv2d`: eq. (1) of the paper, an offset-predicting conv and
   torchvision's `deform_conv2d`.
 
@@ -135,6 +137,97 @@ class DecoderLayer(nn.Module):
 
         vis = vis + self.dropout3(self.ffn(self.norm3(vis)))
         return vis  # (B, HW, d_model)
+
+
+class FPN(nn.Module):
+    """CRIS's text-conditioned feature pyramid: (c3, c4, c5, state) -> (B, fpn_out[1], H/16, W/16).
+
+    The sentence state multiplies c5 once (f5 = BN-ReLU(conv(c5) * state)); f5, f4, f3 are
+    fused top-down at stride 16, aggregated, and given coordinates (CoordConv).
+    """
+
+    def __init__(self, in_ch: tuple, out_ch: tuple, state_dim: int):
+        super().__init__()
+        c3, c4, c5 = in_ch
+        o3, o4, o5 = out_ch
+        self.txt_proj = linear_bn_relu(state_dim, o5)
+        self.f5_proj = conv_bn_relu(c5, o5, 1)
+        self.f5_norm = nn.Sequential(nn.BatchNorm2d(o5), nn.ReLU(inplace=True))
+        self.f4_proj = conv_bn_relu(c4, o4, 3)
+        self.f4_cat = conv_bn_relu(o5 + o4, o4, 1)
+        self.f3_proj = conv_bn_relu(c3, o3, 3)
+        self.f3_cat = conv_bn_relu(o3 + o4, o4, 1)
+        self.out5 = conv_bn_relu(o5, o4, 3)
+        self.out4 = conv_bn_relu(o4, o4, 3)
+        self.out3 = conv_bn_relu(o4, o4, 3)
+        self.aggregate = conv_bn_relu(3 * o4, o4, 1)
+        self.coord = nn.Sequential(CoordConv(o4, o4), conv_bn_relu(o4, o4, 3))
+
+    def forward(self, c3, c4, c5, state):
+        state = self.txt_proj(state)[:, :, None, None]  # (B, o5) -> (B, o5, 1, 1)
+        f5 = self.f5_norm(self.f5_proj(c5) * state)  # (B, o5, H/32, W/32)
+        f4 = self.f4_cat(torch.cat([self.f4_proj(c4), up(f5, 2)], dim=1))  # (B, o4, H/16, W/16)
+        f3 = F.avg_pool2d(self.f3_proj(c3), 2)  # (B, o3, H/8, W/8) -> (B, o3, H/16, W/16)
+        f3 = self.f3_cat(torch.cat([f3, f4], dim=1))  # (B, o4, H/16, W/16)
+        fused = torch.cat([self.out3(f3), self.out4(f4), up(self.out5(f5), 2)], dim=1)  # (B, 3*o4, H/16, W/16)
+        return self.coord(self.aggregate(fused))  # (B, o4, H/16, W/16)
+
+
+class Decoder(nn.Module):
+    """Vision-language transformer decoder (SPEC §2): visual tokens attend to each other and to the words."""
+
+    def __init__(self, num_layers: int, d_model: int, nhead: int, dim_ffn: int, dropout: float, word_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(d_model, nhead, dim_ffn, dropout, word_dim) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, vis, words, pad_mask):
+        """vis (B, C, h, w); words (B, L, D); pad_mask (B, L) True at padding -> (B, C, h, w)."""
+        b, c, h, w = vis.shape
+        vis_pos = sine_position_2d(h, w, c, vis.device).to(vis.dtype)  # (hw, C)
+        word_pos = sine_position_1d(words.shape[1], words.shape[2], words.device).to(words.dtype)  # (L, D)
+        x = vis.flatten(2).transpose(1, 2)  # (B, C, hw) -> (B, hw, C)
+        for layer in self.layers:
+            x = layer(x, words, vis_pos, word_pos, pad_mask)
+        return self.norm(x).transpose(1, 2).reshape(b, c, h, w)  # (B, hw, C) -> (B, C, hw) -> (B, C, h, w)
+
+
+class Projector(nn.Module):
+    """Text-to-pixel dynamic convolution (CRIS): the sentence becomes a 3x3 kernel that scores every pixel.
+
+    visual(x): up x2 -> conv3x3 -> up x2 -> conv3x3 -> conv1x1, (B, C, h, w) -> (B, proj_dim, 4h, 4w)
+    text_to_pixel(v, state): Linear(state) gives each sample its own kernel (1 output
+    channel, proj_dim inputs, k x k) and bias, applied with one grouped conv (groups = B).
+    """
+
+    def __init__(self, in_dim: int, proj_dim: int, state_dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear"), conv_bn_relu(in_dim, in_dim, 3),
+            nn.Upsample(scale_factor=2, mode="bilinear"), conv_bn_relu(in_dim, proj_dim, 3),
+            nn.Conv2d(proj_dim, proj_dim, 1))
+        self.txt = nn.Linear(state_dim, proj_dim * kernel_size * kernel_size + 1)
+
+    def visual(self, x):
+        return self.vis(x)
+
+    def text_to_pixel(self, v, state):
+        b, c, h, w = v.shape
+        k = self.kernel_size
+        params = self.txt(state)  # (B, C*k*k + 1)
+        weight = params[:, :-1].reshape(b, c, k, k)  # (B, C, k, k): B output channels, one per group
+        bias = params[:, -1]  # (B,)
+        out = F.conv2d(v.reshape(1, b * c, h, w), weight, bias, padding=k // 2, groups=b)  # (1, B, h, w)
+        return out.transpose(0, 1)  # (B, 1, h, w)
+
+    def forward(self, x, state):
+        return self.text_to_pixel(self.visual(x), state)
+
+
+def up(x, factor):
+    """Bilinear upsampling (paper §4.2), as CRIS: align_corners=False."""
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 class DeformableConv2d(nn.Module):

@@ -333,6 +333,7 @@ def test_loads_clip_state_dict(clip_file):
             assert torch.equal(v, ref.state_dict()[k]), k
 
 
+@pytest.mark.filterwarnings("ignore")  # tracing's own deprecation and TracerWarnings
 def test_loads_openai_torchscript_archive(clip_file, tmp_path):
     """OpenAI's .pt files are TorchScript archives of the whole CLIP model; a traced small CLIP is one too."""
     _, ref = clip_file
