@@ -290,6 +290,7 @@ def test_unknown_fields_are_errors():
     ((1, 3, 64, 64), torch.ones(1, 11, dtype=torch.long), "word_len=10"),
     ((1, 3, 64, 64), torch.ones(1, 5), "torch.long"),
     ((2, 3, 64, 64), torch.ones(1, 5, dtype=torch.long), "batch"),
+    ((1, 3, 64, 64), torch.zeros(1, 5, dtype=torch.long), "all padding"),
 ])
 def test_bad_input_is_a_clear_error(smoke, image_shape, tokens, match):
     tokens = tokens_for(smoke.config, ["cap"]) if tokens is None else tokens
