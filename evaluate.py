@@ -284,13 +284,13 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     was_training = net.training
     device = torch.device(device) if device is not None else next(net.parameters()).device
     rank, world = dist_info()
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    indices = range(rank, len(dataset), world)  # no padding: every task scored exactly once
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=data.collate)
     if save_masks is not None:
         Path(save_masks).mkdir(parents=True, exist_ok=True)
 
-    tasks = []
+    tasks = []  # (dataset index, I, U, subset names)
     net.eval()
     try:
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
@@ -308,7 +308,7 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                     int(_item(batch["num_instances"], i)), _item(batch["phrase_type"], i),
                     bool(_item(batch["has_attributes"], i)), bool(_item(batch["has_relations"], i)),
                     int(gt.sum()) / (h * w))
-                tasks.append((int(_item(batch["index"], i)), inter, union, names))
+                tasks.append((indices[len(tasks)], inter, union, names))  # the loader keeps shard order
                 if save_masks is not None:
                     save_mask(pred, save_masks, task_id)
     finally:
