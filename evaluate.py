@@ -7,7 +7,7 @@ Run (one process, or one process per GPU with torchrun; the numbers are identica
     python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
     torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
     python evaluate.py --benchmark                                 # paper preset, random weights
-    python evaluate.py --ckpt best.pth --benchmark                 # time that checkpoint's model
+    python evaluate.py --ckpt best.pth --benchmark                 # time that checkpoint's architecture
 
 Metrics (PhraseCut's evaluator, SPEC section 7). Every task is scored at the
 *original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
@@ -29,6 +29,11 @@ Under torchrun every rank scores the tasks rank, rank + W, rank + 2W, ...
 (no padding, so no task counts twice), the per-task (I, U, subsets) are
 gathered with all_gather_object and the metrics are computed once from the
 full list in dataset order: the result is exactly that of one process.
+
+--benchmark times instead of evaluating (model.benchmark: random weights,
+warm-up, device synchronised, median): FPS at batch 1 and images/s at --batch,
+with the enhancement block on and off in the same run, at 416x416 for the
+paper preset or at the checkpoint's input size.
 """
 import argparse
 import json
@@ -324,9 +329,10 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
 def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
     """Write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
 
-    Each PNG shows the image at its original size, the ground truth in green,
-    the prediction in red, and the phrase with the task's IoU in the title.
-    Returns the written paths.
+    Each PNG shows the image at its original size (cut back out of the
+    network's letterboxed input, so at most input_size sharp), the ground truth
+    in green, the prediction in red, and the phrase with the task's IoU in the
+    title. Files are named <k>_<task_id>.png. Returns the written paths.
     """
     import data
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
@@ -455,26 +461,25 @@ def run_benchmark(args, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
     p.add_argument("--ckpt", help="checkpoint written by train.py; the model is rebuilt from it alone")
     p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="cut on the sigmoid probability (CRIS uses 0.35)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+                   help="cut on the sigmoid probability (default 0.35, CRIS's)")
+    p.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (CUDA only)")
     p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
     p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
     p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
-    p.add_argument("--num", type=int, default=8, help="how many figures --vis writes")
+    p.add_argument("--num", type=int, default=8, help="how many figures --vis writes (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--benchmark", action="store_true",
                    help="time the model instead of evaluating it (paper preset, random weights without --ckpt)")
-    p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size")
-    p.add_argument("--repeats", type=int, default=10, help="--benchmark: timed passes per setting")
-    p.add_argument("--warmup", type=int, default=2, help="--benchmark: untimed passes first")
+    p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size (default 16)")
+    p.add_argument("--repeats", type=int, default=10, help="--benchmark: timed passes per setting (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="--benchmark: untimed passes first (default 2)")
     args = p.parse_args(argv)
     if not args.benchmark and not args.ckpt:
         p.error("--ckpt is required (except with --benchmark)")
