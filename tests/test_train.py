@@ -1,0 +1,189 @@
+"""train.py: flags, the optimizer's rates, smoke runs in one and two processes, exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import build_model, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd=REPO, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic smoke dataset shared by every run in this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def smoke_args(out, cache, *extra):
+    return ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), *extra]
+
+
+# --- flags -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--data", "/nonexistent/dir"], "train.lmdb"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--learning-rate", "1e-3"], "unrecognized arguments"),
+    (["--loss", "mse"], "--loss must be"),
+    (["--input-size", "100"], "multiple of 32"),
+    (["--preset", "paper"], "needs --data"),
+])
+def test_bad_flags_are_rejected_before_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err + str(exc.value.code)
+    assert message in err
+    if "unrecognized" in message or "invalid" in message:
+        assert "valid flags:" in err and "--batch-size" in err
+
+
+def test_flags_override_the_preset():
+    paper = train.preset_defaults("paper")
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.milestones) == (50, 64, 1e-4, [15, 30])
+    assert paper.backbone_lr_scale == 0.1 and paper.clip_grad == 0.0 and paper.clip_weights == "RN101"
+    cfg = train.parse_args(["--preset", "smoke", "--lr", "3e-4", "--no-se", "--milestones", "10", "20"])
+    assert cfg.lr == 3e-4 and cfg.se is False and cfg.deform is True and cfg.milestones == [10, 20]
+    assert cfg.epochs == train.preset_defaults("smoke").epochs
+
+
+def test_backbone_starts_at_its_own_rate():
+    """The CRIS slip: the backbone's reduced rate must be the rate of the very first step."""
+    cfg = train.preset_defaults("paper")
+    model = build_model("smoke")
+    optimizer, scheduler = train.make_optimizer(model, cfg)
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates == pytest.approx({"backbone": 1e-5, "head": 1e-4})
+    # the groups partition the trainable parameters
+    n_groups = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert n_groups == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    assert all(id(p) in backbone_ids for p in optimizer.param_groups[0]["params"])
+    for epoch in range(31):
+        if epoch == 15:
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-7)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-6)
+
+
+# --- runs ------------------------------------------------------------------
+
+
+def test_smoke_run_one_process(tmp_path, cache):
+    out = tmp_path / "run"
+    run([sys.executable, "train.py", *smoke_args(out, cache, "--epochs", "2")])
+    for name in ("config.json", "command.txt", "git.txt", "metrics.jsonl", "checkpoint.pth",
+                 "best.pth", "curves.png", "test_metrics.json"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    for key in ("loss", "bce", "focal", "dice", "lr", "val_mIoU", "val_oIoU", "val_prec@0.5", "seconds"):
+        assert all(isinstance(l[key], float) for l in lines), key
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["format"] == train.CHECKPOINT_FORMAT
+    model, best = load_checkpoint(out / "best.pth")
+    assert model.config.to_dict() == ckpt["config"]
+    assert Path(best["data_dir"], "test.lmdb").exists()
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert 0 <= test["mIoU"] <= 1 and test["n"] > 0
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    import train
+    cfg = train.parse_args(sys.argv[1:])
+    rank, world, local = train.init_distributed()
+    # keep the model: wrap build_model so the worker can save its rank's weights
+    built = []
+    orig = train.build_model
+    def build(*a, **k):
+        m = orig(*a, **k)
+        built.append(m)
+        return m
+    train.build_model = build
+    try:
+        train._train(cfg, rank, world, local)
+        torch.save(built[0].state_dict(), f"{cfg.out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+""")
+
+
+def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache):
+    out = tmp_path / "ddp"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(script), *smoke_args(out, cache, "--no-eval-test")])
+    assert "2 process(es)" in proc.stdout
+    a = torch.load(out / "rank0.pt", weights_only=True)
+    b = torch.load(out / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the ranks really trained: weights differ from a fresh model's
+    fresh = build_model("smoke").state_dict()
+    assert any(not torch.equal(a[k], fresh[k]) for k in a if a[k].is_floating_point())
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--no-eval-test", "--seed", "3"]
+    run([sys.executable, "train.py", *smoke_args(full, cache, "--epochs", "2", *common)])
+    run([sys.executable, "train.py", *smoke_args(part, cache, "--epochs", "1", *common)])
+    run([sys.executable, "train.py", *smoke_args(part, cache, "--epochs", "2", *common,
+                                                 "--resume", str(part / "checkpoint.pth"))])
+    a = torch.load(full / "checkpoint.pth", weights_only=True)
+    b = torch.load(part / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+
+
+def test_non_finite_loss_names_step_and_terms(tmp_path, cache, monkeypatch):
+    class Exploding(torch.nn.Module):
+        def forward(self, logits, target):
+            nan = logits.sum() * float("nan")
+            return {"bce": nan, "focal": logits.mean(), "dice": logits.mean(), "loss": nan}
+
+    monkeypatch.setattr(train, "make_loss", lambda cfg: Exploding())
+    cfg = train.parse_args(smoke_args(tmp_path / "nan", cache))
+    with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 0.*bce=nan.*focal="):
+        train.train(cfg)
+
+
+def test_ablation_runs_the_four_variants_of_table_2(tmp_path, cache):
+    import ablation
+
+    out = tmp_path / "ablation"
+    proc = run([sys.executable, "ablation.py", "--preset", "smoke", "--out", str(out), "--",
+                "--cache-dir", str(cache)])
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in rows] == [v[0] for v in ablation.VARIANTS]
+    for row, (_, dirname, flags) in zip(rows, ablation.VARIANTS):
+        cfg = json.loads((out / dirname / "config.json").read_text())
+        assert cfg["train"]["loss"] == flags[1]
+        assert cfg["model"]["deform"] == ("--deform" in flags)
+        assert cfg["model"]["se"] == ("--se" in flags)
+        assert 0 <= row["test"]["mIoU"] <= 1
+    assert "| + SE (SegVLM) |" in (out / "table.md").read_text()
+    assert "+ deform + residual" in proc.stdout
