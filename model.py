@@ -484,26 +484,50 @@ def load_checkpoint(path, map_location="cpu"):
 # --------------------------------------------------------------------------- speed
 
 @torch.no_grad()
-def benchmark(preset="paper", size=416, batch_size=1, repeats=10, warmup=2, device=None, verbose=True) -> dict:
+def benchmark(preset="paper", size=416, batch_size=1, repeats=10, warmup=2, device=None, verbose=True,
+              amp=None, channels_last=None, compile=False) -> dict:
     """Median time of one forward pass with the enhancement block on and off, random weights.
 
-    The two models run alternately, after `warmup` passes each, so that a
-    change in machine load hits both alike. Returns seconds and their ratio.
+    preset: a preset name or a SegVLMConfig (e.g. a checkpoint's architecture);
+    the block's switches are set here. The two models run alternately, after
+    `warmup` passes each, so that a change in machine load hits both alike.
+    amp (bf16 autocast, fp16 where the GPU lacks bf16) and channels_last default
+    to on for CUDA and off on the CPU; compile=True runs torch.compile first and
+    falls back to eager mode, with a warning, where it fails. Returns seconds
+    and their ratio.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    amp = cuda if amp is None else amp
+    channels_last = cuda if channels_last is None else channels_last
+    dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     torch.manual_seed(0)
-    models = {flag: build_model(preset, deform=flag, se=flag).to(device).eval() for flag in (True, False)}
-    cfg = models[True].config
+    base = PRESETS[preset] if isinstance(preset, str) else preset
+    models = {}
+    for flag in (True, False):
+        m = SegVLM(dataclasses.replace(base, deform=flag, se=flag)).to(device).eval()
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        if compile:
+            try:
+                m = torch.compile(m)
+            except Exception as e:  # noqa: BLE001 - any backend failure: time eager mode instead
+                warnings.warn(f"torch.compile failed ({e}); timing eager mode")
+        models[flag] = m
     image = torch.randn(batch_size, 3, size, size, device=device)
-    tokens = clip.tokenize(["a black baseball cap on the table"] * batch_size, context_length=cfg.word_len).to(device)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    tokens = clip.tokenize(["a black baseball cap on the table"] * batch_size, context_length=base.word_len).to(device)
 
+    @torch.no_grad()
     def once(m):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
-        m(image, tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            m(image, tokens)
+        if cuda:
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t
 
     for _ in range(warmup):
@@ -514,11 +538,14 @@ def benchmark(preset="paper", size=416, batch_size=1, repeats=10, warmup=2, devi
         for flag, m in models.items():
             times[flag].append(once(m))
     on, off = statistics.median(times[True]), statistics.median(times[False])
-    result = dict(device=str(device), preset=preset, size=size, batch_size=batch_size, repeats=repeats,
-                  threads=torch.get_num_threads(), with_block_s=on, without_block_s=off, ratio=on / off)
+    name = preset if isinstance(preset, str) else "checkpoint"
+    result = dict(device=str(device), preset=name, size=size, batch_size=batch_size, repeats=repeats,
+                  threads=torch.get_num_threads(), amp=amp, channels_last=channels_last, compile=compile,
+                  with_block_s=on, without_block_s=off, ratio=on / off)
     if verbose:
-        print(f"{preset} preset, {size}x{size}, batch {batch_size}, {device} ({torch.get_num_threads()} threads), "
-              f"median of {repeats}: with block {on * 1000:.1f} ms, without {off * 1000:.1f} ms, "
+        extras = ", ".join(k for k in ("amp", "channels_last", "compile") if result[k]) or "fp32 eager"
+        print(f"{name} preset, {size}x{size}, batch {batch_size}, {device} ({torch.get_num_threads()} threads, "
+              f"{extras}), median of {repeats}: with block {on * 1000:.1f} ms, without {off * 1000:.1f} ms, "
               f"ratio {on / off:.3f} (+{(on / off - 1) * 100:.1f}%)")
     return result
 
@@ -531,9 +558,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models first")
     args = parser.parse_args()
     if args.benchmark:
-        benchmark(args.preset, args.size, args.batch_size, args.repeats, device=args.device)
+        benchmark(args.preset, args.size, args.batch_size, args.repeats, device=args.device, compile=args.compile)
     else:
         model = build_model(args.preset)
         for name, n in parameter_counts(model).items():

@@ -443,7 +443,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     if world > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: grads live in DDP's buckets (no copy; also no stride
+        # warning for the 1x1 convs whose grads autograd lays out channels-last)
+        net = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
 
     if cfg.out:
         out = Path(cfg.out)

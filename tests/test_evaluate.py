@@ -240,4 +240,4 @@ def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
 def test_benchmark_on_a_checkpoint(run_dir, capsys):
     ev.main(["--ckpt", str(run_dir / "best.pth"), "--benchmark", "--batch", "2", "--repeats", "1", "--warmup", "1"])
     out = capsys.readouterr().out
-    assert "smoke architecture at 64x64" in out and "frames/s" in out and "images/s" in out
+    assert "checkpoint architecture at 64x64" in out and "frames/s" in out and "images/s" in out

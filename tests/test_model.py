@@ -1,6 +1,7 @@
 """SegVLM: shapes, CRIS's structure counted by hand, agreement with CLIP's own modules,
 padding, switches, bad input, weights and checkpoints, and two small learning runs."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -313,6 +314,13 @@ def test_benchmark_reports_both_times():
     r = benchmark("smoke", size=64, repeats=2, warmup=1, device="cpu", verbose=False)
     assert r["with_block_s"] > 0 and r["without_block_s"] > 0
     assert r["ratio"] == pytest.approx(r["with_block_s"] / r["without_block_s"])
+    assert (r["amp"], r["channels_last"], r["compile"]) == (False, False, False)  # CPU defaults
+
+
+def test_benchmark_takes_a_config_and_the_cuda_options_on_cpu():
+    cfg = dataclasses.replace(PRESETS["smoke"], input_size=96)
+    r = benchmark(cfg, size=96, repeats=1, warmup=1, device="cpu", verbose=False, amp=True, channels_last=True)
+    assert r["preset"] == "checkpoint" and r["amp"] and r["channels_last"] and r["with_block_s"] > 0
 
 
 # --------------------------------------------------------------------------- CLIP weights
