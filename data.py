@@ -396,7 +396,11 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
            "yellow": (235, 205, 45), "purple": (145, 60, 195), "white": (245, 245, 245)}
-SIZES = {"small": 0.08, "large": 0.15}  # shape radius as a fraction of the image's longer side
+# Shape radius as a fraction of the image's longer side. At the demo's 128 px input a small shape
+# is about 15 px across its radius, two cells of the model's stride-16 grid; smaller shapes (0.08)
+# made the 10-minute demo mostly a test of boundary resolution rather than of grounding.
+SIZES = {"small": 0.12, "large": 0.21}
+SYNTH_VERSION = 2  # bump when the generator's output changes: it names the cache directory
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
 
@@ -589,7 +593,7 @@ def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, pr
     finished, so a half-made cache is never taken for a finished one; if two processes race, the
     first rename wins and the other discards its copy."""
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_px{size}_v{LMDB_VERSION}"
+    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_px{size}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
     if (final / "COMPLETE").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -105,8 +105,10 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, dict] = {
     "paper": dict(clip_weights="RN101", num_workers=4),
     # Trained from scratch, so the backbone gets the full rate.
-    "demo": dict(epochs=8, batch_size=32, lr=1e-3, backbone_lr_scale=1.0,
-                 milestones=[6], num_workers=1),
+    # Small batches: on a CPU budget more updates beat bigger ones (batch 16 reached a higher
+    # val mean IoU after one epoch than 32; lr 2e-3 was worse than 1e-3).
+    "demo": dict(epochs=5, batch_size=16, lr=1e-3, backbone_lr_scale=1.0,
+                 milestones=[4], num_workers=1),
     "smoke": dict(epochs=1, batch_size=4, lr=1e-3, backbone_lr_scale=1.0,
                   milestones=[100], synth_images=12, num_workers=0),
 }
