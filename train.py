@@ -346,12 +346,13 @@ def git_commit() -> str:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training curves as a PNG. A bare Figure, so the caller's matplotlib backend
+    (a notebook's inline one, say) is left alone."""
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     for key in ("loss", "bce", "focal", "dice"):
         a.plot(epochs, [h[key] for h in history], marker="o", label=key)
     a.set(xlabel="epoch", ylabel="training loss", title="loss terms (eq. 4-8)")
@@ -363,7 +364,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

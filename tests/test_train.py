@@ -187,3 +187,14 @@ def test_ablation_runs_the_four_variants_of_table_2(tmp_path, cache):
         assert 0 <= row["test"]["mIoU"] <= 1
     assert "| + SE (SegVLM) |" in (out / "table.md").read_text()
     assert "+ deform + residual" in proc.stdout
+
+
+def test_plot_curves_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    row = {"epoch": 1, "loss": 1.0, "bce": 0.5, "focal": 0.2, "dice": 0.3,
+           "val_mIoU": 0.1, "val_oIoU": 0.2, "val_prec@0.5": 0.0}
+    train.plot_curves([row, {**row, "epoch": 2}], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == before
