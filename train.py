@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import clip
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -190,6 +191,10 @@ def validate(cfg: TrainConfig) -> None:
                                  f"(make it with: python data.py build --split {split} --out {path})")
     elif cfg.preset == "paper":
         raise ValueError("--preset paper needs --data DIR holding PhraseCut's train.lmdb and val.lmdb")
+    weights = cfg.clip_weights
+    if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
+        raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
+                         f"({', '.join(clip.available_models())}) nor an existing file")
     if cfg.resume and not Path(cfg.resume).is_file():
         raise ValueError(f"--resume {cfg.resume}: no such file")
     if cfg.clip_weights.lower() != "none" and cfg.resume:
@@ -316,6 +321,7 @@ def resolve_data(cfg: TrainConfig, rank: int) -> Path:
     """--data, or the synthetic dataset made once in the cache (rank 0 makes it)."""
     if cfg.data:
         return Path(cfg.data)
+
     def make():
         return data.ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed,
                                      progress=rank == 0)
@@ -394,9 +400,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
-    if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {cfg.resume}: not a train.py checkpoint")
+    ckpt = None
+    if cfg.resume:
+        try:
+            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupt or not a torch file at all
+            raise ValueError(f"--resume {cfg.resume}: cannot be read as a checkpoint ({e})") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"--resume {cfg.resume}: not a checkpoint.pth written by train.py")
 
     # model: the preset plus overrides, or exactly the checkpoint's architecture
     overrides = dict(deform=cfg.deform, se=cfg.se)
@@ -407,7 +418,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     if ckpt is not None:
         overrides = ckpt["config"]
     weights = None if cfg.clip_weights.lower() == "none" else cfg.clip_weights
-    model = build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
+    try:
+        model = build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
+    except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
+        if weights is None:
+            raise
+        raise ValueError(str(e)) from e
     mcfg = model.config
 
     data_dir = resolve_data(cfg, rank)

@@ -45,6 +45,8 @@ def smoke_args(out, cache, *extra):
     (["--loss", "mse"], "--loss must be"),
     (["--input-size", "100"], "multiple of 32"),
     (["--preset", "paper"], "needs --data"),
+    (["--clip-weights", "/no/such/RN101.pt"], "neither 'none', a CLIP model name"),
+    (["--resume", "/no/such/checkpoint.pth"], "--resume /no/such/checkpoint.pth: no such file"),
 ])
 def test_bad_flags_are_rejected_before_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -157,6 +159,15 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
     assert a["epoch"] == b["epoch"] == 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+
+
+def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, cache):
+    bad = tmp_path / "checkpoint.pth"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, bad)
+    bad.write_bytes(bad.read_bytes()[:200])
+    cfg = train.parse_args(smoke_args(tmp_path / "r", cache, "--resume", str(bad)))
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+        train.train(cfg)
 
 
 def test_non_finite_loss_names_step_and_terms(tmp_path, cache, monkeypatch):
