@@ -128,8 +128,8 @@ def test_mask_round_trip_non_square(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run directory as train.py leaves it: test.lmdb (29 tasks on 6 non-square images) and
-    a smoke-preset checkpoint with random weights whose data_dir points here."""
+    """A run directory as train.py leaves it: test.lmdb (the tasks of 8 non-square synthetic
+    images) and a smoke-preset checkpoint with random weights whose data_dir points here."""
     import data
     import model
     out = tmp_path_factory.mktemp("run")
@@ -140,6 +140,11 @@ def run_dir(tmp_path_factory):
     torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
                 "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": str(out)}, out / "best.pth")
     return out
+
+
+def raw_task_count(run_dir):
+    """Tasks in the PhraseCut JSON the test LMDB was built from (counted independently)."""
+    return len(json.loads((run_dir / "raw" / "refer_train.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +179,16 @@ def test_predictions_map_back_onto_non_square_originals(run_dir):
     shapes = {tuple(dataset[i]["gt_mask"].shape) for i in range(len(dataset))}
     assert (60, 80) in shapes and (80, 60) in shapes  # landscape and portrait
     result = ev.evaluate(Oracle(dataset), dataset, batch_size=3, device="cpu", progress=False)
-    assert result["n"] == len(dataset) == 29
+    assert result["n"] == len(dataset) == raw_task_count(run_dir)
     assert result["mIoU"] > 0.97 and result["prec@0.9"] == 1.0  # a shifted or stretched mask fails this
 
 
-def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, tmp_path):
+def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, run_dir, tmp_path):
     net, dataset = smoke
     net.train()
     result = ev.evaluate(net, dataset, batch_size=4, save_masks=tmp_path, progress=False)
     assert net.training
-    assert result["n"] == 29 and 0 < result["mIoU"] < 1 and result["oIoU"] != result["mIoU"]
+    assert result["n"] == raw_task_count(run_dir) and 0 < result["mIoU"] < 1 and result["oIoU"] != result["mIoU"]
     # PhraseCut's own evaluator reads these files: read them back and score them the same way
     tasks = []
     for i in range(len(dataset)):
@@ -196,7 +201,7 @@ def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, tmp_
                                                          item["has_attributes"], item["has_relations"],
                                                          gt.mean())))
     assert ev.summarize_tasks(tasks) == result
-    assert len(list(tmp_path.glob("*.png"))) == 29
+    assert len(list(tmp_path.glob("*.png"))) == raw_task_count(run_dir)
 
 
 def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
