@@ -450,6 +450,34 @@ def run_benchmark(args, device):
     return results
 
 
+def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> dict:
+    """The scores of a perfect prediction made at the decoder's resolution.
+
+    CRIS, and so SegVLM, builds its mask from the decoder's stride-16 grid
+    (26x26 at 416 px, 8x8 at the demo's 128 px): the projector only upsamples,
+    with no skip from finer features. Here each letterboxed ground-truth mask
+    is averaged over stride x stride cells (an ideal decoder map), brought to
+    the logits' size (S/4) by bilinear upsampling, mapped back to the original
+    size like a prediction and cut at `threshold`. The result, in the layout of
+    `summarize`, bounds what a mask that is only an upsampled grid can score;
+    the learned projector can do somewhat better only by sharpening edges.
+    """
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    import data
+    tasks = []
+    for i in tqdm(range(len(dataset)), desc="ceiling", disable=not progress, leave=False):
+        item = dataset[i]
+        size = item["mask"].shape[-1]
+        grid = F.avg_pool2d(item["mask"][None], stride)  # (1, 1, S/16, S/16)
+        prob = F.interpolate(grid, size=size // 4, mode="bilinear", align_corners=False)  # (1, 1, S/4, S/4)
+        h, w = item["orig_size"].tolist()
+        pred = data.unletterbox(prob[0, 0], h, w, input_size=size) > threshold
+        tasks.append(task_iou(pred, item["gt_mask"].bool()))
+    return summarize([t[0] for t in tasks], [t[1] for t in tasks])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
     p.add_argument("--ckpt", help="checkpoint written by train.py; the model is rebuilt from it alone")
@@ -465,6 +493,8 @@ def parse_args(argv=None):
     p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
     p.add_argument("--num", type=int, default=8, help="how many figures --vis writes (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also score a perfect prediction made at the decoder's stride-16 grid (decoder_grid_ceiling)")
     p.add_argument("--benchmark", action="store_true",
                    help="time the model instead of evaluating it (paper preset, random weights without --ckpt)")
     p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size (default 16)")
@@ -518,6 +548,11 @@ def run(args):
               f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.7 {100 * result['prec@0.7']:.2f}  "
               f"P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks, threshold {args.threshold}, "
               f"{world} process{'es' if world > 1 else ''}, {seconds:.1f} s)")
+        if args.ceiling:
+            c = decoder_grid_ceiling(dataset, progress=not args.no_progress)
+            print(f"ceiling: a perfect {cfg.input_size // 16}x{cfg.input_size // 16} decoder map (stride 16 at "
+                  f"{cfg.input_size} px) upsampled to the logits would score mIoU {100 * c['mIoU']:.2f}  "
+                  f"oIoU {100 * c['oIoU']:.2f}  P@0.5 {100 * c['prec@0.5']:.2f}  P@0.9 {100 * c['prec@0.9']:.2f}")
     return result
 
 

@@ -246,3 +246,19 @@ def test_benchmark_on_a_checkpoint(run_dir, capsys):
     ev.main(["--ckpt", str(run_dir / "best.pth"), "--benchmark", "--batch", "2", "--repeats", "1", "--warmup", "1"])
     out = capsys.readouterr().out
     assert "checkpoint architecture at 64x64" in out and "frames/s" in out and "images/s" in out
+
+
+def test_decoder_grid_ceiling_falls_as_the_grid_coarsens(run_dir):
+    import data
+    dataset = data.PhraseCutLMDB(run_dir / "test.lmdb", input_size=128, word_len=10, train=False)
+    # stride 4 is the logits' own resolution: only that is lost
+    fine, mid, coarse = (ev.decoder_grid_ceiling(dataset, stride=s) for s in (4, 8, 16))
+    assert fine["n"] == mid["n"] == coarse["n"] == len(dataset)
+    assert fine["mIoU"] > 0.9
+    assert fine["mIoU"] > mid["mIoU"] > coarse["mIoU"]
+
+
+def test_cli_prints_the_ceiling(run_dir, capsys):
+    ev.main(["--ckpt", str(run_dir / "best.pth"), "--no-progress", "--ceiling"])
+    out = capsys.readouterr().out
+    assert "ceiling: a perfect 4x4 decoder map (stride 16 at 64 px)" in out
