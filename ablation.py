@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,11 +35,15 @@ VARIANTS = [
 COLUMNS = ["mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9"]
 
 
+TRAIN = str(Path(__file__).resolve().with_name("train.py"))
+
+
 def train_command(nproc: int, args: list[str]) -> list[str]:
+    """train.py by its full path, so relative --out and --cache-dir mean the caller's directory."""
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", "train.py", *args]
-    return [sys.executable, "train.py", *args]
+                f"--nproc_per_node={nproc}", TRAIN, *args]
+    return [sys.executable, TRAIN, *args]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -75,8 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cmd += ["--epochs", str(args.epochs)]
         print(f"== {name}: {' '.join(train_command(args.nproc, cmd))}", flush=True)
         t0 = time.time()
-        subprocess.run(train_command(args.nproc, cmd), check=True,
-                       cwd=Path(__file__).resolve().parent, env=os.environ.copy())
+        subprocess.run(train_command(args.nproc, cmd), check=True)
         seconds = time.time() - t0
         test_file = run_dir / "test_metrics.json"
         if not test_file.exists():

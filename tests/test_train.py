@@ -185,9 +185,9 @@ def test_non_finite_loss_names_step_and_terms(tmp_path, cache, monkeypatch):
 def test_ablation_runs_the_four_variants_of_table_2(tmp_path, cache):
     import ablation
 
-    out = tmp_path / "ablation"
-    proc = run([sys.executable, "ablation.py", "--preset", "smoke", "--out", str(out), "--",
-                "--cache-dir", str(cache)])
+    out = tmp_path / "ablation"  # given relative to the caller's directory, as a user would
+    proc = run([sys.executable, str(REPO / "ablation.py"), "--preset", "smoke", "--out", "ablation", "--",
+                "--cache-dir", str(cache)], cwd=tmp_path)
     rows = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in rows] == [v[0] for v in ablation.VARIANTS]
     for row, (_, dirname, flags) in zip(rows, ablation.VARIANTS):
