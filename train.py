@@ -206,21 +206,10 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group under torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, local_rank
-
-
-def is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """(rank, world_size, local_rank); joins torchrun's process group as evaluate.py does."""
+    evaluate.init_distributed()
+    rank, world = evaluate.dist_info()
+    return rank, world, int(os.environ.get("LOCAL_RANK", 0))
 
 
 def barrier() -> None:
