@@ -2,26 +2,73 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import SqueezeExcitation
+from torchvision.ops import SqueezeExcitation, deform_conv2d
 
-from layers import CoordConv, DecoderLayer, DeformableConv2d, sine_position_1d, sine_position_2d
+from layers import CoordConv, DecoderLayer, DeformableConv2d, deform_conv2d_sampled, sine_position_1d, sine_position_2d
 
 
-def test_deformable_conv_with_zero_offsets_is_a_plain_conv():
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("size,kernel", [((7, 9), 3), ((1, 1), 3), ((1, 5), 3), ((4, 1), 3), ((6, 5), 5)])
+def test_sampled_deformable_conv_equals_torchvision(size, kernel, dtype, tol):
+    """Output and all four gradients equal torchvision's kernel, with offsets of up to a few pixels
+    that send many taps outside the map (where both read zeros)."""
     torch.manual_seed(0)
-    dcn = DeformableConv2d(6, 5, 3)
+    h, w = size
+    x = torch.randn(2, 5, h, w, dtype=dtype, requires_grad=True)
+    offset = (3 * torch.randn(2, 2 * kernel * kernel, h, w, dtype=dtype)).requires_grad_()
+    weight = torch.randn(4, 5, kernel, kernel, dtype=dtype, requires_grad=True)
+    bias = torch.randn(4, dtype=dtype, requires_grad=True)
+    pad = kernel // 2
+    inputs = (x, offset, weight, bias)
+    ref = deform_conv2d(x, offset, weight, bias, padding=(pad, pad))
+    out = deform_conv2d_sampled(x, offset, weight, bias, pad)
+    assert out.dtype == dtype and out.shape == ref.shape == (2, 4, h, w)
+    assert torch.allclose(out, ref, atol=tol, rtol=tol)
+    grad_out = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    for name, g, g_ref in zip(("input", "offset", "weight", "bias"), grads, grads_ref):
+        assert torch.allclose(g, g_ref, atol=tol * 10, rtol=tol), name
+    outside = (offset.detach().abs() > 2).float().mean()
+    assert outside > 0.3  # the case where sampling leaves the map is really exercised
+
+
+def test_deformable_conv_implementations_agree_and_autocast_uses_bf16():
+    torch.manual_seed(0)
+    sampled = DeformableConv2d(8, 6, 3)
+    reference = DeformableConv2d(8, 6, 3, impl="torchvision")
+    reference.load_state_dict(sampled.state_dict())
+    with torch.no_grad():
+        sampled.offset.weight.normal_(0, 0.3)
+        reference.offset.weight.copy_(sampled.offset.weight)
+    x = torch.randn(2, 8, 6, 7)
+    assert torch.allclose(sampled(x), reference(x), atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sampled(x)
+    assert low.dtype == torch.bfloat16  # the matmul ran in the autocast dtype
+    assert torch.allclose(low.float(), reference(x), atol=0.05 * reference(x).abs().max().item())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        DeformableConv2d(8, 6, 3, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", DeformableConv2d.IMPLS)
+def test_deformable_conv_with_zero_offsets_is_a_plain_conv(impl):
+    torch.manual_seed(0)
+    dcn = DeformableConv2d(6, 5, 3, impl=impl)
     x = torch.randn(2, 6, 7, 9)
     assert torch.count_nonzero(dcn.offset(x)) == 0  # zero-initialised offsets
     ref = F.conv2d(x, dcn.weight, dcn.bias, padding=1)
     assert torch.allclose(dcn(x), ref, atol=1e-5)
 
 
-def test_deformable_conv_with_integer_offsets_shifts_the_taps():
+@pytest.mark.parametrize("impl", DeformableConv2d.IMPLS)
+def test_deformable_conv_with_integer_offsets_shifts_the_taps(impl):
     """Offsets of (0, +1) everywhere sample one pixel to the right: a conv of the shifted map."""
     torch.manual_seed(0)
-    dcn = DeformableConv2d(3, 4, 3)
+    dcn = DeformableConv2d(3, 4, 3, impl=impl)
     with torch.no_grad():
         dcn.offset.bias[1::2] = 1.0  # channels are (dy, dx) per tap; dx = +1
     x = torch.randn(1, 3, 6, 6)
