@@ -6,13 +6,14 @@
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
 
 `synth` writes a small referring dataset in exactly PhraseCut's layout (images/<image_id>.jpg,
-image_data_split.json, refer_{train,val,test,miniv}.json), so the converter, loader, training and
-evaluation run the same way on it and on the real VGPhraseCut_v0.
+image_data_split.json, refer_{train,val,test,miniv}.json, name_att_rel_count.json), so the converter,
+loader, training and evaluation run the same way on it and on the real VGPhraseCut_v0.
 
 LMDB (one file per split, no pickle): b"__header__" JSON {format, version, split, num_tasks,
-num_images, skipped_tasks, ...}, checked by the loader; b"img/<image_id>" the image file's own bytes,
-stored once however many phrases share it; b"task/<index:08d>" one JSON task record (PhraseCut's
-fields + the image's width and height). Masks are rasterised from the polygons at load time. Images
+num_images, skipped_tasks, name_att_rel_count, ...}, checked by the loader; b"img/<image_id>" the
+image file's own bytes, stored once however many phrases share it; b"task/<index:08d>" one JSON task
+record (PhraseCut's fields + the image file's width and height + "image_info", the width, height and
+coco_id that image_data_split.json records). Masks are rasterised from the polygons at load time. Images
 stream in one at a time (the refer JSON is loaded whole); the file is written as .NAME.tmp-PID and
 renamed when complete, so a killed run never leaves a file that looks finished. Its size is about
 1.05x the split's JPEG + annotation bytes for Visual-Genome-sized images; small images pay more
@@ -32,11 +33,14 @@ Choices where PhraseCut and the spec are silent (all deliberate, all tested):
   from 0..65535 to 0..255; float images are clipped to 0..255.
 - Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
   with the end token kept. An empty phrase is an error at build time, naming the task.
-- The image size is the image file's own (image_data_split.json is not needed); the builder counts
-  disagreements with image_data_split.json in the header.
-- Synthetic splits: 80/10/10 train/val/test by image; miniv is a fifth of val (PhraseCut samples
-  miniv from val): those images say split "miniv" in image_data_split.json, and their tasks are in
-  both refer_val.json and refer_miniv.json.
+- The mask and letterbox use the image file's own size. PhraseCut's subsets use image_data_split.json
+  (required): its width x height divides the region's area, its coco_id decides d_cocotv; the builder
+  counts size disagreements in the header. name_att_rel_count.json is optional: without it the
+  header's name_att_rel_count is null and evaluation leaves the c*/a* subsets out.
+- Eval items carry `subsets`, the task's official subsets (evaluate.phrasecut_subsets).
+- Synthetic splits: 80/10/10 train/validation/test by image; miniv is a fifth of the validation
+  images. As in PhraseCut, those say split "miniv" in image_data_split.json and their tasks are in
+  refer_miniv.json only, not in refer_val.json (official tools load both with split="val_miniv").
 """
 import argparse
 import io
@@ -45,6 +49,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import lmdb
@@ -55,12 +60,14 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import evaluate  # the official subset rule, applied to eval items
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # 0-1 scale, RGB
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPLITS = ("train", "val", "test", "miniv")
 LMDB_FORMAT = "segvlm-phrasecut"
-LMDB_VERSION = 1
-DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1499 train, 188 val, 188 test
+LMDB_VERSION = 2  # 2: task "image_info" and the header's name_att_rel_count, for the subsets
+DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1499 train, 151 val, 37 miniv, 188 test
 _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -170,6 +177,8 @@ def unletterbox(prob, orig_h, orig_w, input_size=None):
 class _PhraseCutItems(Dataset):
     """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
 
+    ranks = None  # evaluate.frequency_ranks of name_att_rel_count.json, when the data has one
+
     def __init__(self, input_size=416, word_len=22, train=True):
         self.input_size, self.word_len, self.train = input_size, word_len, train
 
@@ -191,13 +200,18 @@ class _PhraseCutItems(Dataset):
                 "mask": letterbox_mask(gt, size)}
         if not self.train:
             ps = task.get("phrase_structure") or {}
+            info = task["image_info"]  # width, height, coco_id from image_data_split.json
+            iw, ih = info["width"], info["height"]
+            region = gt if gt.shape == (ih, iw) else polygons_to_mask(task["Polygons"], iw, ih)
+            rel_area = int(region.sum()) / (iw * ih)  # the official relative size, exact in float64
             item.update(
                 task_id=str(task["task_id"]), phrase=task["phrase"],
                 orig_size=torch.tensor([h, w], dtype=torch.long), gt_mask=torch.from_numpy(gt.copy()),
                 num_instances=len(task["instance_boxes"]), phrase_type=ps.get("type", "verbose"),
-                has_attributes=bool(ps.get("attributes")),
-                has_relations=bool(ps.get("relation_descriptions") or ps.get("relation_ids")),
-                name=str(ps.get("name", "")), mask_area=float(gt.mean()), index=index)
+                name=str(ps.get("name", "")), rel_area=rel_area,
+                subsets=evaluate.phrasecut_subsets(ps, len(task["instance_boxes"]), rel_area,
+                                                   bool(info.get("coco_id")), self.ranks),
+                index=index)
         return item
 
 
@@ -231,7 +245,8 @@ class PhraseCutLMDB(_PhraseCutItems):
 
     Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}. With
     train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
-    num_instances, phrase_type, has_attributes, has_relations, name, mask_area (fraction), index.
+    num_instances, phrase_type, name, rel_area (the region's area / the image's area as
+    image_data_split.json records it), subsets (names, evaluate.phrasecut_subsets), index.
     The LMDB is opened lazily per process (see _reader), so DataLoader workers (fork or spawn) each
     get their own; the length comes from the header record, whose format version is checked."""
 
@@ -247,6 +262,8 @@ class PhraseCutLMDB(_PhraseCutItems):
                              f"expected {LMDB_FORMAT!r} version {LMDB_VERSION}; rebuild it with "
                              f"`python data.py build`")
         self.num_tasks = int(self.header["num_tasks"])
+        counts = self.header["name_att_rel_count"]
+        self.ranks = evaluate.frequency_ranks(counts) if counts is not None else None
 
     def __len__(self):
         return self.num_tasks
@@ -265,12 +282,16 @@ class PhraseCutFolder(_PhraseCutItems):
         super().__init__(input_size, word_len, train)
         self.root = Path(root)
         self.tasks = _load_tasks(self.root, split)
+        self.infos = read_image_info(self.root)
+        counts = read_counts(self.root)
+        self.ranks = evaluate.frequency_ranks(counts) if counts is not None else None
 
     def __len__(self):
         return len(self.tasks)
 
     def _read(self, index):
         task = self.tasks[index]
+        task = {**task, "image_info": _image_info(self.infos, task)}
         return task, (self.root / "images" / f"{task['image_id']}.jpg").read_bytes()
 
 
@@ -304,13 +325,45 @@ def _load_tasks(root, split):
         return json.load(f)
 
 
+def read_image_info(root):
+    """{image_id as str: its record} from the root's image_data_split.json (the name PhraseCut's
+    downloader gives it; image_data_split3000.json, its name on PhraseCut's drive, is accepted too)."""
+    for name in ("image_data_split.json", "image_data_split3000.json"):
+        if (Path(root) / name).is_file():
+            with open(Path(root) / name) as f:
+                return {str(d["image_id"]): d for d in json.load(f)}
+    raise FileNotFoundError(f"{Path(root) / 'image_data_split.json'} not found: PhraseCut's list of images "
+                            "(width, height, coco_id) is needed for its subsets")
+
+
+def read_counts(root):
+    """name_att_rel_count.json's "cat" and "att" lists ([word, count], most frequent first), or None
+    when the root has no such file."""
+    path = Path(root) / "name_att_rel_count.json"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        counts = json.load(f)
+    return {"cat": counts["cat"], "att": counts["att"]}
+
+
+def _image_info(infos, task):
+    """What the subsets need from the task's image record: width, height, coco_id."""
+    info = infos.get(str(task["image_id"]))
+    if info is None:
+        raise ValueError(f"task {task['task_id']}: image {task['image_id']} is not in image_data_split.json")
+    return {"width": info["width"], "height": info["height"], "coco_id": info.get("coco_id")}
+
+
 def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
     """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
 
     Layout (no pickle: JSON and raw bytes):
-      b"__header__"     JSON {format, version, split, num_tasks, num_images, skipped_tasks, ...}
+      b"__header__"     JSON {format, version, split, num_tasks, num_images, skipped_tasks, ...,
+                        name_att_rel_count: read_counts(root), null without that file}
       b"img/<image_id>" the image file's own bytes, once per image
-      b"task/<i:08d>"   JSON task record (PhraseCut's fields + width, height of the image)
+      b"task/<i:08d>"   JSON task record: PhraseCut's fields + width, height of the image file +
+                        image_info {width, height, coco_id} from image_data_split.json
     Written under a temporary name and renamed when complete; on any error the temporary is removed.
     """
     root, out = Path(root), Path(out)
@@ -322,12 +375,9 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
             raise ValueError(f"task {task.get('task_id', f'#{i}')} lacks fields {missing}")
         if not str(task["phrase"]).strip():
             raise ValueError(f"task {task['task_id']} in refer_{split}.json has an empty phrase")
-    listed = {}  # image sizes as image_data_split.json says (the release names it ...split3000.json)
-    for name in ("image_data_split.json", "image_data_split3000.json"):
-        if (root / name).is_file():
-            with open(root / name) as f:
-                listed = {str(d["image_id"]): (d.get("width"), d.get("height")) for d in json.load(f)}
-            break
+    infos = read_image_info(root)
+    image_info = {str(t["image_id"]): _image_info(infos, t) for t in tasks}
+    counts = read_counts(root)
     image_ids = sorted({str(t["image_id"]) for t in tasks}, key=str.encode)  # byte order: append
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -354,7 +404,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
                 continue
             txn.put(b"img/" + image_id.encode(), data, append=True)
             sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
-            mismatches += image_id in listed and listed[image_id] != (w, h)
+            mismatches += (image_info[image_id]["width"], image_info[image_id]["height"]) != (w, h)
             if (k + 1) % commit_every == 0:
                 txn.commit()
                 txn = env.begin(write=True)
@@ -364,7 +414,8 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
             if image_id not in sizes:
                 continue
             w, h = sizes[image_id]
-            record = json.dumps({**task, "width": w, "height": h}, separators=(",", ":"))
+            record = json.dumps({**task, "width": w, "height": h, "image_info": image_info[image_id]},
+                                separators=(",", ":"))
             txn.put(b"task/%08d" % n, record.encode(), append=True)
             n += 1
             if n % (20 * commit_every) == 0:
@@ -376,7 +427,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
                   "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
                   "skipped_images": len(bad), "skipped_image_ids": bad[:20],
                   "size_mismatches": int(mismatches),
-                  "source": str(root.resolve())}
+                  "source": str(root.resolve()), "name_att_rel_count": counts}
         txn.put(b"__header__", json.dumps(header).encode())
         txn.commit()
         env.sync(True)
@@ -400,7 +451,7 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
 # is about 15 px across its radius, two cells of the model's stride-16 grid; smaller shapes (0.08)
 # made the 10-minute demo mostly a test of boundary resolution rather than of grounding.
 SIZES = {"small": 0.12, "large": 0.21}
-SYNTH_VERSION = 2  # bump when the generator's output changes: it names the cache directory
+SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cache directory
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
 
@@ -524,24 +575,41 @@ def _render(rng, shapes, width, height):
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+def count_words(tasks):
+    """name_att_rel_count.json's content for `tasks`: {"cat", "att", "rel"}, each a list of [word, count]
+    sorted by count from high to low (ties alphabetically), counting each phrase's name, its attributes
+    and the predicates of its relation_descriptions ([predicate, object name] pairs)."""
+    counters = {"cat": Counter(), "att": Counter(), "rel": Counter()}
+    for task in tasks:
+        ps = task["phrase_structure"]
+        counters["cat"][ps["name"]] += 1
+        counters["att"].update(ps["attributes"])
+        counters["rel"].update(predicate for predicate, _ in ps["relation_descriptions"])
+    return {key: sorted(([word, n] for word, n in c.items()), key=lambda p: (-p[1], p[0]))
+            for key, c in counters.items()}
+
+
 def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
     """Write a synthetic referring dataset in PhraseCut's layout under out_dir; same seed, same bytes.
 
     Each image (longer side `size`, 4:3, landscape or portrait) holds 3-8 shapes of 6 kinds, 6 colours
     and 2 sizes; about 4-5 phrases per image of each PhraseCut type (name, attribute, relation), for
-    one shape or several ("all green shapes")."""
-    if num_images < 3:
-        raise ValueError("synthesize needs at least 3 images (train, val and test)")
+    one shape or several ("all green shapes"). Splits by image: 10 % validation (at least 2), of which
+    a fifth is miniv, 10 % test, the rest train; each image's tasks are in the refer file of its split
+    only. image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
+    images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits."""
+    if num_images < 4:
+        raise ValueError("synthesize needs at least 4 images (train, val, miniv and test)")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_images)
-    n_val = n_test = max(1, round(0.1 * num_images))
+    n_val, n_test = max(2, round(0.1 * num_images)), max(1, round(0.1 * num_images))  # n_val with miniv
+    n_miniv = max(1, n_val // 5)
     split_of = {}
     for rank, i in enumerate(order):
-        split_of[int(i) + 1] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-    val_ids = [int(i) + 1 for i in order[:n_val]]
-    miniv = set(val_ids[:max(1, n_val // 5)])
+        split_of[int(i) + 1] = ("miniv" if rank < n_miniv else "val" if rank < n_val
+                                else "test" if rank < n_val + n_test else "train")
     images, refer = [], {s: [] for s in SPLITS}
     for image_id in tqdm(range(1, num_images + 1), desc="synth", disable=not progress):
         short = round(size * 0.75)
@@ -551,8 +619,7 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
             s["polygon"] = _outline(s["kind"], s["cx"], s["cy"], s["r"])
         _render(rng, shapes, width, height).save(out / "images" / f"{image_id}.jpg", "JPEG", quality=90)
         split = split_of[image_id]
-        images.append({"image_id": image_id, "width": width, "height": height,
-                       "split": "miniv" if image_id in miniv else split, "url": "",
+        images.append({"image_id": image_id, "width": width, "height": height, "split": split, "url": "",
                        "coco_id": None, "flickr_id": None})
         cands = _phrases(shapes, width, height)
         group = [c for c in cands if len(c[2]) >= 5]  # always ask for the big group: i_many
@@ -579,9 +646,9 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
                     "Polygons": [[shapes[i]["polygon"]] for i in ids], "phrase": phrase,
                     "phrase_structure": structure}
             refer[split].append(task)
-            if image_id in miniv:
-                refer["miniv"].append(task)
-    for name, obj in [("image_data_split", images)] + [(f"refer_{s}", refer[s]) for s in SPLITS]:
+    counts = count_words([t for s in SPLITS for t in refer[s]])
+    for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts)]
+                      + [(f"refer_{s}", refer[s]) for s in SPLITS]):
         with open(out / f"{name}.json", "w") as f:
             json.dump(obj, f, separators=(",", ":"))
     return out

@@ -4,12 +4,13 @@ Run (one process, or one process per GPU with torchrun; the numbers are identica
 
     python evaluate.py --ckpt runs/paper/best.pth                  # <data_dir>/test.lmdb of that run
     python evaluate.py --ckpt best.pth --data data/val.lmdb --json val.json
+    python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb # CRIS's released weights (cris.py)
     python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
     torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
     python evaluate.py --benchmark                                 # paper preset, random weights
     python evaluate.py --ckpt best.pth --benchmark                 # time that checkpoint's architecture
 
-Metrics (PhraseCut's evaluator, SPEC section 7). Every task is scored at the
+Metrics (PhraseCut's official evaluator). Every task is scored at the
 *original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
 upsampled and cropped out of the letterbox by `data.unletterbox`, then
 thresholded. Per task I = |G and P|, U = |G or P|, IoU = 0 when I == 0 else I / U.
@@ -18,7 +19,9 @@ thresholded. Per task I = |G and P|, U = |G or P|, IoU = 0 when I == 0 else I / 
 - oIoU      cumulative ("overall") IoU, sum(I) / sum(U)
 - prec@k    fraction of tasks with IoU strictly greater than k, k in 0.5 ... 0.9
 
-Every number is a fraction in [0, 1]; the printed table shows percentages.
+The same metrics for each of PhraseCut's subsets (`phrasecut_subsets`); the paper's
+Table 1 reports the overall mean IoU and Prec@k only. Every number is a fraction
+in [0, 1]; the printed table shows percentages.
 
 Threshold: 0.35 on the sigmoid, CRIS's value (its test script thresholds the
 upsampled probability at 0.35). A mask head trained with BCE/RAF on sparse
@@ -53,14 +56,16 @@ DEFAULT_THRESHOLD = 0.35  # CRIS's cut on the sigmoid; see the module docstring
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 METRIC_KEYS = ("mIoU", "oIoU") + tuple(f"prec@{k}" for k in PREC_THRESHOLDS) + ("n",)
 
-# The official evaluator's subsets that need nothing but the task record. Its
-# category subsets (c20, c100, ...), stuff/object (t_*) and attribute kinds
-# (a_*) rely on vocabulary lists in its code and are not reproduced here.
-SUBSETS = (
-    "i_single", "i_multi", "i_many",
-    "p_name", "p_att", "p_att+", "p_rel", "p_rel+", "p_verbose",
-    "s_small", "s_mid", "s_large",
-)
+# The official evaluator's subsets (PhraseCut's utils/subset.py), in groups: instances, phrase
+# structure, size, name and attribute frequency rank, COCO images. Its c_coco, t_stuff/t_obj and
+# attribute kinds (a_color, ...) rely on word lists in its code and are not reproduced here.
+RANK_SUBSETS = ("c20", "c100", "c500", "c21-100", "c101-500", "c500+",
+                "a20", "a100", "a200", "a21-100", "a101-200", "a200+")
+SUBSETS = ("i_single", "i_multi", "i_many",
+           "p_name", "p_att", "p_att+", "p_rel", "p_rel+", "p_verbose", "p_attm", "p_relm", "p_att_rel",
+           "s_small", "s_mid", "s_large") + RANK_SUBSETS + ("d_cocotv", "d_notcocotv")
+NO_RANKS_NOTE = ("c*/a* subsets left out: the data was converted without name_att_rel_count.json, "
+                 "which ranks the names and attributes")
 SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
 
 
@@ -120,33 +125,72 @@ def summarize(intersections, unions):
     return out
 
 
-def phrasecut_subsets(num_instances, phrase_type, has_attributes, has_relations, rel_area):
+def frequency_ranks(counts):
+    """{"cat": {name: rank}, "att": {attribute: rank}} from name_att_rel_count.json's content.
+
+    A word's rank is its 0-based position in the file's list (sorted by count, high to low),
+    as the official evaluator takes it (list.index: the first occurrence).
+    """
+    ranks = {}
+    for key in ("cat", "att"):
+        ranks[key] = {}
+        for rank, (word, _count) in enumerate(counts[key]):
+            ranks[key].setdefault(word, rank)
+    return ranks
+
+
+def _rank_subsets(prefix, rank, cuts):
+    """The c* subsets of a 0-based rank for prefix "c", cuts (20, 100, 500) (a* likewise): the nested
+    top-k sets that hold it (c20, c100, c500) and its band, c21-100, c101-500 or c500+ (below 20 the
+    band is c20 itself)."""
+    first, mid, last = cuts
+    names = {f"{prefix}{k}" for k in cuts if rank < k}
+    if first <= rank < mid:
+        names.add(f"{prefix}{first + 1}-{mid}")
+    elif mid <= rank < last:
+        names.add(f"{prefix}{mid + 1}-{last}")
+    elif rank >= last:
+        names.add(f"{prefix}{last}+")
+    return names
+
+
+def phrasecut_subsets(phrase_structure, num_instances, rel_area, coco, ranks=None):
     """Names of the PhraseCut subsets one task belongs to, in SUBSETS order.
 
-    Follows the official `get_subset`:
-    - instances: i_single if exactly 1 box; i_multi if more than 1 (the
-      official code counts 5+ here too, although the paper's text says 2-4);
-      i_many if 5 or more.
-    - phrase: p_name if the phrase type is "name"; p_att if it has any
-      attribute; p_rel if it has any relation; p_att+ / p_rel+ / p_verbose if
-      the phrase type is "attribute" / "relation" / "verbose".
-    - size, rel_area = ground-truth pixels / image pixels: s_small below 0.02,
-      s_large above 0.2, s_mid otherwise (both boundaries included in s_mid).
+    The official evaluator's definitions (PhraseCut's utils/subset.py, get_subset, as revised in
+    October 2019):
+    - instances, num_instances = len(task["instance_boxes"]): i_single exactly 1, i_multi 2 to 4,
+      i_many 5 or more; the three are disjoint.
+    - phrase, from phrase_structure: p_att at least one attribute, p_attm more than one; p_rel at
+      least one entry in "relation_descriptions", p_relm more than one ("relation_ids" do not
+      count); p_att_rel both an attribute and a relation description; p_name / p_att+ / p_rel+ /
+      p_verbose when "type" is name / attribute / relation / verbose.
+    - size, rel_area = region pixels (the task's polygons rasterised at the width x height that
+      image_data_split.json records) / (that width x height): s_small below 0.02, s_large above
+      0.2, s_mid otherwise (both boundaries are s_mid).
+    - name rank: the name's position in name_att_rel_count.json's "cat" list, 501 when absent:
+      c20 / c100 / c500 below 20 / 100 / 500, and c20, c21-100, c101-500 or c500+ by band.
+      attribute rank: the best (lowest) over the attributes in the "att" list, 201 when none is:
+      a20 / a100 / a200 and a20, a21-100, a101-200 or a200+ likewise. ranks comes from
+      `frequency_ranks`; with ranks None the c* and a* subsets are left out.
+    - d_cocotv when coco (the image's image_data_split.json record has a non-empty coco_id),
+      else d_notcocotv.
     """
-    names = set()
+    ps = phrase_structure or {}
+    atts, rels = ps.get("attributes") or [], ps.get("relation_descriptions") or []
+    names = {"d_cocotv" if coco else "d_notcocotv"}
     if num_instances == 1:
         names.add("i_single")
-    if num_instances > 1:
+    elif 2 <= num_instances <= 4:
         names.add("i_multi")
-    if num_instances >= 5:
+    elif num_instances >= 5:
         names.add("i_many")
-    if phrase_type == "name":
-        names.add("p_name")
-    if has_attributes:
-        names.add("p_att")
-    if has_relations:
-        names.add("p_rel")
-    type_subset = {"attribute": "p_att+", "relation": "p_rel+", "verbose": "p_verbose"}.get(phrase_type)
+    for condition, name in ((len(atts) > 0, "p_att"), (len(atts) > 1, "p_attm"), (len(rels) > 0, "p_rel"),
+                            (len(rels) > 1, "p_relm"), (atts and rels, "p_att_rel")):
+        if condition:
+            names.add(name)
+    type_subset = {"name": "p_name", "attribute": "p_att+", "relation": "p_rel+",
+                   "verbose": "p_verbose"}.get(ps.get("type"))
     if type_subset:
         names.add(type_subset)
     if rel_area < SMALL_AREA:
@@ -155,20 +199,28 @@ def phrasecut_subsets(num_instances, phrase_type, has_attributes, has_relations,
         names.add("s_large")
     else:
         names.add("s_mid")
+    if ranks is not None:
+        name_rank = ranks["cat"].get(ps.get("name"), 501)
+        att_rank = min([201] + [ranks["att"][a] for a in atts if a in ranks["att"]])
+        names |= _rank_subsets("c", name_rank, (20, 100, 500)) | _rank_subsets("a", att_rank, (20, 100, 200))
     return [name for name in SUBSETS if name in names]
 
 
-def summarize_tasks(tasks):
+def summarize_tasks(tasks, ranked=True):
     """The JSON layout from per-task records [(I, U, subset names), ...].
 
-    Returns {metric keys of `summarize` for all tasks, "subsets": {name: same
-    keys}}; every name in SUBSETS is present, empty ones with n = 0.
+    Returns {metric keys of `summarize` for all tasks, "subsets": {name: same keys}}. Every name in
+    SUBSETS is present, empty ones with n = 0, except with ranked=False (no name_att_rel_count.json):
+    then the c* and a* subsets are left out and "note" says so.
     """
     result = summarize([t[0] for t in tasks], [t[1] for t in tasks])
     result["subsets"] = {}
     for name in SUBSETS:
-        members = [t for t in tasks if name in t[2]]
-        result["subsets"][name] = summarize([t[0] for t in members], [t[1] for t in members])
+        if ranked or name not in RANK_SUBSETS:
+            members = [t for t in tasks if name in t[2]]
+            result["subsets"][name] = summarize([t[0] for t in members], [t[1] for t in members])
+    if not ranked:
+        result["note"] = NO_RANKS_NOTE
     return result
 
 
@@ -179,6 +231,8 @@ def format_table(result):
     for name, m in [("all", result)] + list(result.get("subsets", {}).items()):
         cells = [m["mIoU"], m["oIoU"]] + [m[f"prec@{k}"] for k in PREC_THRESHOLDS]
         rows.append(f"{name:<10} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
+    if result.get("note"):
+        rows.append(f"note: {result['note']}")
     return "\n".join(rows)
 
 
@@ -250,12 +304,6 @@ def gather_tasks(tasks):
 
 # --------------------------------------------------------------------------- evaluation
 
-def _item(value, i):
-    """Element i of a collated field, whether collate made it a list or a tensor."""
-    v = value[i]
-    return v.item() if isinstance(v, torch.Tensor) else v
-
-
 def _unwrap(model):
     # DDP's forward may talk to the other ranks (buffer broadcast), and shards
     # differ in length by one batch: run the plain module instead.
@@ -270,7 +318,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     model: a SegVLM (or a DDP wrapper around one); put in eval mode here and
         returned to train mode afterwards if it was training.
     dataset: data.PhraseCutLMDB(..., train=False), whose items carry the
-        original-size `gt_mask` and the subset fields.
+        original-size `gt_mask` and their `subsets`; its `ranks` is None when
+        the data has no name_att_rel_count.json (then no c*/a* subsets).
     threshold: cut on the sigmoid probability at the original size.
     device: where to run; default the model's parameters' device.
     save_masks: a directory; each task's prediction is written there as
@@ -278,7 +327,7 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     amp: bf16 autocast on CUDA (the sigmoid and the scoring stay in float32).
 
     Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
-    same keys}}, fractions in [0, 1]. Under torch.distributed each rank scores
+    same keys}} (see summarize_tasks), fractions in [0, 1]. Under torch.distributed each rank scores
     the indices rank::world_size and every rank returns the same full result.
     """
     import data  # the dataset pipeline; imported here so the metric functions stand alone
@@ -309,18 +358,15 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                 # (S/4, S/4) -> up to (S, S) -> content box -> (H, W), CRIS's protocol
                 pred = data.unletterbox(prob[i, 0], h, w, input_size=size) > threshold
                 inter, union = task_iou(pred, gt)
-                names = phrasecut_subsets(
-                    int(_item(batch["num_instances"], i)), _item(batch["phrase_type"], i),
-                    bool(_item(batch["has_attributes"], i)), bool(_item(batch["has_relations"], i)),
-                    int(gt.sum()) / (h * w))
-                tasks.append((indices[len(tasks)], inter, union, names))  # the loader keeps shard order
+                # the item's subsets, decided by phrasecut_subsets from its PhraseCut records
+                tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i]))  # loader keeps shard order
                 if save_masks is not None:
                     save_mask(pred, save_masks, task_id)
     finally:
         net.train(was_training)
 
     tasks = gather_tasks(tasks)
-    return summarize_tasks([t[1:] for t in tasks])
+    return summarize_tasks([t[1:] for t in tasks], ranked=getattr(dataset, "ranks", None) is not None)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -480,7 +526,8 @@ def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> d
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
-    p.add_argument("--ckpt", help="checkpoint written by train.py; the model is rebuilt from it alone")
+    p.add_argument("--ckpt", help="checkpoint written by train.py, or CRIS's released best_model.pth; "
+                                  "the model is rebuilt from it alone")
     p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="cut on the sigmoid probability (default 0.35, CRIS's)")

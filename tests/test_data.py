@@ -1,5 +1,6 @@
 """data.py: synthetic PhraseCut -> LMDB -> dataset, masks against PhraseCut's own rule, letterbox
 round trips, DataLoader workers, failure modes, image modes."""
+import collections
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 import data
+import evaluate
 
 
 def official_mask(polygons, w, h):
@@ -44,9 +46,9 @@ def tasks_of(root, split="train"):
 
 def test_synthetic_layout_subsets_and_determinism(synth, tmp_path):
     root, _, _ = synth
-    for name in ["image_data_split.json"] + [f"refer_{s}.json" for s in data.SPLITS]:
+    for name in ["image_data_split.json", "name_att_rel_count.json"] + [f"refer_{s}.json" for s in data.SPLITS]:
         assert (root / name).is_file(), name
-    tasks = sum((tasks_of(root, s) for s in ("train", "val", "test")), [])
+    tasks = sum((tasks_of(root, s) for s in data.SPLITS), [])
     for t in tasks:
         assert set(t) == {"task_id", "image_id", "ann_ids", "instance_boxes", "Polygons", "phrase",
                           "phrase_structure"}
@@ -59,8 +61,6 @@ def test_synthetic_layout_subsets_and_determinism(synth, tmp_path):
     assert 1 in counts and any(2 <= c <= 4 for c in counts) and max(counts) >= 5
     assert {t["phrase_structure"]["type"] for t in tasks} == {"name", "attribute", "relation"}
     assert 4 <= len(tasks) / len({t["image_id"] for t in tasks}) <= 5
-    miniv = {t["task_id"] for t in tasks_of(root, "miniv")}
-    assert miniv and miniv <= {t["task_id"] for t in tasks_of(root, "val")}
 
     def digest(d):
         return {p.relative_to(d): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*")
@@ -68,6 +68,45 @@ def test_synthetic_layout_subsets_and_determinism(synth, tmp_path):
     a, b = data.synthesize(tmp_path / "a", 6, seed=3, size=64), data.synthesize(tmp_path / "b", 6, seed=3, size=64)
     assert digest(a) == digest(b)
     assert digest(a) != digest(data.synthesize(tmp_path / "c", 6, seed=4, size=64))
+
+
+def test_synthetic_splits_and_image_list_as_phrasecut_has_them(synth):
+    root, _, _ = synth
+    images = json.loads((root / "image_data_split.json").read_text())
+    assert len(images) == 40 and len({d["image_id"] for d in images}) == 40
+    for d in images:
+        assert set(d) == {"image_id", "width", "height", "split", "url", "coco_id", "flickr_id"}
+        assert Image.open(root / "images" / f"{d['image_id']}.jpg").size == (d["width"], d["height"])
+    split_of = {d["image_id"]: d["split"] for d in images}
+    assert sorted(collections.Counter(split_of.values()).items()) == \
+        [("miniv", 1), ("test", 4), ("train", 32), ("val", 3)]  # validation 10 %, a fifth of it miniv
+    ids = {s: {t["task_id"] for t in tasks_of(root, s)} for s in data.SPLITS}
+    assert ids["miniv"] and ids["val"] and not ids["val"] & ids["miniv"]  # PhraseCut's val lacks miniv
+    assert sum(len(v) for v in ids.values()) == len(set().union(*ids.values()))  # no task in two files
+    for s in data.SPLITS:
+        # what PhraseCut's loader does for split s: look every task's image up among the images of split s
+        listed = {d["image_id"] for d in images if d["split"] == s}
+        assert {t["image_id"] for t in tasks_of(root, s)} == listed, s
+
+
+def test_synthetic_count_file_matches_the_phrases(synth):
+    root, _, _ = synth
+    counts = json.loads((root / "name_att_rel_count.json").read_text())
+    assert set(counts) == {"cat", "att", "rel"}
+    cat, att, rel = collections.Counter(), collections.Counter(), collections.Counter()
+    for s in data.SPLITS:  # recounted here, over every split
+        for t in tasks_of(root, s):
+            ps = t["phrase_structure"]
+            cat[ps["name"]] += 1
+            att.update(ps["attributes"])
+            rel.update(d[0] for d in ps["relation_descriptions"])
+    for key, expected in (("cat", cat), ("att", att), ("rel", rel)):
+        pairs = counts[key]
+        assert all(isinstance(p, list) and len(p) == 2 for p in pairs)
+        assert dict(pairs) == dict(expected) and len(pairs) == len(expected), key  # complete, no duplicate
+        assert [n for _, n in pairs] == sorted((n for _, n in pairs), reverse=True), key  # high to low
+    assert {"circle", "shapes"} <= set(cat) and {"red", "small"} <= set(att)
+    assert set(rel) == {"left of", "right of", "above", "below"}
 
 
 def test_phrases_refer_to_exactly_their_shapes():
@@ -105,9 +144,10 @@ def test_roundtrip_counts_and_items(synth):
     assert ev["task_id"] == t["task_id"] and ev["phrase"] == t["phrase"] and ev["index"] == len(ds) - 1
     assert ev["num_instances"] == len(t["instance_boxes"])
     assert ev["phrase_type"] == t["phrase_structure"]["type"]
-    assert ev["has_relations"] == (ev["phrase_type"] == "relation")
+    assert ("p_rel" in ev["subsets"]) == (ev["phrase_type"] == "relation")
     assert ev["orig_size"].tolist() == list(ev["gt_mask"].shape)
-    assert ev["mask_area"] == pytest.approx(ev["gt_mask"].float().mean().item())
+    assert ev["rel_area"] == ev["gt_mask"].sum().item() / ev["gt_mask"].numel()  # listed size == file size
+    assert set(ev["subsets"]) <= set(evaluate.SUBSETS) and "d_notcocotv" in ev["subsets"]
     with pytest.raises(IndexError):
         ds[len(ds)]
 
@@ -174,7 +214,8 @@ def test_workers_give_the_same_samples(synth):
                 assert a[k] == b[k], k
     batch = run(0)[0]
     assert isinstance(batch["gt_mask"], list) and isinstance(batch["task_id"], list)
-    assert batch["image"].shape == (4, 3, 48, 48) and batch["has_attributes"].dtype == torch.bool
+    assert batch["subsets"] == [ds[i]["subsets"] for i in range(4)]  # a list of name lists
+    assert batch["image"].shape == (4, 3, 48, 48) and batch["num_instances"].dtype == torch.long
 
 
 def copy_root(root, tmp_path):
@@ -224,6 +265,74 @@ def test_build_errors_name_their_cause(synth, tmp_path):
     env.close()
     with pytest.raises(ValueError, match=f"{old}.*version 999.*version {data.LMDB_VERSION}"):
         data.PhraseCutLMDB(old)
+    tasks[3]["phrase"] = "a phrase again"
+    (root / "refer_train.json").write_text(json.dumps(tasks))
+    images = json.loads((root / "image_data_split.json").read_text())
+    (root / "image_data_split.json").write_text(json.dumps([d for d in images if d["image_id"] != tasks[0]["image_id"]]))
+    with pytest.raises(ValueError, match=f"{tasks[0]['task_id']}.*not in image_data_split.json"):
+        data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    (root / "image_data_split.json").unlink()
+    with pytest.raises(FileNotFoundError, match="image_data_split.json"):
+        data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+
+
+def rectangle(x, y, w, h):
+    """One instance: a w x h rectangle of pixels from (x, y), as PhraseCut polygons (outline included)."""
+    return [[[x, y], [x + w - 1, y], [x + w - 1, y + h - 1], [x, y + h - 1]]]
+
+
+def test_subsets_use_the_listed_image_size_and_the_count_file(tmp_path):
+    """Hand-made PhraseCut: one 60x40 image file that image_data_split.json lists as 100x50 (5000 pixels),
+    so the relative sizes 0.02 and 0.2 are whole pixel counts; the official rule divides by 5000."""
+    root = tmp_path / "hand"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (60, 40), (90, 120, 150)).save(root / "images" / "7.jpg")
+    Image.new("RGB", (30, 30), (90, 120, 150)).save(root / "images" / "8.jpg")
+    (root / "image_data_split.json").write_text(json.dumps([
+        {"image_id": 7, "width": 100, "height": 50, "split": "val", "url": "", "coco_id": 4321, "flickr_id": None},
+        {"image_id": 8, "width": 30, "height": 30, "split": "val", "url": "", "coco_id": None, "flickr_id": None}]))
+    counts = {"cat": [[f"n{i}", 1000 - i] for i in range(30)], "att": [["red", 5], ["big", 4]], "rel": [["on", 1]]}
+    (root / "name_att_rel_count.json").write_text(json.dumps(counts))
+
+    def task(i, boxes, name="n0", atts=(), rels=(), ids=(), kind="name", image_id=7):
+        return {"task_id": f"{image_id}__{i}", "image_id": image_id, "ann_ids": list(range(len(boxes))),
+                "instance_boxes": [[0, 0, 1, 1]] * len(boxes), "Polygons": boxes, "phrase": f"phrase {i}",
+                "phrase_structure": {"name": name, "attributes": list(atts), "relation_ids": list(ids),
+                                     "relation_descriptions": [list(r) for r in rels], "type": kind}}
+    cases = [  # (task, expected subsets among i_*, s_*, p_*, c*, a*, d_*)
+        (task(0, [rectangle(0, 0, 9, 11)]), "s_small"),        # 99 px = 0.0198 (0.04 of the 60x40 file)
+        (task(1, [rectangle(0, 0, 10, 10)]), "s_mid"),         # 100 px = 0.02 exactly
+        (task(2, [rectangle(0, 0, 6, 17)]), "s_mid"),          # 102 px = 0.0204
+        (task(3, [rectangle(0, 0, 27, 37)]), "s_mid"),         # 999 px = 0.1998
+        (task(4, [rectangle(0, 0, 40, 25)]), "s_mid"),         # 1000 px = 0.2 exactly
+        (task(5, [rectangle(0, 0, 77, 13)]), "s_large"),       # 1001 px = 0.2002, beyond the file's width
+        (task(6, [rectangle(0, 0, 5, 5), rectangle(50, 0, 5, 5)]), "i_multi"),
+        (task(7, [rectangle(10 * k, 0, 3, 3) for k in range(4)]), "i_multi"),
+        (task(8, [rectangle(10 * k, 0, 3, 3) for k in range(5)]), "i_many"),
+        (task(9, [rectangle(0, 0, 5, 5)], ids=[11, 12], kind="verbose"), "p_verbose"),
+        (task(10, [rectangle(0, 0, 5, 5)], atts=["big", "red"], rels=[("on", "n3"), ("by", "n4")], kind="relation"),
+         "p_att p_rel p_rel+ p_attm p_relm p_att_rel"),
+        (task(11, [rectangle(0, 0, 5, 5)], name="n19"), "c20"),
+        (task(12, [rectangle(0, 0, 5, 5)], name="n20"), "c21-100"),
+        (task(13, [rectangle(0, 0, 5, 5)], name="zebra"), "c500+"),
+        (task(14, [rectangle(0, 0, 20, 20)], image_id=8), "d_notcocotv"),  # 400 / 900 px
+    ]
+    (root / "refer_val.json").write_text(json.dumps([t for t, _ in cases]))
+    stats = data.build_lmdb(root, "val", tmp_path / "val.lmdb", progress=False)
+    assert stats["size_mismatches"] == 1 and stats["name_att_rel_count"] == {"cat": counts["cat"], "att": counts["att"]}
+    ds = data.PhraseCutLMDB(tmp_path / "val.lmdb", input_size=32, train=False)
+    folder = data.PhraseCutFolder(root, "val", input_size=32, train=False)
+    for i, (t, expected) in enumerate(cases):
+        names = ds[i]["subsets"]
+        assert names == folder[i]["subsets"]
+        assert set(expected.split()) <= set(names), (t["task_id"], names)
+    assert [ds[i]["rel_area"] for i in range(6)] == [99 / 5000, 0.02, 102 / 5000, 999 / 5000, 0.2, 1001 / 5000]
+    assert ds[0]["gt_mask"].shape == (40, 60) and ds[0]["gt_mask"].sum() == 99  # the mask itself: the file's size
+    assert ds[0]["subsets"] == ["i_single", "p_name", "s_small", "c20", "c100", "c500", "a200+", "d_cocotv"]
+    assert ds[14]["rel_area"] == 400 / 900 and "s_large" in ds[14]["subsets"]
+    assert [n for n in ds[10]["subsets"] if n[0] in "ac"] == ["c20", "c100", "c500", "a20", "a100", "a200"]
+    assert "p_rel" not in ds[9]["subsets"] and [n for n in ds[12]["subsets"] if n[0] == "c"] == \
+        ["c100", "c500", "c21-100"]
 
 
 def test_every_image_mode_loads(synth, tmp_path):

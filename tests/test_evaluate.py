@@ -84,24 +84,95 @@ def test_empty_set_has_null_metrics():
     assert m["n"] == 0 and all(m[k] is None for k in ev.METRIC_KEYS if k != "n")
 
 
-def test_phrasecut_subsets_follow_the_official_code():
-    s = ev.phrasecut_subsets
-    assert s(1, "name", False, False, 0.1) == ["i_single", "p_name", "s_mid"]
-    assert s(4, "attribute", True, False, 0.01) == ["i_multi", "p_att", "p_att+", "s_small"]
-    assert s(5, "relation", False, True, 0.5) == ["i_multi", "i_many", "p_rel", "p_rel+", "s_large"]
-    assert s(2, "verbose", True, True, 0.02) == ["i_multi", "p_att", "p_rel", "p_verbose", "s_mid"]
-    assert "s_mid" in s(1, "name", False, False, 0.2)  # both boundaries are mid
+def structure(name="cup", attributes=(), relation_descriptions=(), relation_ids=(), kind="name"):
+    """A phrase_structure as PhraseCut's refer_*.json holds it."""
+    return {"name": name, "attributes": list(attributes), "relation_ids": list(relation_ids),
+            "relation_descriptions": [list(d) for d in relation_descriptions], "type": kind}
+
+
+def subsets(ps=None, instances=1, area=0.1, coco=False, ranks=None, group=None):
+    """The task's subsets, only those of one group (prefixes) when `group` is given."""
+    names = ev.phrasecut_subsets(ps or structure(), instances, area, coco, ranks)
+    return [n for n in names if n.startswith(group)] if group else names
+
+
+@pytest.mark.parametrize("instances, expected", [(0, []), (1, ["i_single"]), (2, ["i_multi"]), (4, ["i_multi"]),
+                                                 (5, ["i_many"]), (12, ["i_many"])])
+def test_instance_subsets_are_disjoint(instances, expected):
+    assert subsets(instances=instances, group="i_") == expected  # official since October 2019: 5+ is not i_multi
+
+
+@pytest.mark.parametrize("area, expected", [
+    (0.0, "s_small"), (0.0199, "s_small"), (np.nextafter(0.02, 0), "s_small"), (0.02, "s_mid"),
+    (np.nextafter(0.02, 1), "s_mid"), (0.2, "s_mid"), (np.nextafter(0.2, 1), "s_large"), (0.2001, "s_large"),
+    (1.0, "s_large")])
+def test_size_subsets_at_their_boundaries(area, expected):
+    assert subsets(area=float(area), group="s_") == [expected]
+
+
+def test_phrase_subsets_count_relation_descriptions_not_ids():
+    p = lambda ps: subsets(ps, group="p_")  # noqa: E731
+    assert p(structure()) == ["p_name"]
+    assert p(structure(relation_ids=[17, 18], kind="verbose")) == ["p_verbose"]  # ids alone: not p_rel
+    assert p(structure(attributes=["red"], kind="attribute")) == ["p_att", "p_att+"]
+    assert p(structure(attributes=["red", "big"], kind="attribute")) == ["p_att", "p_att+", "p_attm"]
+    assert p(structure(relation_descriptions=[("on", "table")], relation_ids=[3], kind="relation")) == \
+        ["p_rel", "p_rel+"]
+    assert p(structure(relation_descriptions=[("on", "table"), ("near", "door")], kind="relation")) == \
+        ["p_rel", "p_rel+", "p_relm"]
+    assert p(structure(attributes=["red"], relation_descriptions=[("on", "table")], kind="verbose")) == \
+        ["p_att", "p_rel", "p_verbose", "p_att_rel"]
+    # the type alone decides p_name / p_att+ / p_rel+: a "name" phrase may still carry an attribute
+    assert p(structure(attributes=["red"], kind="name")) == ["p_name", "p_att"]
+
+
+def ranks_for_test():
+    """name_att_rel_count.json with 600 names n0..n599 and 300 attributes a0..a299, most frequent first."""
+    return ev.frequency_ranks({"cat": [[f"n{i}", 10_000 - i] for i in range(600)],
+                               "att": [[f"a{i}", 10_000 - i] for i in range(300)],
+                               "rel": [["on", 5]]})
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("n0", ["c20", "c100", "c500"]), ("n19", ["c20", "c100", "c500"]), ("n20", ["c100", "c500", "c21-100"]),
+    ("n99", ["c100", "c500", "c21-100"]), ("n100", ["c500", "c101-500"]), ("n499", ["c500", "c101-500"]),
+    ("n500", ["c500+"]), ("n599", ["c500+"]), ("not in the file", ["c500+"])])  # absent: rank 501
+def test_name_rank_subsets(name, expected):
+    assert subsets(structure(name=name), ranks=ranks_for_test(), group="c") == expected
+
+
+@pytest.mark.parametrize("attributes, expected", [
+    ([], ["a200+"]),  # no attribute: rank 201
+    (["a0"], ["a20", "a100", "a200"]), (["a19"], ["a20", "a100", "a200"]), (["a20"], ["a100", "a200", "a21-100"]),
+    (["a99"], ["a100", "a200", "a21-100"]), (["a100"], ["a200", "a101-200"]), (["a199"], ["a200", "a101-200"]),
+    (["a200"], ["a200+"]), (["a250"], ["a200+"]), (["unknown"], ["a200+"]),
+    (["a150", "unknown", "a42", "a120"], ["a100", "a200", "a21-100"])])  # the best rank of its attributes
+def test_attribute_rank_subsets(attributes, expected):
+    ps = structure(attributes=attributes, kind="attribute")
+    assert [n for n in subsets(ps, ranks=ranks_for_test()) if n[0] == "a" and n[1].isdigit()] == expected
+
+
+def test_rank_subsets_are_left_out_without_the_count_file_and_coco_decides_d():
+    names = subsets(structure(name="n3", attributes=["a3"], kind="attribute"))  # ranks=None
+    assert not set(names) & set(ev.RANK_SUBSETS)
+    assert names == ["i_single", "p_att", "p_att+", "s_mid", "d_notcocotv"]
+    assert subsets(coco=True, group="d_") == ["d_cocotv"]
+    ranks = ev.frequency_ranks({"cat": [["cup", 9], ["mug", 9], ["cup", 1]], "att": []})
+    assert ranks["cat"] == {"cup": 0, "mug": 1}  # a word's first position, as list.index gives
 
 
 def test_summarize_tasks_layout():
     tasks = [(1, 2, ["i_single", "p_name", "s_small"]), (9, 10, ["i_multi", "p_att", "s_small"])]
     r = ev.summarize_tasks(tasks)
-    assert r["n"] == 2 and list(r["subsets"]) == list(ev.SUBSETS)
+    assert r["n"] == 2 and list(r["subsets"]) == list(ev.SUBSETS) and "note" not in r
     assert r["subsets"]["s_small"] == ev.summarize([1, 9], [2, 10])
     assert r["subsets"]["i_single"]["mIoU"] == 0.5
     assert r["subsets"]["s_large"]["n"] == 0 and r["subsets"]["s_large"]["mIoU"] is None
     json.dumps(r)
     assert "i_single" in ev.format_table(r)
+    unranked = ev.summarize_tasks(tasks, ranked=False)
+    assert list(unranked["subsets"]) == [n for n in ev.SUBSETS if n not in ev.RANK_SUBSETS]
+    assert "name_att_rel_count.json" in unranked["note"] and unranked["note"] in ev.format_table(unranked)
 
 
 # --------------------------------------------------------------------------- mask files
@@ -197,9 +268,7 @@ def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, run_
         gt = item["gt_mask"].numpy().astype(bool)
         assert pred.shape == gt.shape
         inter, union = ev.task_iou(pred, gt)
-        tasks.append((inter, union, ev.phrasecut_subsets(item["num_instances"], item["phrase_type"],
-                                                         item["has_attributes"], item["has_relations"],
-                                                         gt.mean())))
+        tasks.append((inter, union, item["subsets"]))
     assert ev.summarize_tasks(tasks) == result
     assert len(list(tmp_path.glob("*.png"))) == raw_task_count(run_dir)
 
@@ -224,6 +293,27 @@ def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
     assert "2 processes" in two.stdout
     one_json = json.loads((tmp_path / "one.json").read_text())
     assert one_json == json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(expected))
+    # every subset, each with n and its metrics; an empty one (no COCO image here) has null metrics
+    assert list(one_json["subsets"]) == list(ev.SUBSETS) and "note" not in one_json
+    assert all(set(m) == set(ev.METRIC_KEYS) for m in one_json["subsets"].values())
+    assert one_json["subsets"]["d_cocotv"] == {**{k: None for k in ev.METRIC_KEYS}, "n": 0}
+    assert one_json["subsets"]["d_notcocotv"]["n"] == one_json["n"]
+    instances = [one_json["subsets"][k]["n"] for k in ("i_single", "i_multi", "i_many")]
+    assert sum(instances) == one_json["n"]  # disjoint and complete
+
+
+def test_without_the_count_file_rank_subsets_are_left_out_with_a_note(run_dir, tmp_path):
+    import shutil
+
+    import data
+    root = Path(shutil.copytree(run_dir / "raw", tmp_path / "raw"))
+    (root / "name_att_rel_count.json").unlink()
+    data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    dataset = data.PhraseCutLMDB(tmp_path / "t.lmdb", input_size=64, word_len=10, train=False)
+    assert dataset.header["name_att_rel_count"] is None and dataset.ranks is None
+    result = ev.evaluate(Oracle(dataset), dataset, batch_size=4, device="cpu", progress=False)
+    assert list(result["subsets"]) == [n for n in ev.SUBSETS if n not in ev.RANK_SUBSETS]
+    assert result["note"] == ev.NO_RANKS_NOTE and "c20" not in ev.format_table(result)
 
 
 def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
