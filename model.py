@@ -19,12 +19,18 @@ exactly the CRIS baseline.
     model = build_model("demo")                     # random weights, small, CPU-trainable
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
     python model.py --benchmark                     # time the block's cost on this device
+
+`load_checkpoint` also reads CRIS's released best_model.pth (converted in memory by cris.py).
 """
 
 import argparse
+import collections
 import dataclasses
 import os
+import pickle
+import re
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -451,23 +457,56 @@ def clip_fields_from_state_dict(sd: dict) -> dict:
     )
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint written by train.py and rebuild its model -> (model in eval mode, checkpoint dict).
+def read_checkpoint_file(path, map_location="cpu"):
+    """torch.load(weights_only=True) with clear errors: tensors, numbers, strings and containers, never code.
 
-    The checkpoint is a plain dict {"model": state_dict, "config": cfg.to_dict(), ...},
-    read with torch.load(weights_only=True). No CLIP weights are needed: the
-    state dict holds them. The state dict must fit exactly (strict loading).
+    collections.Counter is allowed besides (torch.serialization.safe_globals): CRIS's
+    best_model.pth holds a MultiStepLR state whose `milestones` is one. A file that needs any
+    other object is refused, because unpickling it could run code.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([collections.Counter]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {e}") from e
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"`{found.group(1)}`" if found else "an object that is not a tensor, number, string or container"
+        raise ValueError(f"checkpoint {path} is refused: loading it needs {what}, and unpickling that could run "
+                         f"code. Checkpoints of this project and CRIS's best_model.pth hold only tensors, numbers, "
+                         f"strings and containers; load a file like this only if you trust its source.") from None
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint and rebuild its model -> (model in eval mode, checkpoint dict).
+
+    A checkpoint of this project (train.py's, `cris.py convert`'s) is a plain dict
+    {"model": state_dict, "config": cfg.to_dict(), ...}, read by `read_checkpoint_file`
+    (torch.load with weights_only=True). No CLIP weights are needed: the state dict holds
+    them. The state dict must fit exactly (strict loading).
+
+    CRIS's released best_model.pth is recognised and converted in memory (cris.py): SegVLM
+    with the enhancement block off is CRIS's model. A one-line note on stderr says so.
+    """
+    path = os.fspath(path)
+    ckpt = read_checkpoint_file(path, map_location)
+    if isinstance(ckpt, dict) and not {"model", "config"} <= set(ckpt):
+        import cris  # here, not at the top: cris.py imports this module
+        if cris.is_cris_checkpoint(ckpt):
+            ckpt = cris.to_segvlm_checkpoint(ckpt, path)
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                    and torch.distributed.get_rank() != 0):
+                print(cris.summary(ckpt, path), file=sys.stderr, flush=True)
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config', found {keys}")
+        raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config' (train.py's, "
+                         f"cris.py convert's) or CRIS's best_model.pth (a dict whose 'state_dict' has keys "
+                         f"module.backbone.*, module.neck.*, module.decoder.*, module.proj.*), found {keys}")
     try:
         cfg = SegVLMConfig.from_dict(ckpt["config"])
     except (TypeError, ValueError) as e:

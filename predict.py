@@ -4,6 +4,7 @@ Run:
 
     python predict.py --ckpt runs/paper/best.pth --image dog.jpg --phrase "black dog on the left"
     python predict.py --ckpt best.pth --image dog.jpg --phrase "the sky" --out sky.png --mask sky_mask.png
+    python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # CRIS's weights
 
 (One image is one forward pass, so there is nothing to gain from torchrun here.)
 

@@ -8,6 +8,9 @@
     python train.py --preset paper --data lmdb/ --clip-weights RN101
     torchrun --standalone --nproc_per_node=4 train.py --preset paper --data lmdb/
 
+    # from CRIS's released weights (its best_model.pth; cris.py): every CRIS tensor copied, the block new
+    python train.py --preset paper --init-from best_model.pth --data lmdb/
+
     # several nodes: the same command on each node, torchrun's usual flags
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 \
         --master_addr=HOST --master_port=29500 train.py --preset paper --data lmdb/
@@ -15,7 +18,10 @@
     python train.py --help                             # every field, with the preset's default
 
 `--data DIR` holds `train.lmdb` and `val.lmdb` (and `test.lmdb`, evaluated at the
-end), as `python data.py build --out DIR/<split>.lmdb` writes them. The run
+end), as `python data.py build --out DIR/<split>.lmdb` writes them. Validation
+(every epoch, and the choice of best.pth) runs on val.lmdb alone: PhraseCut's
+val split, whose files do not hold the 100 miniv images (those are in
+refer_miniv.json; convert them to score them with evaluate.py). The run
 directory (`--out`) receives config.json, command.txt, git.txt, metrics.jsonl
 (one line per epoch), checkpoint.pth (every epoch), best.pth (best val mean
 IoU), curves.png and, when test.lmdb exists, test_metrics.json.
@@ -69,6 +75,7 @@ class TrainConfig:
     # what to train
     preset: str = "demo"          # model preset (model.PRESETS) and the recipe below
     clip_weights: str = "none"    # "none" (random init), a CLIP name ("RN101") or a path
+    init_from: str = ""           # start from these weights: CRIS's best_model.pth or a checkpoint (cris.py)
     deform: bool = True           # eq. 1 + eq. 3: deformable conv and residual shortcut
     se: bool = True               # eq. 2: squeeze-and-excitation
     input_size: int = 0           # 0: the preset's
@@ -199,6 +206,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--resume {cfg.resume}: no such file")
     if cfg.clip_weights.lower() != "none" and cfg.resume:
         raise ValueError("--resume restores every weight; leave --clip-weights at none")
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_file():
+            raise ValueError(f"--init-from {cfg.init_from}: no such file")
+        if cfg.resume:
+            raise ValueError("--resume continues a run from its own weights; drop --init-from")
+        if weights.lower() != "none" and weights not in clip.available_models():
+            raise ValueError(f"--init-from brings its own CLIP weights: --clip-weights may only name the file's "
+                             f"backbone (e.g. RN101) or be none, not {weights!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -395,8 +410,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
             ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, corrupt or not a torch file at all
             raise ValueError(f"--resume {cfg.resume}: cannot be read as a checkpoint ({e})") from e
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--resume {cfg.resume}: not a checkpoint.pth written by train.py")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+            raise ValueError(f"--resume {cfg.resume}: not a checkpoint.pth written by train.py (a run's full "
+                             f"state); to start a new run from a file's weights (best.pth, CRIS's "
+                             f"best_model.pth), use --init-from")
 
     # model: the preset plus overrides, or exactly the checkpoint's architecture
     overrides = dict(deform=cfg.deform, se=cfg.se)
@@ -407,12 +424,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     if ckpt is not None:
         overrides = ckpt["config"]
     weights = None if cfg.clip_weights.lower() == "none" else cfg.clip_weights
-    try:
-        model = build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
-    except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
-        if weights is None:
-            raise
-        raise ValueError(str(e)) from e
+    if cfg.init_from:  # every tensor from the file; the block (if on) new; --clip-weights only names the backbone
+        import cris
+        model, note = cris.init_model(cfg.init_from, dataclasses.replace(MODEL_PRESETS[cfg.preset], **overrides),
+                                      clip_name=weights)
+        model = model.to(device)
+        if rank == 0:
+            print(note, flush=True)
+    else:
+        try:
+            model = build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
+        except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
+            if weights is None:
+                raise
+            raise ValueError(str(e)) from e
     mcfg = model.config
 
     data_dir = resolve_data(cfg, rank)
