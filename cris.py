@@ -380,7 +380,7 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
 
 def convert(src, dst, **overrides) -> dict:
     """Write CRIS's file `src` as a checkpoint of this project at `dst` (temporary name, then rename)."""
-    from train import atomic_save
+    from data import atomic_path
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: the output would replace the CRIS file; choose another name")
@@ -390,7 +390,8 @@ def convert(src, dst, **overrides) -> dict:
                          f"'state_dict' has keys module.backbone.*, module.neck.*, module.decoder.*, module.proj.*")
     ckpt = to_segvlm_checkpoint(obj, src, **overrides)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(ckpt, dst)
+    with atomic_path(dst) as tmp:
+        torch.save(ckpt, tmp)
     return ckpt
 
 

@@ -15,11 +15,11 @@ image file's own bytes, stored once however many phrases share it; b"task/<index
 record (PhraseCut's fields + the image file's width and height + "image_info", the width, height and
 coco_id that image_data_split.json records). Masks are rasterised from the polygons at load time. Images
 stream in one at a time (the refer JSON is loaded whole); the file is written as .NAME.tmp-PID and
-renamed when complete, so a killed run never leaves a file that looks finished. Its size is about
-1.05x the split's JPEG + annotation bytes for Visual-Genome-sized images; small images pay more
-(1.16x at 160 px), since LMDB stores each value over ~2 KB in whole 4 KiB pages.
+renamed when complete, so a killed run never leaves a file that looks finished. Its size is close to
+the split's JPEG + annotation bytes (docs/measurements.md); LMDB stores each value over ~2 KB in whole
+4 KiB pages, so small images pay more.
 
-Choices where PhraseCut and the spec are silent (all deliberate, all tested):
+Choices where PhraseCut and the paper are silent (all deliberate, all tested):
 - Letterbox: scale = S / max(W, H), content resized (PIL bilinear) to round(W*scale) x round(H*scale)
   and *centred* (CRIS-like); padding is CLIP's mean, i.e. exactly 0 after normalisation.
 - Mask: the official rule (PhraseCut utils/data_transfer.polygons_to_mask): points truncated with
@@ -43,6 +43,7 @@ Choices where PhraseCut and the spec are silent (all deliberate, all tested):
   refer_miniv.json only, not in refer_val.json (official tools load both with split="val_miniv").
 """
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -145,6 +146,11 @@ def letterbox(image, size, orig_size=None):
     return canvas, {"orig_size": (h, w), "content": (top, left, nh, nw)}
 
 
+def unnormalize(pixels):
+    """Undo letterbox's CLIP normalisation: (3, h, w) -> (3, h, w) RGB in [0, 1], for display."""
+    return (pixels * _STD + _MEAN).clamp(0, 1)
+
+
 def letterbox_mask(mask, size):
     """(H, W) {0,1} array -> (1, size, size) float, nearest-neighbour, padding 0."""
     h, w = mask.shape
@@ -208,10 +214,8 @@ class _PhraseCutItems(Dataset):
                 task_id=str(task["task_id"]), phrase=task["phrase"],
                 orig_size=torch.tensor([h, w], dtype=torch.long), gt_mask=torch.from_numpy(gt.copy()),
                 num_instances=len(task["instance_boxes"]), phrase_type=ps.get("type", "verbose"),
-                name=str(ps.get("name", "")), rel_area=rel_area,
                 subsets=evaluate.phrasecut_subsets(ps, len(task["instance_boxes"]), rel_area,
-                                                   bool(info.get("coco_id")), self.ranks),
-                index=index)
+                                                   bool(info.get("coco_id")), self.ranks))
         return item
 
 
@@ -245,8 +249,8 @@ class PhraseCutLMDB(_PhraseCutItems):
 
     Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}. With
     train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
-    num_instances, phrase_type, name, rel_area (the region's area / the image's area as
-    image_data_split.json records it), subsets (names, evaluate.phrasecut_subsets), index.
+    num_instances, phrase_type, subsets (names, evaluate.phrasecut_subsets; its size subsets divide
+    the region's area by the image's as image_data_split.json records it).
     The LMDB is opened lazily per process (see _reader), so DataLoader workers (fork or spawn) each
     get their own; the length comes from the header record, whose format version is checked."""
 
@@ -355,6 +359,21 @@ def _image_info(infos, task):
     return {"width": info["width"], "height": info["height"], "coco_id": info.get("coco_id")}
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(path) as tmp:` write tmp, which becomes `path` when the block ends and is removed
+    if it fails: a killed run never leaves half a file. tmp, .NAME.tmp-PID beside `path`, is on the same
+    file system (an atomic rename) and never shared by two processes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed run that had our process id
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
     """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
 
@@ -380,63 +399,58 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
     counts = read_counts(root)
     image_ids = sorted({str(t["image_id"]) for t in tasks}, key=str.encode)  # byte order: append
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # left by a killed run that had our process id
     map_size = 2 * refer_bytes + (1 << 30)
     for image_id in image_ids:
         path = root / "images" / f"{image_id}.jpg"
         map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
-    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
-    try:
-        sizes, bad, image_bytes, mismatches = {}, [], 0, 0
-        txn = env.begin(write=True)
-        for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
-            path = root / "images" / f"{image_id}.jpg"
-            try:
-                if not path.is_file():
-                    raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
-                data = path.read_bytes()
-                _, (h, w) = open_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
-            except (OSError, ValueError):
-                if not skip_missing:
-                    raise
-                bad.append(image_id)
-                continue
-            txn.put(b"img/" + image_id.encode(), data, append=True)
-            sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
-            mismatches += (image_info[image_id]["width"], image_info[image_id]["height"]) != (w, h)
-            if (k + 1) % commit_every == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        n = 0
-        for task in tasks:
-            image_id = str(task["image_id"])
-            if image_id not in sizes:
-                continue
-            w, h = sizes[image_id]
-            record = json.dumps({**task, "width": w, "height": h, "image_info": image_info[image_id]},
-                                separators=(",", ":"))
-            txn.put(b"task/%08d" % n, record.encode(), append=True)
-            n += 1
-            if n % (20 * commit_every) == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        if n == 0:
-            raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
-        header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
-                  "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
-                  "skipped_images": len(bad), "skipped_image_ids": bad[:20],
-                  "size_mismatches": int(mismatches),
-                  "source": str(root.resolve()), "name_att_rel_count": counts}
-        txn.put(b"__header__", json.dumps(header).encode())
-        txn.commit()
-        env.sync(True)
-        env.close()
-        os.replace(tmp, out)
-    except BaseException:
-        env.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
+        try:
+            sizes, bad, image_bytes, mismatches = {}, [], 0, 0
+            txn = env.begin(write=True)
+            for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
+                path = root / "images" / f"{image_id}.jpg"
+                try:
+                    if not path.is_file():
+                        raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
+                    data = path.read_bytes()
+                    _, (h, w) = open_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
+                except (OSError, ValueError):
+                    if not skip_missing:
+                        raise
+                    bad.append(image_id)
+                    continue
+                txn.put(b"img/" + image_id.encode(), data, append=True)
+                sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
+                mismatches += (image_info[image_id]["width"], image_info[image_id]["height"]) != (w, h)
+                if (k + 1) % commit_every == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            n = 0
+            for task in tasks:
+                image_id = str(task["image_id"])
+                if image_id not in sizes:
+                    continue
+                w, h = sizes[image_id]
+                record = json.dumps({**task, "width": w, "height": h, "image_info": image_info[image_id]},
+                                    separators=(",", ":"))
+                txn.put(b"task/%08d" % n, record.encode(), append=True)
+                n += 1
+                if n % (20 * commit_every) == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            if n == 0:
+                raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
+            header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
+                      "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
+                      "skipped_images": len(bad), "skipped_image_ids": bad[:20],
+                      "size_mismatches": int(mismatches),
+                      "source": str(root.resolve()), "name_att_rel_count": counts}
+            txn.put(b"__header__", json.dumps(header).encode())
+            txn.commit()
+            env.sync(True)
+        finally:
+            env.close()
     lmdb_bytes = os.path.getsize(out)
     return {**header, "lmdb_bytes": lmdb_bytes, "image_bytes": image_bytes,
             "annotation_bytes": refer_bytes, "ratio": lmdb_bytes / (image_bytes + refer_bytes)}

@@ -7,8 +7,6 @@ Run (one process, or one process per GPU with torchrun; the numbers are identica
     python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb # CRIS's released weights (cris.py)
     python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
     torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
-    python evaluate.py --benchmark                                 # paper preset, random weights
-    python evaluate.py --ckpt best.pth --benchmark                 # time that checkpoint's architecture
 
 Metrics (PhraseCut's official evaluator). Every task is scored at the
 *original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
@@ -33,15 +31,13 @@ Under torchrun every rank scores the tasks rank, rank + W, rank + 2W, ...
 gathered with all_gather_object and the metrics are computed once from the
 full list in dataset order: the result is exactly that of one process.
 
---benchmark times instead of evaluating (model.benchmark: random weights,
-warm-up, device synchronised, median): FPS at batch 1 and images/s at --batch,
-with the enhancement block on and off in the same run, at 416x416 for the
-paper preset or at the checkpoint's input size.
+On CUDA the forward passes go through CUDA graphs (predict.FastSegVLM; --no-fast
+runs the model eagerly): the same numbers, launched faster. Timing is
+benchmark.py's job.
 """
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -50,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+import distributed
 
 DEFAULT_THRESHOLD = 0.35  # CRIS's cut on the sigmoid; see the module docstring
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -67,6 +64,14 @@ SUBSETS = ("i_single", "i_multi", "i_many",
 NO_RANKS_NOTE = ("c*/a* subsets left out: the data was converted without name_att_rel_count.json, "
                  "which ranks the names and attributes")
 SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
+
+
+def parse_threshold(text) -> float:
+    """A --threshold value (argparse type of evaluate.py, predict.py and train.py): strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- metrics
@@ -259,14 +264,12 @@ def mask_path(out_dir, task_id):
     return path
 
 
-def save_mask(mask, out_dir, task_id):
-    """Write one (H, W) bool mask as out_dir/<task_id>.png, mode L, 0/255 (the official evaluator's input)."""
+def save_mask(mask, path):
+    """Write one (H, W) bool mask (numpy or torch) as a PNG, mode L, 0/255 (the official evaluator's input)."""
     from PIL import Image
-    path = mask_path(out_dir, task_id)
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
     Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255).save(path)
-    return path
 
 
 def load_mask(path):
@@ -276,14 +279,7 @@ def load_mask(path):
         return np.asarray(im.convert("L")) > 0
 
 
-# --------------------------------------------------------------------------- distributed
-
-def dist_info():
-    """(rank, world_size); (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# --------------------------------------------------------------------------- evaluation
 
 def gather_tasks(tasks):
     """Every rank's per-task records, merged in dataset order, on every rank.
@@ -291,18 +287,11 @@ def gather_tasks(tasks):
     tasks: [(index, I, U, subset names), ...] of this rank. Python ints cross
     the wire as they are (all_gather_object pickles them), so sums stay exact.
     """
-    rank, world = dist_info()
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, tasks)
-        tasks = [t for shard in shards for t in shard]
-    tasks = sorted(tasks, key=lambda t: t[0])
+    tasks = sorted((t for shard in distributed.all_gather(tasks) for t in shard), key=lambda t: t[0])
     if len({t[0] for t in tasks}) != len(tasks):
         raise RuntimeError("a task was scored twice; the shards overlap")
     return tasks
 
-
-# --------------------------------------------------------------------------- evaluation
 
 def _unwrap(model):
     # DDP's forward may talk to the other ranks (buffer broadcast), and shards
@@ -312,7 +301,7 @@ def _unwrap(model):
 
 @torch.no_grad()
 def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
-             save_masks=None, progress=True, amp=False):
+             save_masks=None, progress=True, amp=False, cuda_graphs=False):
     """Score `model` on every task of `dataset` and return the JSON layout.
 
     model: a SegVLM (or a DDP wrapper around one); put in eval mode here and
@@ -325,31 +314,35 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     save_masks: a directory; each task's prediction is written there as
         <task_id>.png, 0/255 at the original size (each rank writes its shard).
     amp: bf16 autocast on CUDA (the sigmoid and the scoring stay in float32).
+    cuda_graphs: on CUDA, replay each batch shape's captured graph (predict.FastSegVLM).
 
     Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
     same keys}} (see summarize_tasks), fractions in [0, 1]. Under torch.distributed each rank scores
     the indices rank::world_size and every rank returns the same full result.
     """
     import data  # the dataset pipeline; imported here so the metric functions stand alone
+    from predict import FastSegVLM
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
     net = _unwrap(model)
     was_training = net.training
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    rank, world = dist_info()
+    rank, world, _ = distributed.info()
     indices = range(rank, len(dataset), world)  # no padding: every task scored exactly once
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=data.collate)
     if save_masks is not None:
         Path(save_masks).mkdir(parents=True, exist_ok=True)
 
+    fast = cuda_graphs and device.type == "cuda"
+    forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
     tasks = []  # (dataset index, I, U, subset names)
     net.eval()
     try:
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                logits = net(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda" and not fast):
+                logits = forward(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
             prob = logits.float().sigmoid()
             size = batch["image"].shape[-1]  # the letterbox side S the logits' S/4 map covers
             for i, task_id in enumerate(batch["task_id"]):
@@ -361,7 +354,7 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                 # the item's subsets, decided by phrasecut_subsets from its PhraseCut records
                 tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i]))  # loader keeps shard order
                 if save_masks is not None:
-                    save_mask(pred, save_masks, task_id)
+                    save_mask(pred, mask_path(save_masks, task_id))
     finally:
         net.train(was_training)
 
@@ -382,14 +375,13 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     """
     import data
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+    from predict import tint
 
     net = _unwrap(model)
     was_training = net.training
     device = torch.device(device) if device is not None else next(net.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.CLIP_STD).view(3, 1, 1)
     paths = []
     net.eval()
     try:
@@ -402,18 +394,14 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             pred = data.unletterbox(logits[0, 0].sigmoid(), h, w, input_size=size) > threshold
             inter, union = task_iou(pred, gt)
             # undo the normalisation, then cut the image out of the letterbox like the masks
-            image = data.unletterbox((item["image"] * std + mean).clamp(0, 1), h, w).clamp(0, 1)
+            image = data.unletterbox(data.unnormalize(item["image"]), h, w).clamp(0, 1)
             image = image.permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
 
             fig = Figure(figsize=(12, 4.4))
             panels = [("image", None, None), ("ground truth", gt, (0.1, 0.9, 0.1)), ("prediction", pred, (0.95, 0.1, 0.1))]
             for j, (title, mask, color) in enumerate(panels):
                 ax = fig.add_subplot(1, 3, j + 1)
-                shown = image.copy()
-                if mask is not None:
-                    m = mask.numpy()
-                    shown[m] = 0.45 * shown[m] + 0.55 * np.array(color)
-                ax.imshow(shown)
+                ax.imshow(image if mask is None else tint(image, mask.numpy(), color))
                 ax.set_title(title)
                 ax.axis("off")
             fig.suptitle(f'"{item["phrase"]}"   IoU {iou(inter, union):.3f}   ({item["task_id"]})')
@@ -444,56 +432,6 @@ def resolve_data_path(ckpt, data_arg=None):
     if not path.exists():
         raise FileNotFoundError(f"{path} (the checkpoint's data_dir/test.lmdb) does not exist; pass --data PATH.lmdb")
     return path
-
-
-def init_distributed():
-    """Join the torchrun process group if there is one; returns the device this rank uses."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def run_benchmark(args, device):
-    """Frames per second at batch 1 and images per second at --batch, enhancement on and off.
-
-    The timer is model.benchmark: random weights (speed does not depend on
-    them), warm-up passes first, the device synchronised around each pass,
-    the on and off models alternated, the median kept. With --ckpt the
-    checkpoint's architecture and input size are timed, else the paper preset
-    at 416x416. On CUDA: bf16 autocast and channels_last, and torch.compile
-    with --compile.
-    """
-    import model as segvlm
-    if dist_info()[0] != 0:
-        return None  # one timer is enough; the other ranks only wait
-    if args.ckpt:
-        net, _ = segvlm.load_checkpoint(args.ckpt, map_location="cpu")
-        preset, size = net.config, net.config.input_size
-        del net
-    else:
-        preset, size = "paper", 416
-    results = {}
-    for batch in sorted({1, args.batch}):
-        results[batch] = segvlm.benchmark(preset, size=size, batch_size=batch, repeats=args.repeats,
-                                          warmup=args.warmup, device=device, verbose=False, compile=args.compile)
-    one, many = results[1], results[args.batch]
-    extras = ", ".join(k for k in ("amp", "channels_last", "compile") if one[k]) or "fp32 eager"
-    print(f"benchmark: {one['preset']} architecture at {size}x{size} on {one['device']} "
-          f"({one['threads']} threads, {extras}), median of {args.repeats} after {args.warmup} warm-up passes")
-    print(f"{'':<22} {'batch':>5} {'with block':>12} {'without':>12} {'ratio':>7}")
-    for batch, r in results.items():
-        unit = "frames/s" if batch == 1 else "images/s"
-        print(f"{unit:<22} {batch:>5} {batch / r['with_block_s']:>12.2f} {batch / r['without_block_s']:>12.2f} "
-              f"{r['ratio']:>7.3f}")
-    print(f"summary: {1 / one['with_block_s']:.2f} FPS at batch 1, {args.batch / many['with_block_s']:.2f} "
-          f"images/s at batch {args.batch}; the enhancement block costs x{one['ratio']:.3f} in time at batch 1")
-    return results
 
 
 def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> dict:
@@ -529,8 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="checkpoint written by train.py, or CRIS's released best_model.pth; "
                                   "the model is rebuilt from it alone")
     p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="cut on the sigmoid probability (default 0.35, CRIS's)")
+    p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
+                   help=f"cut on the sigmoid probability (default {DEFAULT_THRESHOLD}, CRIS's)")
     p.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
@@ -542,18 +480,12 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ceiling", action="store_true",
                    help="also score a perfect prediction made at the decoder's stride-16 grid (decoder_grid_ceiling)")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time the model instead of evaluating it (paper preset, random weights without --ckpt)")
-    p.add_argument("--batch", type=int, default=16, help="--benchmark: the larger batch size (default 16)")
-    p.add_argument("--repeats", type=int, default=10, help="--benchmark: timed passes per setting (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="--benchmark: untimed passes first (default 2)")
-    p.add_argument("--compile", action="store_true", help="--benchmark: torch.compile the models first")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA graphs on CUDA (predict.FastSegVLM); no effect on the CPU (default on)")
     args = p.parse_args(argv)
-    if not args.benchmark and not args.ckpt:
-        p.error("--ckpt is required (except with --benchmark)")
-    if not 0.0 < args.threshold < 1.0:
-        p.error(f"--threshold must be between 0 and 1, got {args.threshold}")
-    for name in ("batch_size", "num", "batch", "repeats"):
+    if not args.ckpt:
+        p.error("--ckpt is required")
+    for name in ("batch_size", "num"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -564,12 +496,9 @@ def run(args):
     import data
     import model as segvlm
 
-    device = init_distributed()
+    rank, world, device = distributed.init()
     if args.device:
         device = torch.device(args.device)
-    rank, world = dist_info()
-    if args.benchmark:
-        return run_benchmark(args, device)
 
     net, ckpt = segvlm.load_checkpoint(args.ckpt, map_location="cpu")
     net.to(device)
@@ -582,7 +511,7 @@ def run(args):
     start = time.perf_counter()
     result = evaluate(net, dataset, threshold=args.threshold, batch_size=args.batch_size,
                       num_workers=args.workers, device=device, save_masks=args.save_masks,
-                      progress=not args.no_progress, amp=args.amp)
+                      progress=not args.no_progress, amp=args.amp, cuda_graphs=args.fast)
     seconds = time.perf_counter() - start
     if rank == 0:
         print(format_table(result))
@@ -611,8 +540,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
 
 
 if __name__ == "__main__":

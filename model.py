@@ -3,7 +3,7 @@ deformable-attentive visual enhancement block of the paper (eq. 1-3).
 
     image (B, 3, H, W) + tokens (B, L)  ->  logits (B, 1, H/4, W/4)
 
-Data flow, shapes for the "paper" preset at 416x416 (SPEC §2-3):
+Data flow, shapes for the "paper" preset at 416x416 (paper §3, CRIS's code):
 
     CLIPBackbone.encode_image  c3 (B, 512, 52, 52), c4 (B, 1024, 26, 26), c5 (B, 512, 13, 13)
     CLIPBackbone.encode_text   words (B, L, 512), state (B, 512)
@@ -12,13 +12,13 @@ Data flow, shapes for the "paper" preset at 416x416 (SPEC §2-3):
     EnhancementBlock (eq. 1-3) deformable conv -> SE -> projector's upsampling -> + residual
     Projector                  (B, 256, 104, 104) -> text-to-pixel dynamic conv -> (B, 1, 104, 104)
 
-With `deform=False, se=False` the enhancement block is absent and the model is
-exactly the CRIS baseline.
+With `deform=False, se=False` the enhancement block is the identity (no
+parameters) and the model is exactly the CRIS baseline.
 
     from model import build_model
     model = build_model("demo")                     # random weights, small, CPU-trainable
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
-    python model.py --benchmark                     # time the block's cost on this device
+    python model.py --preset demo                   # parameter counts; timing: benchmark.py
 
 `load_checkpoint` also reads CRIS's released best_model.pth (converted in memory by cris.py).
 """
@@ -29,9 +29,7 @@ import dataclasses
 import os
 import pickle
 import re
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
+import distributed
 from layers import FPN, Decoder, DeformableConv2d, Projector, up
 
 
@@ -120,25 +119,45 @@ def config_fields() -> list:
     return [f.name for f in dataclasses.fields(SegVLMConfig)]
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named model and the recipe that trains it, in one place (as nanoGPT's config files)."""
+    model: SegVLMConfig
+    recipe: dict  # train.TrainConfig fields where it departs from the paper's recipe (TrainConfig's defaults)
+
+
 PRESETS = {
-    # CRIS with CLIP RN101 at 416x416 (SPEC §2).
-    "paper": SegVLMConfig(),
-    # CLIP's architecture scaled down to train on a CPU in minutes at 128 px: a training step of
-    # 16 images takes about 0.3 s on one CPU thread (torchvision's deformable conv, whose CPU
-    # backward is slow, about a fifth of it). vision_width 16 and two decoder layers learned the
-    # synthetic set markedly faster per second than width 8 and one layer.
-    "demo": SegVLMConfig(
-        embed_dim=64, image_resolution=128, vision_layers=(1, 1, 1, 1), vision_width=16,
-        context_length=16, transformer_width=64, transformer_heads=2, transformer_layers=2,
-        fpn_out=(32, 48, 96), decoder_layers=2, decoder_dim=48, decoder_heads=4, decoder_ffn=144,
-        proj_dim=32, se_reduction=8, input_size=128, word_len=16),
+    # CRIS with CLIP RN101 at 416x416, trained by the paper's recipe (§4.2).
+    "paper": Preset(SegVLMConfig(), recipe=dict(clip_weights="RN101", num_workers=4)),
+    # CLIP's architecture scaled down to train on a CPU in minutes at 128 px (its speed:
+    # docs/measurements.md). vision_width 16 and two decoder layers learned the synthetic set
+    # markedly faster per second than width 8 and one layer.
+    # Trained from scratch, so the backbone gets the full rate. Small batches: on a CPU budget more
+    # updates beat bigger ones (batch 16 reached a higher val mean IoU after one epoch than 32;
+    # lr 2e-3 was worse than 1e-3).
+    "demo": Preset(
+        SegVLMConfig(
+            embed_dim=64, image_resolution=128, vision_layers=(1, 1, 1, 1), vision_width=16,
+            context_length=16, transformer_width=64, transformer_heads=2, transformer_layers=2,
+            fpn_out=(32, 48, 96), decoder_layers=2, decoder_dim=48, decoder_heads=4, decoder_ffn=144,
+            proj_dim=32, se_reduction=8, input_size=128, word_len=16),
+        recipe=dict(epochs=5, batch_size=16, lr=1e-3, backbone_lr_scale=1.0, milestones=[4], num_workers=1)),
     # The smallest that still exercises every part, for tests.
-    "smoke": SegVLMConfig(
-        embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
-        context_length=12, transformer_width=32, transformer_heads=2, transformer_layers=1,
-        fpn_out=(16, 32, 64), decoder_layers=1, decoder_dim=32, decoder_heads=2, decoder_ffn=64,
-        proj_dim=16, se_reduction=4, input_size=64, word_len=10),
+    "smoke": Preset(
+        SegVLMConfig(
+            embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8,
+            context_length=12, transformer_width=32, transformer_heads=2, transformer_layers=1,
+            fpn_out=(16, 32, 64), decoder_layers=1, decoder_dim=32, decoder_heads=2, decoder_ffn=64,
+            proj_dim=16, se_reduction=4, input_size=64, word_len=10),
+        recipe=dict(epochs=1, batch_size=4, lr=1e-3, backbone_lr_scale=1.0, milestones=[100], synth_images=12,
+                    num_workers=0)),
 }
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 # --------------------------------------------------------------------------- CLIP encoders
@@ -155,7 +174,7 @@ class CLIPBackbone(clip.model.CLIP):
     - `c5_residual` (conv1x1 + BN, 2048 -> embed_dim for RN101) is new. It
       lives here, as in CRIS's code, so it trains at the backbone's learning rate.
 
-    c5 path (SPEC §2): CLIP's attention pool is applied at every position
+    c5 path (CRIS's model/clip.py): CLIP's attention pool is applied at every position
     instead of once. Each of the H*W tokens queries all tokens; there is no mean
     token; the pool's positional embedding without its first row (the mean
     token's) is resized bicubically from CLIP's 7x7 grid to the map size; then
@@ -175,9 +194,6 @@ class CLIPBackbone(clip.model.CLIP):
         del self.logit_scale
         self.c5_residual = nn.Sequential(nn.Conv2d(cfg.vision_width * 32, cfg.embed_dim, 1, bias=False),
                                          nn.BatchNorm2d(cfg.embed_dim))
-
-    def forward(self, image, tokens):
-        return self.encode_image(image), self.encode_text(tokens)
 
     def encode_image(self, image: torch.Tensor):
         """image (B, 3, H, W) -> c3 (B, 8w, H/8, W/8), c4 (B, 16w, H/16, W/16), c5 (B, embed_dim, H/32, W/32),
@@ -249,7 +265,7 @@ class EnhancementBlock(nn.Module):
         x_fused = P(x_se) + F_residual(U(x))               eq. (3)  P: projector's upsampling stack
 
     x is the decoder's output (B, 512, 26, 26 at 416 px). The paper gives no
-    resolution; at 26x26 the deformable conv is cheap (SPEC §3). U is a x4 bilinear
+    resolution; at 26x26 the deformable conv is cheap (docs/choices.md). U is a x4 bilinear
     upsampling and F_residual a conv1x1 + BN to the projector's width, so the
     shortcut meets P(x_se) at (B, 256, 104, 104). F_residual(U(x)) is computed as
     BN(U(conv(x))): a 1x1 conv without bias commutes with bilinear upsampling
@@ -261,28 +277,28 @@ class EnhancementBlock(nn.Module):
       ablation's "+ Deformable + Residual" row adds them together.
     - `se` turns on SE (torchvision.ops.SqueezeExcitation is eq. 2 exactly;
       squeeze = channels // se_reduction, 16 by default as in Hu et al. 2018).
-    With deform off the deformable conv is replaced by the identity, not by a
-    plain 3x3 conv as SPEC §3 says: a plain conv would add a layer CRIS lacks,
-    and "both off == the CRIS baseline exactly" wins. No switch combination
-    leaves a parameter unused.
+    A part switched off is the identity (the shortcut: nothing added), not a
+    plain 3x3 conv (another reading of Table 2): a plain conv would add a layer
+    CRIS lacks, and "both off == the CRIS baseline exactly" wins. Both off, the
+    block has no parameters and is P(x). No switch combination leaves a
+    parameter unused.
     """
 
     def __init__(self, in_dim: int, out_dim: int, deform: bool, se: bool, se_reduction: int):
         super().__init__()
-        self.deform = DeformableConv2d(in_dim, in_dim, 3) if deform else None
-        self.se = SqueezeExcitation(in_dim, max(1, in_dim // se_reduction)) if se else None
-        if deform:
-            self.residual_conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
-            self.residual_bn = nn.BatchNorm2d(out_dim)
+        self.deform = DeformableConv2d(in_dim, in_dim, 3) if deform else nn.Identity()
+        self.se = SqueezeExcitation(in_dim, max(1, in_dim // se_reduction)) if se else nn.Identity()
+        self.residual_conv = nn.Conv2d(in_dim, out_dim, 1, bias=False) if deform else None
+        self.residual_bn = nn.BatchNorm2d(out_dim) if deform else None
 
     def forward(self, x, visual_stack):
-        """x (B, C, h, w); visual_stack maps (B, C, h, w) -> (B, out_dim, 4h, 4w)."""
-        y = self.deform(x) if self.deform is not None else x  # eq. (1)
-        y = self.se(y) if self.se is not None else y  # eq. (2)
-        y = visual_stack(y)  # (B, out_dim, 4h, 4w)
-        if self.deform is not None:  # eq. (3)
-            y = y + self.residual_bn(up(self.residual_conv(x), 4))
-        return y
+        """x (B, C, h, w); visual_stack (P) maps (B, C, h, w) -> (B, out_dim, 4h, 4w)."""
+        x_dcf = self.deform(x)  # eq. (1)
+        x_se = self.se(x_dcf)  # eq. (2)
+        x_fused = visual_stack(x_se)  # eq. (3): P(x_se), (B, out_dim, 4h, 4w) ...
+        if self.residual_conv is not None:  # ... + F_residual(U(x)), as BN(U(conv(x)))
+            x_fused = x_fused + self.residual_bn(up(self.residual_conv(x), 4))
+        return x_fused
 
 
 # --------------------------------------------------------------------------- the model
@@ -296,8 +312,8 @@ class SegVLM(nn.Module):
     the decoder by its key padding mask.
 
     Parts: `backbone` (every CLIP parameter, plus the new c5 residual; trained at
-    lr x 0.1), `neck`, `decoder`, `projector`, `enhance` (None when both
-    switches are off). All convolutions outside CLIP are Kaiming-normal
+    lr x 0.1), `neck`, `decoder`, `projector`, `enhance` (without parameters when
+    both switches are off). All convolutions outside CLIP are Kaiming-normal
     initialised with zero biases (paper §4.2), except the zero-initialised
     offset conv; linear layers keep PyTorch's default.
 
@@ -314,11 +330,9 @@ class SegVLM(nn.Module):
         self.decoder = Decoder(cfg.decoder_layers, cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_ffn,
                                cfg.decoder_dropout, cfg.transformer_width)
         self.projector = Projector(cfg.decoder_dim, cfg.proj_dim, cfg.embed_dim, cfg.kernel_size)
-        self.enhance = (EnhancementBlock(cfg.decoder_dim, cfg.proj_dim, cfg.deform, cfg.se, cfg.se_reduction)
-                        if cfg.deform or cfg.se else None)
-        head_convs = [self.backbone.c5_residual[0], *self.neck.modules(), *self.projector.modules()]
-        if self.enhance is not None:
-            head_convs += [m for n, m in self.enhance.named_modules() if n != "deform.offset"]
+        self.enhance = EnhancementBlock(cfg.decoder_dim, cfg.proj_dim, cfg.deform, cfg.se, cfg.se_reduction)
+        head_convs = [self.backbone.c5_residual[0], *self.neck.modules(), *self.projector.modules(),
+                      *(m for n, m in self.enhance.named_modules() if n != "deform.offset")]
         for m in head_convs:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -327,14 +341,16 @@ class SegVLM(nn.Module):
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         self.check_inputs(image, tokens)
+        return self.segment(image, tokens)
+
+    def segment(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The forward pass without `check_inputs`: no Python decision depends on tensor values, so
+        it can be captured in a CUDA graph (predict.FastSegVLM checks the inputs first)."""
         c3, c4, c5 = self.backbone.encode_image(image)
         words, state = self.backbone.encode_text(tokens)
         x = self.neck(c3, c4, c5, state)  # (B, C, H/16, W/16)
         x = self.decoder(x, words, pad_mask=tokens == 0)  # (B, C, H/16, W/16)
-        if self.enhance is not None:
-            v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
-        else:
-            v = self.projector.visual(x)  # CRIS
+        v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
         return self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
 
     def check_inputs(self, image, tokens):
@@ -353,7 +369,10 @@ class SegVLM(nn.Module):
         if tokens.shape[1] > cfg.word_len:
             raise ValueError(f"tokens have length {tokens.shape[1]}, more than word_len={cfg.word_len}; "
                              f"tokenize with context_length={cfg.word_len}, truncate=True")
-        if not (tokens != 0).any(dim=1).all():
+        # An all-padding row makes the decoder's attention NaN. Checking it reads the tokens, a
+        # device-to-host sync on a GPU, so it runs only for tokens on the CPU (free there); tokens
+        # from clip.tokenize / data.tokenize always hold the start and end tokens.
+        if tokens.device.type == "cpu" and not (tokens != 0).any(dim=1).all():
             raise ValueError("a row of tokens is all padding (0); clip.tokenize gives every phrase start and end tokens")
         if tokens.shape[0] != image.shape[0]:
             raise ValueError(f"image batch ({image.shape[0]}) and tokens batch ({tokens.shape[0]}) differ")
@@ -362,7 +381,7 @@ class SegVLM(nn.Module):
 def parameter_counts(model: SegVLM) -> dict:
     """Number of parameters in each part, and the total."""
     def count(m):
-        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+        return sum(p.numel() for p in m.parameters())
     parts = {name: count(getattr(model, attr)) for name, attr in
              [("backbone", "backbone"), ("neck", "neck"), ("decoder", "decoder"),
               ("projector", "projector"), ("enhancement", "enhance")]}
@@ -388,8 +407,7 @@ def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM
     error. transformer_heads cannot be read from weights: CLIP's rule width // 64
     is used unless overridden.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base = get_preset(preset).model
     unknown = sorted(set(overrides) - set(config_fields()))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields: {config_fields()}")
@@ -404,8 +422,7 @@ def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM
                                  f"which have {k}={v}")
         overrides.setdefault("transformer_heads", from_weights["transformer_width"] // 64)
         overrides = {**overrides, **from_weights}
-    cfg = dataclasses.replace(PRESETS[preset], **overrides)
-    model = SegVLM(cfg)
+    model = SegVLM(dataclasses.replace(base, **overrides))
     if state_dict is not None:
         missing, unexpected = model.backbone.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.startswith("c5_residual.")]
@@ -499,8 +516,7 @@ def load_checkpoint(path, map_location="cpu"):
         import cris  # here, not at the top: cris.py imports this module
         if cris.is_cris_checkpoint(ckpt):
             ckpt = cris.to_segvlm_checkpoint(ckpt, path)
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_rank() != 0):
+            if distributed.is_main():
                 print(cris.summary(ckpt, path), file=sys.stderr, flush=True)
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -521,88 +537,9 @@ def load_checkpoint(path, map_location="cpu"):
     return model.eval(), ckpt
 
 
-# --------------------------------------------------------------------------- speed
-
-@torch.no_grad()
-def benchmark(preset="paper", size=416, batch_size=1, repeats=10, warmup=2, device=None, verbose=True,
-              amp=None, channels_last=None, compile=False) -> dict:
-    """Median time of one forward pass with the enhancement block on and off, random weights.
-
-    preset: a preset name or a SegVLMConfig (e.g. a checkpoint's architecture);
-    the block's switches are set here. The two models run alternately, after
-    `warmup` passes each, so that a change in machine load hits both alike.
-    amp (bf16 autocast, fp16 where the GPU lacks bf16) and channels_last default
-    to on for CUDA and off on the CPU; compile=True runs torch.compile first and
-    falls back to eager mode, with a warning, where it fails. Returns seconds
-    and their ratio.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
-    amp = cuda if amp is None else amp
-    channels_last = cuda if channels_last is None else channels_last
-    dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-    torch.manual_seed(0)
-    base = PRESETS[preset] if isinstance(preset, str) else preset
-    models = {}
-    for flag in (True, False):
-        m = SegVLM(dataclasses.replace(base, deform=flag, se=flag)).to(device).eval()
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        if compile:
-            try:
-                m = torch.compile(m)
-            except Exception as e:  # noqa: BLE001 - any backend failure: time eager mode instead
-                warnings.warn(f"torch.compile failed ({e}); timing eager mode")
-        models[flag] = m
-    image = torch.randn(batch_size, 3, size, size, device=device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    tokens = clip.tokenize(["a black baseball cap on the table"] * batch_size, context_length=base.word_len).to(device)
-
-    @torch.no_grad()
-    def once(m):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            m(image, tokens)
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t
-
-    for _ in range(warmup):
-        for m in models.values():
-            once(m)
-    times = {True: [], False: []}
-    for _ in range(repeats):
-        for flag, m in models.items():
-            times[flag].append(once(m))
-    on, off = statistics.median(times[True]), statistics.median(times[False])
-    name = preset if isinstance(preset, str) else "checkpoint"
-    result = dict(device=str(device), preset=name, size=size, batch_size=batch_size, repeats=repeats,
-                  threads=torch.get_num_threads(), amp=amp, channels_last=channels_last, compile=compile,
-                  with_block_s=on, without_block_s=off, ratio=on / off)
-    if verbose:
-        extras = ", ".join(k for k in ("amp", "channels_last", "compile") if result[k]) or "fp32 eager"
-        print(f"{name} preset, {size}x{size}, batch {batch_size}, {device} ({torch.get_num_threads()} threads, "
-              f"{extras}), median of {repeats}: with block {on * 1000:.1f} ms, without {off * 1000:.1f} ms, "
-              f"ratio {on / off:.3f} (+{(on / off - 1) * 100:.1f}%)")
-    return result
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", action="store_true", help="time a forward pass with and without the block")
+    parser = argparse.ArgumentParser(description="Parameter counts of a preset (timing: benchmark.py).")
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    parser.add_argument("--size", type=int, default=416)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models first")
     args = parser.parse_args()
-    if args.benchmark:
-        benchmark(args.preset, args.size, args.batch_size, args.repeats, device=args.device, compile=args.compile)
-    else:
-        model = build_model(args.preset)
-        for name, n in parameter_counts(model).items():
-            print(f"{name:12s} {n:>12,d}")
+    for name, n in parameter_counts(build_model(args.preset)).items():
+        print(f"{name:12s} {n:>12,d}")

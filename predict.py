@@ -7,6 +7,8 @@ Run:
     python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # CRIS's weights
 
 (One image is one forward pass, so there is nothing to gain from torchrun here.)
+On CUDA the model runs through `FastSegVLM` (CUDA graphs, bf16 autocast) unless
+`--no-fast` is given; on the CPU it runs eagerly.
 
 From Python, load the checkpoint once and call `predict` as often as needed:
 
@@ -29,20 +31,104 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 import data
-from evaluate import DEFAULT_THRESHOLD
+import distributed
+from evaluate import DEFAULT_THRESHOLD, parse_threshold, save_mask
 
 
-def load_model(ckpt_path, device=None):
+def load_model(ckpt_path, device=None, fast=None):
     """Rebuild the model from a checkpoint (model.load_checkpoint), in eval mode on `device`.
 
-    device: default the GPU if there is one, else the CPU. Errors for missing,
-    truncated or foreign files are load_checkpoint's.
+    device: default this process's GPU if there is one, else the CPU. fast: wrap it in
+    `FastSegVLM` (CUDA graphs + bf16 autocast); default on for CUDA, off on the
+    CPU. Errors for missing, truncated or foreign files are load_checkpoint's.
     """
     from model import load_checkpoint
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     net, _ = load_checkpoint(ckpt_path, map_location="cpu")
-    return net.to(device).eval()
+    net = net.to(device or distributed.info().device).eval()
+    if fast is None:
+        fast = net_device(net).type == "cuda"
+    return FastSegVLM(net) if fast else net
+
+
+def net_device(model):
+    return next(model.parameters()).device
+
+
+class FastSegVLM(torch.nn.Module):
+    """Inference through CUDA graphs: SegVLM's forward captured once per input shape, then replayed.
+
+    At batch 1 a forward pass is hundreds of small kernels, and launching them
+    costs more than running them; a replayed graph launches them all at once.
+    Use it like the model: `FastSegVLM(model)(image, tokens) -> logits`.
+
+    - The inputs are checked first with `SegVLM.check_inputs`: the same errors as
+      the eager model. The graph then runs `SegVLM.segment`.
+    - A shape (batch, image size, token length) is captured on its second call
+      (its first runs eagerly, so the odd last batch of an evaluation costs no
+      capture) and kept; at most `max_graphs` shapes, the oldest dropped. A new
+      shape never reuses another shape's graph, and the output is copied out
+      of the graph's memory, so no result is stale or wrong-shaped.
+    - amp: bf16 autocast (fp16 where the GPU lacks bf16), default on for CUDA.
+    - On the CPU, in train mode, or if a capture fails (with one warning), it
+      runs the eager model instead.
+    """
+
+    def __init__(self, model, amp=None, cuda_graphs=True, max_graphs=4):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        cuda = net_device(model).type == "cuda"
+        amp = cuda if amp is None else amp
+        self.dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        if cuda_graphs and not cuda:
+            warnings.warn("CUDA graphs need a CUDA device; running the model eagerly", stacklevel=2)
+        self.cuda_graphs = cuda_graphs and cuda
+        self.max_graphs = max_graphs
+        self.graphs = {}  # shape key -> (graph, static image, static tokens, static logits)
+        self.seen = set()
+
+    def _eager(self, image, tokens):
+        with torch.autocast(image.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model.segment(image, tokens)
+
+    def forward(self, image, tokens):
+        self.model.check_inputs(image, tokens)
+        key = (tuple(image.shape), image.dtype, tuple(tokens.shape), image.device)
+        if not (self.cuda_graphs and image.is_cuda and not self.model.training and not torch.is_grad_enabled()):
+            return self._eager(image, tokens)
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self._eager(image, tokens)
+            try:
+                self._capture(key, image, tokens)
+            except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on, said once
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly")
+                self.cuda_graphs = False
+                self.graphs.clear()
+                return self._eager(image, tokens)
+        graph, static_image, static_tokens, static_out = self.graphs[key]
+        static_image.copy_(image)
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, key, image, tokens):
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))  # the oldest shape; its memory goes with it
+        static_image, static_tokens = image.clone(), tokens.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up passes on a side stream, as torch.cuda.graph requires
+            for _ in range(2):
+                self._eager(static_image, static_tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=self.dtype or torch.float32,
+                                                      enabled=self.dtype is not None, cache_enabled=False):
+            static_out = self.model.segment(static_image, static_tokens)
+        self.graphs[key] = (graph, static_image, static_tokens, static_out)
 
 
 def open_image(path):
@@ -86,7 +172,7 @@ def predict_proba(model, image, phrase):
         raise ValueError(f"expected a PIL image, got {type(image).__name__}")
     image = image.convert("RGB")
     cfg = model.config
-    device = next(model.parameters()).device
+    device = net_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -105,11 +191,16 @@ def predict(model, image, phrase, threshold=DEFAULT_THRESHOLD):
     return predict_proba(model, image, phrase) > threshold
 
 
+def tint(rgb, mask, color, alpha=0.55):
+    """rgb (H, W, 3) float numpy with the pixels of mask (H, W) bool blended towards color (same scale)."""
+    rgb, mask = rgb.copy(), np.asarray(mask, dtype=bool)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color, dtype=rgb.dtype)
+    return rgb
+
+
 def overlay(image, mask, phrase=None, color=(230, 30, 30), alpha=0.55):
     """The image with the mask tinted in `color` and the phrase written in the corner (PIL RGB image)."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    m = np.asarray(mask, dtype=bool)
-    base[m] = (1 - alpha) * base[m] + alpha * np.array(color, dtype=np.float32)
+    base = tint(np.asarray(image.convert("RGB"), dtype=np.float32), mask, color, alpha)
     out = Image.fromarray(base.round().astype(np.uint8))
     if phrase:
         draw = ImageDraw.Draw(out)
@@ -122,26 +213,27 @@ def overlay(image, mask, phrase=None, color=(230, 30, 30), alpha=0.55):
 def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(description="Segment an image from a phrase with a SegVLM checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or CRIS's released best_model.pth")
     p.add_argument("--image", required=True, help="image file (anything PIL reads)")
     p.add_argument("--phrase", required=True, help='what to segment, e.g. "black baseball cap"')
     p.add_argument("--out", default="overlay.png", help="overlay PNG to write")
     p.add_argument("--mask", help="also write the mask as a 0/255 PNG at the image's size")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cut on the sigmoid (CRIS: 0.35)")
+    p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
+                   help=f"cut on the sigmoid (CRIS: {DEFAULT_THRESHOLD})")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA graphs + bf16 autocast (FastSegVLM); default on for CUDA, off on the CPU")
     args = p.parse_args(argv)
-    if not 0.0 < args.threshold < 1.0:
-        p.error(f"--threshold must be between 0 and 1, got {args.threshold}")
     try:
         phrase = _check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
-        model = load_model(args.ckpt, args.device)
+        model = load_model(args.ckpt, args.device, fast=args.fast)
         mask = predict(model, image, phrase, args.threshold)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         overlay(image, mask, phrase).save(args.out)
         if args.mask:
             Path(args.mask).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(args.mask)
+            save_mask(mask, args.mask)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"predict.py: error: {e}")
     print(f'"{phrase}": {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 train.py --preset demo
     python train.py --preset demo                      # the same in one process
 
-    # PhraseCut with the paper's recipe (SPEC §5), 1 or 4 GPUs
+    # PhraseCut with the paper's recipe (paper §4.2), 1 or 4 GPUs
     python train.py --preset paper --data lmdb/ --clip-weights RN101
     torchrun --standalone --nproc_per_node=4 train.py --preset paper --data lmdb/
 
@@ -26,9 +26,10 @@ directory (`--out`) receives config.json, command.txt, git.txt, metrics.jsonl
 (one line per epoch), checkpoint.pth (every epoch), best.pth (best val mean
 IoU), curves.png and, when test.lmdb exists, test_metrics.json.
 
-The same code runs in one process and under torchrun: `init_distributed` does
-nothing without torchrun's environment, only rank 0 prints and writes, and the
-global batch is split across ranks.
+`train` reads as the recipe, one named step per line. The same code runs in
+one process and under torchrun: `distributed.init` does nothing without
+torchrun's environment, only rank 0 prints and writes, and the global batch is
+split across ranks.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import random
 import shlex
 import subprocess
@@ -49,17 +48,16 @@ from pathlib import Path
 import clip
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from data import DEMO_NUM_IMAGES
+import distributed
 import evaluate
+from data import DEMO_NUM_IMAGES
 from loss import RAFLoss
-from model import PRESETS as MODEL_PRESETS
-from model import build_model
+from model import PRESETS, SegVLM, build_model, get_preset
 
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
 
@@ -68,64 +66,62 @@ CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
 # configuration
 
 
+def flag(default, help: str, **argparse_options):
+    """A TrainConfig field: its default, and the line `python train.py --help` prints for it."""
+    if isinstance(default, list):  # a mutable default: a fresh copy per TrainConfig
+        return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_options})
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclass
 class TrainConfig:
-    """Every training setting; each is a command-line flag (`lr` -> `--lr`)."""
+    """Every training setting; each is a command-line flag (`lr` -> `--lr`). The defaults are the
+    paper's recipe; a preset departs from them where its recipe says (model.PRESETS)."""
 
     # what to train
-    preset: str = "demo"          # model preset (model.PRESETS) and the recipe below
-    clip_weights: str = "none"    # "none" (random init), a CLIP name ("RN101") or a path
-    init_from: str = ""           # start from these weights: CRIS's best_model.pth or a checkpoint (cris.py)
-    deform: bool = True           # eq. 1 + eq. 3: deformable conv and residual shortcut
-    se: bool = True               # eq. 2: squeeze-and-excitation
-    input_size: int = 0           # 0: the preset's
-    word_len: int = 0             # 0: the preset's
+    preset: str = flag("demo", f"model and recipe, one of {', '.join(sorted(PRESETS))}; sets the defaults below")
+    clip_weights: str = flag("none", "none (random init), a CLIP name (RN101) or a path to CLIP's weights")
+    init_from: str = flag("", "start from this file's weights: CRIS's best_model.pth or a checkpoint (cris.py)")
+    deform: bool = flag(True, "eq. 1 + eq. 3: the deformable conv and the residual shortcut")
+    se: bool = flag(True, "eq. 2: squeeze-and-excitation")
+    input_size: int = flag(0, "training and validation side in pixels; 0: the preset's")
+    word_len: int = flag(0, "longest phrase in tokens; 0: the preset's")
     # data
-    data: str = ""                # dir with train.lmdb, val.lmdb (test.lmdb); "" = synthetic
-    cache_dir: str = ".cache/segvlm"  # where the synthetic dataset is made once
-    synth_images: int = DEMO_NUM_IMAGES  # synthetic images (all splits) when --data is empty
-    num_workers: int = 2          # DataLoader workers per process
-    # optimisation (SPEC §5)
-    epochs: int = 50
-    batch_size: int = 64          # global: split across processes
-    lr: float = 1e-4
-    backbone_lr_scale: float = 0.1  # CLIP backbone at lr x this (CRIS)
-    milestones: list[int] = field(default_factory=lambda: [15, 30])
-    lr_gamma: float = 0.1
-    weight_decay: float = 0.0
-    clip_grad: float = 0.0        # max grad norm; 0 = off (the paper's "clipnorm 0")
-    amp: bool = True              # mixed precision on CUDA (bf16 where supported); ignored on CPU
+    data: str = flag("", "dir with train.lmdb, val.lmdb (and test.lmdb); empty: synthetic PhraseCut")
+    cache_dir: str = flag(".cache/segvlm", "where the synthetic dataset is made once")
+    synth_images: int = flag(DEMO_NUM_IMAGES, "synthetic images (all splits) when --data is empty")
+    num_workers: int = flag(2, "DataLoader workers per process")
+    # optimisation (paper §4.2; CRIS's defaults where it is silent)
+    epochs: int = flag(50, "epochs to train")
+    batch_size: int = flag(64, "global batch, split across processes")
+    lr: float = flag(1e-4, "Adam's learning rate")
+    backbone_lr_scale: float = flag(0.1, "the CLIP backbone trains at lr x this (CRIS)")
+    milestones: list[int] = flag([15, 30], "epochs after which every rate is multiplied by --lr-gamma")
+    lr_gamma: float = flag(0.1, "the rates' decay at each milestone")
+    weight_decay: float = flag(0.0, "Adam's weight decay")
+    clip_grad: float = flag(0.0, "max gradient norm; 0: off (the paper's clipnorm 0)")
+    amp: bool = flag(True, "mixed precision on CUDA (bf16 where supported); ignored on the CPU")
+    channels_last: bool = flag(True, "channels-last tensors on CUDA (faster convs with AMP); ignored on the CPU")
+    compile: bool = flag(False, "torch.compile the model (the first steps compile: a slow start)")
+    log_every: int = flag(20, "steps between progress-bar updates and non-finite checks (each a host sync)")
     # loss (eq. 4-8)
-    loss: str = "raf"             # "raf" or "bce" (the CRIS baseline)
-    w_bce: float = 1.0
-    w_focal: float = 1.0
-    w_dice: float = 1.0
-    dice_weight: str = "abs"      # adaptive Dice weight: abs | focal | none
+    loss: str = flag("raf", "raf (eq. 8) or bce (the CRIS baseline: BCE alone, so no --w-* or --dice-weight)")
+    w_bce: float = flag(1.0, "RAF's weight of BCE (eq. 4)")
+    w_focal: float = flag(1.0, "RAF's weight of the focal loss (eq. 5)")
+    w_dice: float = flag(1.0, "RAF's weight of the adaptive Dice loss (eq. 6)")
+    dice_weight: str = flag("abs", "the adaptive Dice's pixel weight (eq. 7): abs, focal or none")
     # run
-    out: str = ""                 # run dir; default runs/<preset>-<time>
-    resume: str = ""              # checkpoint.pth to continue from
-    seed: int = 0
-    threshold: float = 0.35       # mask threshold for validation (CRIS's)
-    eval_test: bool = True        # evaluate best.pth on test.lmdb at the end
-
-
-# Where a preset departs from the paper recipe above.
-TRAIN_PRESETS: dict[str, dict] = {
-    "paper": dict(clip_weights="RN101", num_workers=4),
-    # Trained from scratch, so the backbone gets the full rate.
-    # Small batches: on a CPU budget more updates beat bigger ones (batch 16 reached a higher
-    # val mean IoU after one epoch than 32; lr 2e-3 was worse than 1e-3).
-    "demo": dict(epochs=5, batch_size=16, lr=1e-3, backbone_lr_scale=1.0,
-                 milestones=[4], num_workers=1),
-    "smoke": dict(epochs=1, batch_size=4, lr=1e-3, backbone_lr_scale=1.0,
-                  milestones=[100], synth_images=12, num_workers=0),
-}
+    out: str = flag("", "run dir; empty: --resume's own, else runs/<preset>-<time>")
+    resume: str = flag("", "a run's checkpoint.pth to continue from")
+    seed: int = flag(0, "seed of every random number generator")
+    threshold: float = flag(evaluate.DEFAULT_THRESHOLD, "validation's cut on the sigmoid (CRIS's)",
+                            type=evaluate.parse_threshold)
+    eval_test: bool = flag(True, "evaluate best.pth on test.lmdb at the end, when there is one")
 
 
 def preset_defaults(preset: str) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    return dataclasses.replace(TrainConfig(preset=preset), **TRAIN_PRESETS[preset])
+    """The paper's recipe with `preset`'s departures from it (model.PRESETS[preset].recipe)."""
+    return dataclasses.replace(TrainConfig(preset=preset), **get_preset(preset).recipe)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,27 +136,24 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags from the TrainConfig fields; defaults come from --preset's recipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="demo")
-    known, _ = pre.parse_known_args(argv)
-    if known.preset not in TRAIN_PRESETS:
-        sys.exit(f"train.py: error: unknown preset {known.preset!r}; "
-                 f"choose one of {sorted(TRAIN_PRESETS)}")
-    defaults = preset_defaults(known.preset)
+    pre.add_argument("--preset", default=TrainConfig.preset)
+    try:
+        defaults = preset_defaults(pre.parse_known_args(argv)[0].preset)
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
 
     parser = _Parser(prog="train.py", description=__doc__.split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        options = {**f.metadata, "default": getattr(defaults, f.name)}
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            options["action"] = argparse.BooleanOptionalAction
         elif f.type == "list[int]":
-            parser.add_argument(flag, type=int, nargs="*", default=default, metavar="EPOCH")
+            options.update(type=int, nargs="*", metavar="EPOCH")
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=default)
-    ns = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(ns))
+            options.setdefault("type", {"int": int, "float": float, "str": str}[f.type])
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         validate(cfg)
     except ValueError as e:
@@ -170,9 +163,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject bad values before any work starts; each message names the flag."""
-    if cfg.preset not in MODEL_PRESETS:
-        raise ValueError(f"--preset {cfg.preset!r} has no model preset; choose one of {sorted(MODEL_PRESETS)}")
-    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
+    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, log_every=cfg.log_every)
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -182,10 +173,15 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.lr_gamma <= 1:
         raise ValueError(f"--lr-gamma must be in (0, 1], got {cfg.lr_gamma}")
-    if not 0 < cfg.threshold < 1:
-        raise ValueError(f"--threshold must be in (0, 1), got {cfg.threshold}")
     if cfg.loss not in ("raf", "bce"):
         raise ValueError(f"--loss must be 'raf' or 'bce', got {cfg.loss!r}")
+    if cfg.loss == "bce":  # make_loss ignores RAF's settings: refuse them rather than drop them silently
+        recipe = preset_defaults(cfg.preset)
+        ignored = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in ("w_bce", "w_focal", "w_dice", "dice_weight")
+                   if getattr(cfg, n) != getattr(recipe, n)]
+        if ignored:
+            raise ValueError(f"--loss bce is BCE alone (the CRIS baseline), so {', '.join(ignored)} would be "
+                             f"ignored; drop it, or use --loss raf")
     if cfg.dice_weight not in ("abs", "focal", "none"):
         raise ValueError(f"--dice-weight must be abs, focal or none, got {cfg.dice_weight!r}")
     if cfg.input_size % 32:
@@ -217,54 +213,370 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------
-# distributed helpers: no-ops in one process (after DETR's util/misc.py)
+# the loop
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); joins torchrun's process group as evaluate.py does."""
-    evaluate.init_distributed()
-    rank, world = evaluate.dist_info()
-    return rank, world, int(os.environ.get("LOCAL_RANK", 0))
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job -> the last epoch's metrics, with the test split's (test_*) when it was scored."""
+    rank, world, device = distributed.init()
+    try:
+        seed_everything(cfg.seed)
+        resume = read_resume(cfg.resume) if cfg.resume else None
+        model = make_model(cfg, device, resume)
+        data_dir = resolve_data(cfg)
+        loader, val_set = make_loaders(cfg, model.config, data_dir, device)
+        optimizer, scheduler = make_optimizer(model, cfg)
+        dtype = amp_dtype(device, cfg)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 and fp32 need no scaling
+        criterion = make_loss(cfg)
+        start, best, history = restore(resume, model, optimizer, scheduler, scaler) if resume else (0, -1.0, [])
+        net = wrap_model(model, cfg, device)
+        out = make_run_dir(cfg, model.config, data_dir)
+        if rank == 0:
+            print(f"run dir {out}  |  {world} process(es) on {device}  |  {len(loader.dataset)} train "
+                  f"samples, {len(val_set)} val  |  global batch {cfg.batch_size}")
 
+        for epoch in range(start, cfg.epochs):
+            t0 = time.time()
+            terms = train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch, cfg)
+            scheduler.step()
+            val = evaluate.evaluate(model, val_set, threshold=cfg.threshold, batch_size=loader.batch_size,
+                                    num_workers=cfg.num_workers, device=device, progress=False)
+            history.append({"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[-1]["lr"],
+                            "lr_backbone": optimizer.param_groups[0]["lr"],
+                            **{f"val_{k}": val[k] for k in ("mIoU", "oIoU", "prec@0.5")},
+                            "seconds": round(time.time() - t0, 2)})
+            improved, best = val["mIoU"] > best, max(best, val["mIoU"])
+            if rank == 0:
+                log_epoch(out, history, cfg.epochs)
+                save_checkpoint(out, model, optimizer, scheduler, scaler, history, best, improved, cfg, data_dir)
+            distributed.barrier()
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def reduce_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Average a dict of floats over ranks (identity in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics).
-
-    Without SyncBatchNorm (on CPU, gloo) each rank updates its running stats
-    from its own shard; DDP copies rank 0's at the next forward, but after the
-    last step of an epoch they differ. Validation and the checkpoint must see
-    one model, so rank 0's are sent to all, as DDP itself would.
-    """
-    if dist.is_available() and dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        last = history[-1] if history else {}
+        if cfg.eval_test and (data_dir / "test.lmdb").exists():
+            test = test_best(model, data_dir / "test.lmdb", out, cfg, loader.batch_size)
+            last = {**last, **{f"test_{k}": v for k, v in test.items() if k != "subsets"}}
+        return last
+    finally:
+        distributed.destroy()
 
 
 # ---------------------------------------------------------------------------
-# checkpoints: plain tensors, numbers and strings; load with weights_only=True
+# the steps, in the order train() takes them
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_resume(path: str) -> dict:
+    """--resume's checkpoint.pth, or a ValueError saying why it cannot be one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a torch file at all
+        raise ValueError(f"--resume {path}: cannot be read as a checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+        raise ValueError(f"--resume {path}: not a checkpoint.pth written by train.py (a run's full "
+                         f"state); to start a new run from a file's weights (best.pth, CRIS's "
+                         f"best_model.pth), use --init-from")
+    return ckpt
+
+
+def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
+    """The preset's model with the flags' overrides (a resumed run: exactly its architecture), on `device`;
+    random weights, CLIP's (--clip-weights) or --init-from's. `restore` loads a resumed run's."""
+    overrides = dict(deform=cfg.deform, se=cfg.se)
+    if cfg.input_size:
+        overrides["input_size"] = cfg.input_size
+    if cfg.word_len:
+        overrides["word_len"] = cfg.word_len
+    if resume is not None:
+        overrides = resume["config"]
+    weights = None if cfg.clip_weights.lower() == "none" else cfg.clip_weights
+    if cfg.init_from:  # every tensor from the file; the block (if on) new; --clip-weights only names the backbone
+        import cris
+        model, note = cris.init_model(cfg.init_from, dataclasses.replace(get_preset(cfg.preset).model, **overrides),
+                                      clip_name=weights)
+        if distributed.is_main():
+            print(note, flush=True)
+        return model.to(device)
+    try:
+        return build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
+    except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
+        if weights is None:
+            raise
+        raise ValueError(str(e)) from e
+
+
+def resolve_data(cfg: TrainConfig) -> Path:
+    """--data, or the synthetic dataset made once in the cache (rank 0 makes it)."""
+    if cfg.data:
+        return Path(cfg.data)
+
+    def make():
+        return data.ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed,
+                                     progress=distributed.is_main())
+
+    if distributed.is_main():
+        make()
+    distributed.barrier()
+    return make()  # made by now: every rank gets the same path at once
+
+
+def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[DataLoader, data.PhraseCutLMDB]:
+    """The training loader, whose batches are this rank's share of the global batch, and the val set."""
+    rank, world, _ = distributed.info()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    sizes = dict(input_size=model_cfg.input_size, word_len=model_cfg.word_len)
+    train_set = data.PhraseCutLMDB(data_dir / "train.lmdb", **sizes, train=True)
+    val_set = data.PhraseCutLMDB(data_dir / "val.lmdb", **sizes, train=False)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    # Its own generator: the loader's worker seeds then never draw from the global
+    # RNG, whose stream (dropout) must be the same in a resumed run.
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) == 0:
+        raise ValueError(f"{data_dir / 'train.lmdb'}: {len(train_set)} samples are fewer than "
+                         f"one batch of {loader.batch_size} per process")
+    return loader, val_set
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """Adam with two groups: CLIP backbone at lr x backbone_lr_scale, the rest at lr; MultiStepLR.
+
+    CRIS passed the backbone's rate as `initial_lr` only, so Adam started every
+    group at the base rate and the backbone trained 10x too fast until the
+    first decay. Here each group's `lr` is set, and test_train checks the
+    rates the first step actually uses.
+    """
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    ids = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
+              {"params": head, "lr": cfg.lr, "name": "head"}]
+    cuda = next(model.parameters()).is_cuda  # fused: one kernel for all parameters (CUDA only here)
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
+                                 fused=cuda or None)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=cfg.lr_gamma)
+    return optimizer, scheduler
+
+
+def amp_dtype(device: torch.device, cfg: TrainConfig):
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None = fp32."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_loss(cfg: TrainConfig) -> RAFLoss:
+    if cfg.loss == "bce":  # the CRIS baseline: BCE alone
+        return RAFLoss(w_bce=1.0, w_focal=0.0, w_dice=0.0)
+    return RAFLoss(w_bce=cfg.w_bce, w_focal=cfg.w_focal, w_dice=cfg.w_dice, dice_weight=cfg.dice_weight)
+
+
+def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float, list]:
+    """Load a run's whole state, RNGs included -> (first epoch to run, best val mIoU so far, history)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1, ckpt["best_metric"], list(ckpt["history"])
+
+
+def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
+    """What the training steps call: `model` channels-last on CUDA, in DDP across processes
+    (its BatchNorms synchronised on GPUs), compiled with --compile. `model` itself stays the plain
+    module that is validated and saved."""
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if distributed.info().world > 1:
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # gradient_as_bucket_view: grads live in DDP's buckets (no copy; also no stride
+        # warning for the 1x1 convs whose grads autograd lays out channels-last)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
+    if cfg.compile:
+        net = torch.compile(net)  # after DDP, so that DDP's optimizer splits the graph at its buckets
+    return net
+
+
+def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path) -> Path:
+    """--out, else --resume's dir, else runs/<preset>-<time>; rank 0 writes config.json, command.txt, git.txt."""
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.resume:  # continue in the run dir the checkpoint came from
+        out = Path(cfg.resume).parent
+    else:
+        out = Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(), "world_size": distributed.info().world,
+             "data_dir": str(data_dir)}, indent=2))
+        (out / "command.txt").write_text(shlex.join([sys.executable] + sys.argv) + "\n")
+        (out / "git.txt").write_text(git_commit() + "\n")
+    return out
+
+
+def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig) -> dict:
+    """One pass over this rank's shard of the training set -> the loss terms' means over every rank.
+
+    Every rank ends the epoch with rank 0's BatchNorm statistics (broadcast_buffers), so that
+    validation and the checkpoint see one model. Raises NonFiniteLoss naming the first bad step.
+    """
+    rank = distributed.info().rank
+    device = next(net.parameters()).device
+    loader.sampler.set_epoch(epoch)
+    net.train()
+    monitor = LossMonitor(device)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, dynamic_ncols=True, leave=False)
+    for i, batch in enumerate(bar):
+        image = batch["image"].to(device, non_blocking=True)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True)
+        if device.type == "cuda" and cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad)
+        monitor.add(terms, epoch * len(loader) + i)
+        if (i + 1) % cfg.log_every == 0:  # the only host syncs of the step loop
+            monitor.check(epoch, rank)
+            bar.set_postfix(loss=f"{float(monitor.last):.4f}")
+    bar.close()
+    monitor.check(epoch, rank)
+    distributed.broadcast_buffers(net)
+    return distributed.reduce_mean(monitor.means(len(loader)), device)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, clip_grad=0.0) -> dict:
+    """One optimisation step -> the loss terms as detached tensors on the device (read none: no host sync)."""
+    with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = net(image, tokens)
+    terms = criterion(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+class LossMonitor:
+    """Running sums of the loss terms, kept on the device, and the first non-finite step.
+
+    `add` queues only device work; `check` (every log_every steps and at the end of an epoch)
+    is the one host sync, and raises NonFiniteLoss naming the first bad step and its terms.
+    """
+
+    KEYS = ("loss", "bce", "focal", "dice")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
+        self.bad_terms = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+        self.last = self.sums[0]
+
+    def add(self, terms: dict, step: int) -> None:
+        values = torch.stack([terms[k].double() for k in self.KEYS])
+        new_bad = ~torch.isfinite(values[0]) & (self.first_bad < 0)
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.bad_terms = torch.where(new_bad, values, self.bad_terms)
+        self.sums += values
+        self.last = values[0]
+
+    def check(self, epoch: int, rank: int) -> None:
+        first_bad = int(self.first_bad)
+        if first_bad >= 0:
+            values = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.KEYS, self.bad_terms.tolist()))
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {first_bad} (rank {rank}): {values}")
+
+    def means(self, steps: int) -> dict:
+        return dict(zip(self.KEYS, (self.sums / steps).tolist()))
+
+
+def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
+    """The last epoch's row: appended to metrics.jsonl, drawn into curves.png, printed."""
+    last = history[-1]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(last) + "\n")
+    plot_curves(history, out / "curves.png")
+    print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
+          f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "
+          f"oIoU {last['val_oIoU']:.4f} P@0.5 {last['val_prec@0.5']:.4f}  {last['seconds']:.0f}s", flush=True)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training curves as a PNG. A bare Figure, so the caller's matplotlib backend
+    (a notebook's inline one, say) is left alone."""
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
+    for key in ("loss", "bce", "focal", "dice"):
+        a.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    a.set(xlabel="epoch", ylabel="training loss", title="loss terms (eq. 4-8)")
+    a.legend()
+    for key in ("val_mIoU", "val_oIoU", "val_prec@0.5"):
+        b.plot(epochs, [h[key] for h in history], marker="o", label=key[4:])
+    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    b.legend()
+    fig.tight_layout()
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: list[dict], best: float,
+                    improved: bool, cfg: TrainConfig, data_dir: Path) -> None:
+    """checkpoint.pth (all --resume needs) every epoch, best.pth (weights, config) when val mIoU improved;
+    plain tensors, numbers and strings (torch.load(weights_only=True) reads them), each written whole."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config.to_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": history[-1]["epoch"] - 1, "best_metric": best,
+             "history": history, "rng": rng_state(), "args": dataclasses.asdict(cfg),
+             "data_dir": str(data_dir.resolve())}
+    with data.atomic_path(out / "checkpoint.pth") as tmp:
+        torch.save(state, tmp)
+    if improved:
+        with data.atomic_path(out / "best.pth") as tmp:
+            torch.save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric", "args",
+                                              "data_dir")}, tmp)
+
+
+def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch_size: int) -> dict:
+    """Score best.pth's weights on test.lmdb (every rank its share; rank 0 reads the file and broadcasts
+    them) -> evaluate's metrics, which rank 0 writes to test_metrics.json."""
+    rank, _, device = distributed.info()
+    weights = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"] if rank == 0 else None
+    model.load_state_dict(distributed.broadcast(weights))
+    test_set = data.PhraseCutLMDB(test_path, input_size=model.config.input_size, word_len=model.config.word_len,
+                                  train=False)
+    test = evaluate.evaluate(model, test_set, threshold=cfg.threshold, batch_size=batch_size,
+                             num_workers=cfg.num_workers, device=device, progress=False)
+    if rank == 0:
+        with data.atomic_path(out / "test_metrics.json") as tmp:
+            tmp.write_text(json.dumps(test, indent=2))
+        print(f"test (best.pth): mIoU {test['mIoU']:.4f}  oIoU {test['oIoU']:.4f}  "
+              f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}")
+    return test
+
+
+# ---------------------------------------------------------------------------
+# what a run records: random number generators, the code's version
 
 
 def rng_state() -> dict:
@@ -293,56 +605,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------
-# the pieces of a run
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """Adam with two groups: CLIP backbone at lr x backbone_lr_scale, the rest at lr.
-
-    CRIS passed the backbone's rate as `initial_lr` only, so Adam started every
-    group at the base rate and the backbone trained 10x too fast until the
-    first decay. Here each group's `lr` is set, and test_train checks the
-    rates the first step actually uses.
-    """
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    ids = {id(p) for p in backbone}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
-              {"params": head, "lr": cfg.lr, "name": "head"}]
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=cfg.lr_gamma)
-    return optimizer, scheduler
-
-
-def make_loss(cfg: TrainConfig) -> RAFLoss:
-    if cfg.loss == "bce":  # the CRIS baseline: BCE alone
-        return RAFLoss(w_bce=1.0, w_focal=0.0, w_dice=0.0)
-    return RAFLoss(w_bce=cfg.w_bce, w_focal=cfg.w_focal, w_dice=cfg.w_dice, dice_weight=cfg.dice_weight)
-
-
-def resolve_data(cfg: TrainConfig, rank: int) -> Path:
-    """--data, or the synthetic dataset made once in the cache (rank 0 makes it)."""
-    if cfg.data:
-        return Path(cfg.data)
-
-    def make():
-        return data.ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed,
-                                     progress=rank == 0)
-
-    if rank == 0:
-        make()
-    barrier()
-    return make()  # made by now: every rank gets the same path at once
-
-
-def amp_dtype(device: torch.device, cfg: TrainConfig):
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None = fp32."""
-    if not cfg.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
@@ -353,234 +615,6 @@ def git_commit() -> str:
         return sha + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training curves as a PNG. A bare Figure, so the caller's matplotlib backend
-    (a notebook's inline one, say) is left alone."""
-    from matplotlib.figure import Figure
-
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4))
-    a, b = fig.subplots(1, 2)
-    for key in ("loss", "bce", "focal", "dice"):
-        a.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    a.set(xlabel="epoch", ylabel="training loss", title="loss terms (eq. 4-8)")
-    a.legend()
-    for key in ("val_mIoU", "val_oIoU", "val_prec@0.5"):
-        b.plot(epochs, [h[key] for h in history], marker="o", label=key[4:])
-    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    b.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------
-# the loop
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job; returns the last epoch's metrics (rank 0 writes the run dir)."""
-    rank, world, local_rank = init_distributed()
-    try:
-        return _train(cfg, rank, world, local_rank)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    per_rank_batch = cfg.batch_size // world
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    ckpt = None
-    if cfg.resume:
-        try:
-            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, corrupt or not a torch file at all
-            raise ValueError(f"--resume {cfg.resume}: cannot be read as a checkpoint ({e})") from e
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
-            raise ValueError(f"--resume {cfg.resume}: not a checkpoint.pth written by train.py (a run's full "
-                             f"state); to start a new run from a file's weights (best.pth, CRIS's "
-                             f"best_model.pth), use --init-from")
-
-    # model: the preset plus overrides, or exactly the checkpoint's architecture
-    overrides = dict(deform=cfg.deform, se=cfg.se)
-    if cfg.input_size:
-        overrides["input_size"] = cfg.input_size
-    if cfg.word_len:
-        overrides["word_len"] = cfg.word_len
-    if ckpt is not None:
-        overrides = ckpt["config"]
-    weights = None if cfg.clip_weights.lower() == "none" else cfg.clip_weights
-    if cfg.init_from:  # every tensor from the file; the block (if on) new; --clip-weights only names the backbone
-        import cris
-        model, note = cris.init_model(cfg.init_from, dataclasses.replace(MODEL_PRESETS[cfg.preset], **overrides),
-                                      clip_name=weights)
-        model = model.to(device)
-        if rank == 0:
-            print(note, flush=True)
-    else:
-        try:
-            model = build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
-        except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
-            if weights is None:
-                raise
-            raise ValueError(str(e)) from e
-    mcfg = model.config
-
-    data_dir = resolve_data(cfg, rank)
-    train_set = data.PhraseCutLMDB(data_dir / "train.lmdb", input_size=mcfg.input_size,
-                                   word_len=mcfg.word_len, train=True)
-    val_set = data.PhraseCutLMDB(data_dir / "val.lmdb", input_size=mcfg.input_size,
-                                 word_len=mcfg.word_len, train=False)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    # Its own generator: the loader's worker seeds then never draw from the global
-    # RNG, whose stream (dropout) must be the same in a resumed run.
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.num_workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{data_dir / 'train.lmdb'}: {len(train_set)} samples are fewer than "
-                         f"one batch of {per_rank_batch} per process")
-
-    optimizer, scheduler = make_optimizer(model, cfg)
-    dtype = amp_dtype(device, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    criterion = make_loss(cfg)
-
-    start_epoch, best, history = 0, -1.0, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = ckpt["epoch"] + 1, ckpt["best_metric"], list(ckpt["history"])
-        set_rng_state(ckpt["rng"])
-
-    net = model
-    if world > 1:
-        if device.type == "cuda":
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        # gradient_as_bucket_view: grads live in DDP's buckets (no copy; also no stride
-        # warning for the 1x1 convs whose grads autograd lays out channels-last)
-        net = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
-                                      gradient_as_bucket_view=True)
-
-    if cfg.out:
-        out = Path(cfg.out)
-    elif cfg.resume:  # continue in the run dir the checkpoint came from
-        out = Path(cfg.resume).parent
-    else:
-        out = Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(
-            {"train": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "world_size": world,
-             "data_dir": str(data_dir)}, indent=2))
-        (out / "command.txt").write_text(shlex.join([sys.executable] + sys.argv) + "\n")
-        (out / "git.txt").write_text(git_commit() + "\n")
-        print(f"run dir {out}  |  {world} process(es) on {device}  |  {len(train_set)} train "
-              f"samples, {len(val_set)} val  |  global batch {cfg.batch_size}")
-
-    step = start_epoch * len(loader)
-    last = history[-1] if history else {}
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        net.train()
-        t0 = time.time()
-        sums = {"loss": 0.0, "bce": 0.0, "focal": 0.0, "dice": 0.0}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0,
-                   dynamic_ncols=True, leave=False)
-        for batch in bar:
-            image = batch["image"].to(device, non_blocking=True)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            target = batch["mask"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = net(image, tokens)
-            terms = criterion(logits.float(), target)
-            if not torch.isfinite(terms["loss"]):
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {step} "
-                                    f"(rank {rank}): {values}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            for k in sums:
-                sums[k] += terms[k].item()
-            step += 1
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-        bar.close()
-        scheduler.step()
-        broadcast_buffers(model)
-
-        train_terms = reduce_mean({k: v / len(loader) for k, v in sums.items()}, device)
-        val = evaluate.evaluate(model, val_set, threshold=cfg.threshold, batch_size=per_rank_batch,
-                                num_workers=cfg.num_workers, device=device, progress=False)
-        last = {"epoch": epoch + 1, **train_terms,
-                "lr": optimizer.param_groups[-1]["lr"],
-                "lr_backbone": optimizer.param_groups[0]["lr"],
-                **{f"val_{k}": val[k] for k in ("mIoU", "oIoU", "prec@0.5")},
-                "seconds": round(time.time() - t0, 2)}
-        history.append(last)
-        improved = val["mIoU"] > best
-        best = max(best, val["mIoU"])
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
-            state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": mcfg.to_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best,
-                     "history": history, "rng": rng_state(), "args": dataclasses.asdict(cfg),
-                     "data_dir": str(data_dir.resolve())}
-            atomic_save(state, out / "checkpoint.pth")
-            if improved:
-                atomic_save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric",
-                                                   "args", "data_dir")}, out / "best.pth")
-            plot_curves(history, out / "curves.png")
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
-                  f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {val['mIoU']:.4f} "
-                  f"oIoU {val['oIoU']:.4f} P@0.5 {val['prec@0.5']:.4f}  {last['seconds']:.0f}s", flush=True)
-        barrier()
-
-    test_path = data_dir / "test.lmdb"
-    if cfg.eval_test and test_path.exists():
-        # every rank scores best.pth's weights; rank 0 reads the file and broadcasts them
-        weights = [None]
-        if rank == 0:
-            weights[0] = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"]
-        if world > 1:
-            dist.broadcast_object_list(weights, src=0)
-        model.load_state_dict(weights[0])
-        test_set = data.PhraseCutLMDB(test_path, input_size=mcfg.input_size, word_len=mcfg.word_len,
-                                      train=False)
-        test = evaluate.evaluate(model, test_set, threshold=cfg.threshold, batch_size=per_rank_batch,
-                                 num_workers=cfg.num_workers, device=device, progress=False)
-        if rank == 0:
-            tmp = out / "test_metrics.json.tmp"
-            tmp.write_text(json.dumps(test, indent=2))
-            os.replace(tmp, out / "test_metrics.json")
-            print(f"test (best.pth): mIoU {test['mIoU']:.4f}  oIoU {test['oIoU']:.4f}  "
-                  f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}")
-        last = {**last, **{f"test_{k}": v for k, v in test.items() if k != "subsets"}}
-    return last
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,7 +106,7 @@ def test_a_cris_file_gives_the_source_models_logits(files, shape, capfd):
     for field in cris.SHAPE_FIELDS + ("transformer_heads", "decoder_heads"):
         assert getattr(got, field) == getattr(src, field), field
     assert (got.deform, got.se, got.input_size, got.word_len) == (False, False, 416, src.context_length)
-    assert m.enhance is None and not m.training
+    assert not list(m.enhance.parameters()) and not m.training  # the block off: CRIS's own model
     assert ckpt["source"] == "CRIS" and ckpt["cris"]["epoch"] == 50 and ckpt["cris"]["prec"]["Pr@50"] == 0.73
     for size in [(64, 64), (96, 128)]:
         assert torch.equal(logits(m, size), logits(source, size))
@@ -117,7 +117,7 @@ def test_backbones_are_read_from_the_shapes_at_full_size():
     from a CRIS-format state dict is the paper preset's, with the block off."""
     rn50 = dict(embed_dim=1024, vision_layers=(3, 4, 6, 3))
     for name, fields in [("RN101", {}), ("RN50", rn50)]:
-        cfg = dataclasses.replace(PRESETS["paper"], deform=False, se=False, **fields)
+        cfg = dataclasses.replace(PRESETS["paper"].model, deform=False, se=False, **fields)
         with torch.device("meta"):
             sd = cris_state_dict(SegVLM(cfg))
         ckpt = cris.to_segvlm_checkpoint({"state_dict": sd, "epoch": 50, "cur_iou": 0.6}, "best_model.pth")
@@ -126,7 +126,7 @@ def test_backbones_are_read_from_the_shapes_at_full_size():
         assert cris.backbone_name(got) == name
         assert f"backbone CLIP {name};" in cris.summary(ckpt, "best_model.pth")
     with torch.device("meta"):  # CRIS's RN50 config: fpn_in 512/1024/1024, word_dim 1024
-        rn50_model = SegVLM(dataclasses.replace(PRESETS["paper"], deform=False, se=False, **rn50))
+        rn50_model = SegVLM(dataclasses.replace(PRESETS["paper"].model, deform=False, se=False, **rn50))
     assert rn50_model.neck.f5_proj[0].in_channels == 1024 and rn50_model.projector.txt.in_features == 1024
     assert rn50_model.neck.f3_proj[0].in_channels == 512 and rn50_model.neck.f4_proj[0].in_channels == 1024
 
@@ -198,7 +198,7 @@ def test_fine_tuning_starts_from_every_cris_tensor(files, shape):
     m, note = cris.init_model(path, run_cfg)
     torch.manual_seed(7)
     fresh = SegVLM(run_cfg)
-    assert m.config == run_cfg and m.enhance is not None
+    assert m.config == run_cfg and list(m.enhance.parameters())
     got, src, new = m.state_dict(), source.state_dict(), fresh.state_dict()
     assert all(torch.equal(got[k], v) for k, v in src.items())  # every CRIS tensor copied
     block = [k for k in got if k.startswith("enhance.")]
@@ -310,14 +310,14 @@ def test_truncated_foreign_and_code_carrying_files_are_refused(files, tmp_path):
     with pytest.raises(ValueError, match=r"foreign\.pth is not a SegVLM checkpoint.*CRIS's best_model\.pth"):
         load_checkpoint(foreign)
     with pytest.raises(ValueError, match=r"foreign\.pth: expected CRIS's best_model\.pth or a checkpoint"):
-        cris.init_model(foreign, PRESETS["smoke"])
+        cris.init_model(foreign, PRESETS["smoke"].model)
 
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
     obj = torch.load(path, weights_only=True)
     obj["scheduler"]["hook"] = RunsCode(marker)
     torch.save(obj, evil)
-    for call in (lambda: load_checkpoint(evil), lambda: cris.init_model(evil, PRESETS["smoke"]),
+    for call in (lambda: load_checkpoint(evil), lambda: cris.init_model(evil, PRESETS["smoke"].model),
                  lambda: cris.convert(evil, tmp_path / "out.pth")):
         with pytest.raises(ValueError, match=r"evil\.pth is refused: loading it needs `getattr`.*could run code"):
             call()

@@ -52,6 +52,16 @@ def test_predict_returns_a_mask_at_the_image_size(files):
     assert predict.overlay(image, mask, "red circle").size == (53, 37)
 
 
+def test_overlay_tints_the_mask_alone():
+    image = Image.new("RGB", (6, 4), (0, 0, 255))
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    out = np.asarray(predict.overlay(image, mask)).astype(int)  # no phrase: no text box
+    assert (out[~mask] == (0, 0, 255)).all()
+    blend = 0.45 * np.array([0, 0, 255]) + 0.55 * np.array([230, 30, 30])  # (1 - alpha) image + alpha red
+    assert np.abs(out[mask] - blend).max() < 1  # rounded to uint8
+
+
 def test_cli_writes_overlay_and_mask(files, tmp_path):
     run = subprocess.run([sys.executable, "predict.py", "--ckpt", str(files / "best.pth"),
                           "--image", str(files / "photo.jpg"), "--phrase", "blue square",
@@ -102,3 +112,46 @@ def test_cli_error_has_no_traceback(files, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "Traceback" not in run.stderr and "predict.py: error:" in run.stderr and "notes.png" in run.stderr
+
+
+def _smoke_inputs(batch, size, phrase="a big red circle"):
+    import clip
+    return torch.randn(batch, 3, size, size), clip.tokenize([phrase] * batch, context_length=10)
+
+
+def test_fast_model_on_the_cpu_is_the_eager_model_and_rejects_what_it_rejects():
+    import model
+    torch.manual_seed(0)
+    net = model.build_model("smoke").eval()
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        fast = predict.FastSegVLM(net, cuda_graphs=True)  # asked for explicitly on a CPU: said once
+    with torch.no_grad():
+        for batch, size in [(2, 64), (3, 96), (2, 64)]:
+            image, tokens = _smoke_inputs(batch, size)
+            assert torch.equal(fast(image, tokens), net(image, tokens))
+    bad = [(torch.randn(1, 3, 60, 64), _smoke_inputs(1, 64)[1]),  # side not a multiple of 32
+           (torch.randn(1, 3, 64, 64), torch.zeros(1, 5, dtype=torch.long)),  # all padding
+           (torch.randn(2, 3, 64, 64), _smoke_inputs(1, 64)[1])]  # batches differ
+    for image, tokens in bad:
+        with pytest.raises(ValueError) as eager_error:
+            net(image, tokens)
+        with pytest.raises(ValueError) as fast_error:
+            fast(image, tokens)
+        assert str(fast_error.value) == str(eager_error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_follow_every_shape_and_never_return_a_stale_result():
+    import model
+    torch.manual_seed(0)
+    net = model.build_model("smoke").cuda().eval()
+    fast = predict.FastSegVLM(net)
+    with torch.no_grad():
+        for batch, size in [(2, 64), (2, 64), (2, 64), (3, 64), (3, 64), (2, 96), (2, 96), (2, 64)]:
+            image, tokens = (t.cuda() for t in _smoke_inputs(batch, size, phrase=f"shape {batch} {size}"))
+            out = fast(image, tokens)
+            with torch.autocast("cuda", dtype=fast.dtype):
+                ref = net(image, tokens)
+            assert out.shape == (batch, 1, size // 4, size // 4)
+            assert torch.allclose(out.float(), ref.float(), atol=0.05, rtol=0.05)  # bf16 tolerance
+    assert fast.cuda_graphs and len(fast.graphs) == 3  # (2, 64), (3, 64), (2, 96) captured and replayed

@@ -1,5 +1,6 @@
 """train.py: flags, the optimizer's rates, smoke runs in one and two processes, exact resume."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +17,8 @@ from model import build_model, load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(args, cwd=REPO, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def run(args, cwd=REPO, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -47,6 +48,9 @@ def smoke_args(out, cache, *extra):
     (["--preset", "paper"], "needs --data"),
     (["--clip-weights", "/no/such/RN101.pt"], "neither 'none', a CLIP model name"),
     (["--resume", "/no/such/checkpoint.pth"], "--resume /no/such/checkpoint.pth: no such file"),
+    (["--threshold", "1"], "must be between 0 and 1"),
+    (["--loss", "bce", "--w-focal", "2"], "--loss bce is BCE alone (the CRIS baseline), so --w-focal 2.0 would be"),
+    (["--loss", "bce", "--dice-weight", "none"], "--dice-weight none would be ignored"),
 ])
 def test_bad_flags_are_rejected_before_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -56,6 +60,26 @@ def test_bad_flags_are_rejected_before_work(argv, message, capsys):
     assert message in err
     if "unrecognized" in message or "invalid" in message:
         assert "valid flags:" in err and "--batch-size" in err
+
+
+def test_help_shows_every_flag_with_its_help_and_the_presets_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")  # no wrapping: one entry's help on one line
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--preset", "paper", "--help"])
+    assert exc.value.code == 0
+    entries = {}  # first flag of an entry -> its text; an entry starts at a line "  --flag"
+    for line in capsys.readouterr().out.split("\noptions:\n")[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        else:
+            entries[flag] += " " + line.strip()
+    paper = train.preset_defaults("paper")
+    assert paper.clip_weights == "RN101" and paper.num_workers == 4  # the recipe's, not TrainConfig's
+    for f in dataclasses.fields(train.TrainConfig):
+        entry = entries.pop("--" + f.name.replace("_", "-"))
+        assert f.metadata["help"] in entry and entry.endswith(f"(default: {getattr(paper, f.name)})"), entry
+    assert list(entries) == ["-h"]  # and nothing else
 
 
 def test_flags_override_the_preset():
@@ -110,34 +134,42 @@ def test_smoke_run_one_process(tmp_path, cache):
     assert 0 <= test["mIoU"] <= 1 and test["n"] > 0
 
 
+def smoke_parts(cfg):
+    """train()'s first steps for `cfg`, on this process's device: (model, loader, optimizer, scaler)."""
+    import distributed
+    train.seed_everything(cfg.seed)
+    device = distributed.info().device
+    model = train.make_model(cfg, device)
+    loader, _ = train.make_loaders(cfg, model.config, train.resolve_data(cfg), device)
+    optimizer, _ = train.make_optimizer(model, cfg)
+    return model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False)
+
+
 WORKER = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
-    import train
+    import sys, torch
+    import distributed, train
+    from test_train import smoke_parts
     cfg = train.parse_args(sys.argv[1:])
-    rank, world, local = train.init_distributed()
-    # keep the model: wrap build_model so the worker can save its rank's weights
-    built = []
-    orig = train.build_model
-    def build(*a, **k):
-        m = orig(*a, **k)
-        built.append(m)
-        return m
-    train.build_model = build
+    rank, world, device = distributed.init()
     try:
-        train._train(cfg, rank, world, local)
-        torch.save(built[0].state_dict(), f"{cfg.out}/rank{rank}.pt")
+        model, loader, optimizer, scaler = smoke_parts(cfg)
+        net = train.wrap_model(model, cfg, device)  # DDP
+        for epoch in range(cfg.epochs):
+            train.train_one_epoch(net, loader, train.make_loss(cfg), optimizer, scaler, None, epoch, cfg)
+        torch.save(model.state_dict(), f"{cfg.out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.destroy()
 """)
 
 
 def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache):
+    """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch)."""
     out = tmp_path / "ddp"
+    out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(script), *smoke_args(out, cache, "--no-eval-test")])
-    assert "2 process(es)" in proc.stdout
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), *smoke_args(out, cache, "--epochs", "2")], env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     a = torch.load(out / "rank0.pt", weights_only=True)
     b = torch.load(out / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -161,25 +193,30 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
 
 
-def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, cache):
+def test_resume_from_a_truncated_or_weights_only_checkpoint_is_a_clear_error(tmp_path, cache):
     bad = tmp_path / "checkpoint.pth"
     torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, bad)
+    with pytest.raises(ValueError, match="not a checkpoint.pth written by train.py.*use --init-from"):
+        train.read_resume(str(bad))  # a best.pth: weights, no optimizer
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = train.parse_args(smoke_args(tmp_path / "r", cache, "--resume", str(bad)))
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         train.train(cfg)
 
 
-def test_non_finite_loss_names_step_and_terms(tmp_path, cache, monkeypatch):
+def test_non_finite_loss_names_step_and_terms(tmp_path, cache):
     class Exploding(torch.nn.Module):
         def forward(self, logits, target):
             nan = logits.sum() * float("nan")
             return {"bce": nan, "focal": logits.mean(), "dice": logits.mean(), "loss": nan}
 
-    monkeypatch.setattr(train, "make_loss", lambda cfg: Exploding())
     cfg = train.parse_args(smoke_args(tmp_path / "nan", cache))
-    with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 0.*bce=nan.*focal="):
-        train.train(cfg)
+    model, loader, optimizer, scaler = smoke_parts(cfg)
+    args = (model, loader, Exploding(), optimizer, scaler, None)
+    with pytest.raises(train.NonFiniteLoss, match=r"epoch 1, step 0 \(rank 0\): loss=nan, bce=nan, focal="):
+        train.train_one_epoch(*args, 0, cfg)
+    with pytest.raises(train.NonFiniteLoss, match=rf"epoch 3, step {2 * len(loader)} "):  # steps count on
+        train.train_one_epoch(*args, 2, cfg)
 
 
 def test_ablation_runs_the_four_variants_of_table_2(tmp_path, cache):

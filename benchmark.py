@@ -1,0 +1,232 @@
+"""Time SegVLM on this device: every speed figure of docs/measurements.md, from one command.
+
+    python benchmark.py                          # the paper preset at 416x416 (meant for a GPU)
+    python benchmark.py --preset demo --batch 16 # the CPU demo's model
+    python benchmark.py --ckpt best.pth          # a checkpoint's own architecture and input size
+    python benchmark.py --deform-impl torchvision  # eq. 1 through torchvision's kernel instead
+    python benchmark.py --compile                # torch.compile for the eager and training figures
+
+Weights are random (speed does not depend on them). Every figure is the
+median of --repeats timed passes after --warmup untimed ones, with the device
+synchronised around each pass, and with the enhancement block on and off
+alternated so that a change in load hits both alike. Printed:
+
+- inference latency at batch 1: the eager model in float32, and the fast path
+  (predict.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; the eager model
+  on the CPU), with the block on/off ratio;
+- inference images/s at --batch through the fast path;
+- training images/s at --batch (train.train_step, train.py's step: forward,
+  RAF loss, backward, Adam, fused on CUDA; bf16 autocast and channels-last on
+  CUDA, as train.py) on tensors already on the device, and the peak GPU memory
+  of a step with the block (the block-less model's weights and Adam state,
+  held at the same time, included);
+- the LMDB loader's samples/s with --workers processes on synthetic
+  PhraseCut-format images of 500x375 (PhraseCut's typical size), the rate that
+  training can at most reach with that many workers.
+
+The last line is one JSON object with every figure (`--json FILE` writes it too).
+"""
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import clip
+import torch
+from torch.utils.data import DataLoader
+
+import data
+import distributed
+import layers
+import train
+from model import PRESETS, SegVLM, load_checkpoint
+from predict import FastSegVLM
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: dict, device, repeats: int, warmup: int) -> dict:
+    """Median seconds of each zero-argument function, run alternately."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def make_models(cfg, device, deform_impl):
+    """{True: model with the block, False: without}, random weights, eval mode."""
+    models = {}
+    for block in (True, False):
+        torch.manual_seed(0)
+        m = SegVLM(dataclasses.replace(cfg, deform=block, se=block))
+        if block:
+            m.enhance.deform.impl = deform_impl
+        models[block] = m.to(device).eval()
+    return models
+
+
+def inputs(cfg, batch, size, device):
+    image = torch.randn(batch, 3, size, size, device=device)
+    tokens = clip.tokenize(["a black baseball cap on the table"] * batch, context_length=cfg.word_len).to(device)
+    mask = (torch.rand(batch, 1, size // 4, size // 4, device=device) > 0.8).float()
+    return image, tokens, mask
+
+
+def maybe_compile(model, compile):
+    return torch.compile(model) if compile else model
+
+
+@torch.no_grad()
+def inference(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
+    image, tokens, _ = inputs(cfg, batch, size, device)
+    out = {}
+    if batch == 1:
+        eager = timed({b: (lambda m=maybe_compile(m, compile): m(image, tokens)) for b, m in models.items()},
+                      device, repeats, warmup)
+        out["latency_eager_fp32_ms"] = {b: 1000 * t for b, t in eager.items()}
+    fast = {b: FastSegVLM(m, cuda_graphs=device.type == "cuda") for b, m in models.items()}
+    # warm-up runs the first (eager) pass of each shape and its capture
+    t = timed({b: (lambda f=f: f(image, tokens)) for b, f in fast.items()}, device, repeats, warmup + 2)
+    if batch == 1:
+        out["latency_fast_ms"] = {b: 1000 * s for b, s in t.items()}
+    else:
+        out["inference_images_per_s"] = {b: batch / s for b, s in t.items()}
+    return out
+
+
+def training(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
+    image, tokens, mask = inputs(cfg, batch, size, device)
+    recipe = train.preset_defaults("paper")
+    dtype = train.amp_dtype(device, recipe)
+    channels_last = device.type == "cuda" and recipe.channels_last
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    steps = {}
+    for block, m in models.items():
+        m.train()
+        net = maybe_compile(m.to(memory_format=torch.channels_last) if channels_last else m, compile)
+        optimizer, _ = train.make_optimizer(m, recipe)
+        criterion = train.make_loss(recipe)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        steps[block] = lambda n=net, o=optimizer, c=criterion, s=scaler: train.train_step(
+            n, image, tokens, mask, c, o, s, dtype, recipe.clip_grad)
+    t = timed(steps, device, repeats, warmup)
+    result = {"train_images_per_s": {b: batch / s for b, s in t.items()}}
+    if device.type == "cuda":  # one step with the block; the other model's weights and Adam state count too
+        torch.cuda.reset_peak_memory_stats(device)
+        steps[True]()
+        result["train_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    for m in models.values():
+        m.eval()
+    return result
+
+
+def loader_rate(size, word_len, workers, batch, n_batches) -> float:
+    """Samples/s of the LMDB loader over synthetic 500x375 PhraseCut-format images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synthetic"
+        data.synthesize(root, num_images=max(40, batch * 2), seed=0, size=500)
+        data.build_lmdb(root, "train", Path(tmp) / "train.lmdb", progress=False)
+        dataset = data.PhraseCutLMDB(Path(tmp) / "train.lmdb", input_size=size, word_len=word_len, train=True)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                            persistent_workers=workers > 0, collate_fn=data.collate)
+        for _ in loader:  # first pass: workers start, the page cache fills
+            pass
+        count, t = 0, time.perf_counter()
+        while count < n_batches:
+            for _ in loader:
+                count += 1
+                if count == n_batches:
+                    break
+        return n_batches * batch / (time.perf_counter() - t)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device) if args.device else distributed.info().device
+    if args.ckpt:
+        net, _ = load_checkpoint(args.ckpt, map_location="cpu")
+        cfg, name = net.config, args.ckpt
+        del net
+    else:
+        cfg, name = PRESETS[args.preset].model, args.preset
+    size = args.size or cfg.input_size
+    models = make_models(cfg, device, args.deform_impl)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "model": name, "size": size, "batch": args.batch,
+              "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__}
+    print(f"{name} at {size}x{size} on {result['device']} ({result['threads']} threads), "
+          f"deformable conv: {args.deform_impl}; median of {args.repeats} after {args.warmup} warm-up")
+    timing = dict(device=device, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+    steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, **timing)),
+             (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, **timing)),
+             (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
+    for title, step in steps:
+        figures = step()
+        result.update(figures)
+        for key, value in figures.items():
+            if isinstance(value, dict):  # the block's cost as a ratio of times, whatever the unit
+                cost = value[True] / value[False] if key.endswith("_ms") else value[False] / value[True]
+                result[f"{key}_block_cost"] = cost
+                print(f"  {title:<22} {key:<24} with block {value[True]:10.2f}   without {value[False]:10.2f}"
+                      f"   block costs x{cost:.3f}")
+            else:
+                print(f"  {title:<22} {key:<24} {value}")
+    if args.workers >= 0:
+        rate = loader_rate(size, cfg.word_len, args.workers, args.batch, args.loader_batches)
+        result["loader_samples_per_s"] = rate
+        print(f"  LMDB loader, {args.workers} workers: {rate:.1f} samples/s")
+    result = {k: ({"with_block": v[True], "without_block": v[False]} if isinstance(v, dict) else v)
+              for k, v in result.items()}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model preset (default paper)")
+    p.add_argument("--ckpt", help="time this checkpoint's architecture instead of a preset")
+    p.add_argument("--size", type=int, default=0, help="input side (default: the model's input_size)")
+    p.add_argument("--batch", type=int, default=32, help="batch for throughput and training (default 32)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes per figure (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed passes first (default 3)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="DataLoader workers for the loader figure; -1 skips it (default 8)")
+    p.add_argument("--loader-batches", type=int, default=20, help="batches timed for the loader figure")
+    p.add_argument("--deform-impl", default="sampled", choices=layers.DeformableConv2d.IMPLS,
+                   help="eq. 1's implementation (layers.DeformableConv2d)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the eager and training models")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--json", help="also write the figures there")
+    args = p.parse_args(argv)
+    for name in ("batch", "repeats", "loader_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.size % 32:
+        p.error(f"--size must be a multiple of 32, got {args.size}")
+    return args
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    try:
+        run(parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"benchmark.py: error: {e}")

@@ -1,0 +1,46 @@
+"""benchmark.py: one command prints every speed figure; checked for completeness and consistency
+(never for a speed: tests do not assert wall-clock times)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import benchmark  # noqa: E402
+from model import build_model  # noqa: E402
+
+FAST = ["--batch", "2", "--repeats", "1", "--warmup", "1", "--loader-batches", "2"]
+
+
+def test_every_figure_is_reported_and_consistent(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    result = benchmark.run(benchmark.parse_args(["--preset", "smoke", "--workers", "0", "--json", str(out)] + FAST))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(out.read_text())
+    for key in ("latency_eager_fp32_ms", "latency_fast_ms", "inference_images_per_s", "train_images_per_s"):
+        pair = result[key]
+        assert pair["with_block"] > 0 and pair["without_block"] > 0
+        ratio = (pair["with_block"] / pair["without_block"] if key.endswith("_ms")
+                 else pair["without_block"] / pair["with_block"])  # a rate's cost is the inverse ratio
+        assert result[f"{key}_block_cost"] == pytest.approx(ratio)
+    assert result["loader_samples_per_s"] > 0 and result["model"] == "smoke" and result["size"] == 64
+
+
+def test_a_checkpoints_architecture_and_the_reference_deformable_conv(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("smoke", input_size=96)
+    torch.save({"model": net.state_dict(), "config": net.config.to_dict()}, tmp_path / "best.pth")
+    args = ["--ckpt", str(tmp_path / "best.pth"), "--workers", "-1", "--deform-impl", "torchvision"] + FAST
+    result = benchmark.run(benchmark.parse_args(args))
+    assert result["size"] == 96 and result["deform_impl"] == "torchvision"
+    assert "loader_samples_per_s" not in result  # --workers -1 skips it
+
+
+def test_bad_flags_are_rejected():
+    for argv in (["--batch", "0"], ["--size", "100"], ["--deform-impl", "cuda"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
