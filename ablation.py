@@ -13,7 +13,8 @@ Each variant adds one thing to the one before, as Table 2 does:
 
 Every variant is trained by train.py and scored on the held-out test split with
 best.pth (by val mean IoU). The table is printed and written to
-OUT/table.md and OUT/results.json.
+OUT/table.md and OUT/results.json. train.py refuses a run dir that already holds
+a run, so a second ablation needs a new --out (or the old one deleted).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from data import atomic_path
 
 VARIANTS = [
     # (table row, run dir, train.py flags)
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cmd += ["--epochs", str(args.epochs)]
         print(f"== {name}: {' '.join(train_command(args.nproc, cmd))}", flush=True)
         t0 = time.time()
-        subprocess.run(train_command(args.nproc, cmd), check=True)
+        if subprocess.run(train_command(args.nproc, cmd)).returncode != 0:  # train.py has said why
+            sys.exit(f"ablation.py: error: train.py failed for {name} ({run_dir})")
         seconds = time.time() - t0
         test_file = run_dir / "test_metrics.json"
         if not test_file.exists():
@@ -88,8 +92,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     table = format_table(rows)
     print("\nTest split, best.pth of each variant (percent):\n" + table)
-    (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    for name, text in (("table.md", table + "\n"), ("results.json", json.dumps(rows, indent=2))):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
     return rows
 
 

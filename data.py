@@ -15,7 +15,9 @@ image file's own bytes, stored once however many phrases share it; b"task/<index
 record (PhraseCut's fields + the image file's width and height + "image_info", the width, height and
 coco_id that image_data_split.json records). Masks are rasterised from the polygons at load time. Images
 stream in one at a time (the refer JSON is loaded whole); the file is written as .NAME.tmp-PID and
-renamed when complete, so a killed run never leaves a file that looks finished. Its size is close to
+renamed when complete, so a killed run never leaves a file that looks finished. The loader compares
+the file's size with the page count LMDB records in its first page, so a truncated copy is reported as
+such (reading past the end of a mapped file would be a bus error). Its size is close to
 the split's JPEG + annotation bytes (docs/measurements.md); LMDB stores each value over ~2 KB in whole
 4 KiB pages, so small images pay more.
 
@@ -26,17 +28,27 @@ Choices where PhraseCut and the paper are silent (all deliberate, all tested):
   int(), ImageDraw.polygon(points, outline=1, fill=1) on an 'L' image at the original size, union of
   all polygons of all instances, polygons of fewer than 2 points skipped. Instances without polygons
   add nothing. The letterboxed mask is that mask resized with nearest-neighbour and padded with 0.
-- Images are decoded in stored pixel order (no EXIF rotation: annotations use stored coordinates).
+- Images are decoded in stored pixel order, as PhraseCut does: its polygons are on the stored pixels,
+  so the EXIF orientation is deliberately not applied here (predict.py, whose input is a photo as it
+  displays, applies it).
   JPEGs at least 2x larger than their letterboxed size are decoded at a reduced DCT scale first
   (PIL's Image.draft), then resized as usual.
   Modes: alpha is dropped, palettes expanded, CMYK converted by PIL; 16-bit images are scaled
   from 0..65535 to 0..255; float images are clipped to 0..255.
 - Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
-  with the end token kept. An empty phrase is an error at build time, naming the task.
+  with the end token kept; the datasets warn once per process with the words kept (kept_words).
 - The mask and letterbox use the image file's own size. PhraseCut's subsets use image_data_split.json
   (required): its width x height divides the region's area, its coco_id decides d_cocotv; the builder
   counts size disagreements in the header. name_att_rel_count.json is optional: without it the
   header's name_att_rel_count is null and evaluation leaves the c*/a* subsets out.
+- Input checks (`build`): every task record is validated (its fields, types, [x, y] points of finite
+  numbers, a non-empty phrase) and an error names the refer file, the task and the field; image paths
+  must resolve inside <root>/images/ (no ../, absolute ids or symlinks out; the folder itself may be a
+  symlink); images over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are refused as
+  predict.py refuses them, and skipped with --skip-missing like missing or unreadable ones. --out must
+  not be, or be inside, one of --root's inputs, and an existing --out must be an LMDB this tool wrote
+  (it is replaced; anything else is refused before any work: delete it first). `synth` refuses an
+  --out that exists and is not an empty folder.
 - Eval items carry `subsets`, the task's official subsets (evaluate.phrasecut_subsets).
 - Synthetic splits: 80/10/10 train/validation/test by image; miniv is a fifth of the validation
   images. As in PhraseCut, those say split "miniv" in image_data_split.json and their tasks are in
@@ -50,6 +62,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -74,11 +87,29 @@ _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
 def tokenize(phrases, word_len=22):
-    """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token."""
+    """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token (what is
+    kept: kept_words)."""
     import clip  # imported here: clip imports pkg_resources, slow and noisy at module import
     if isinstance(phrases, str):
         phrases = [phrases]
     return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
+
+
+def kept_words(phrase, word_len=22):
+    """What tokenize keeps of a phrase longer than word_len tokens (its first word_len - 2 tokens, as
+    text: the start and end tokens take two), or None when the whole phrase fits."""
+    from clip.clip import _tokenizer
+    ids = _tokenizer.encode(phrase)
+    return None if len(ids) <= word_len - 2 else _tokenizer.decode(ids[:word_len - 2]).strip()
+
+
+def warn_if_cut(phrase, word_len, context="", note=""):
+    """Warn, naming the words kept, when `phrase` is longer than word_len tokens; returns whether it was."""
+    kept = kept_words(phrase, word_len)
+    if kept is not None:
+        warnings.warn(f"{context}phrase {phrase!r} is longer than {word_len} tokens (word_len) and is cut: "
+                      f"the model sees only {kept!r}{note}", stacklevel=2)
+    return kept is not None
 
 
 # ----------------------------------------------------------------------------- images and masks
@@ -109,6 +140,8 @@ def open_image(data, name, fit=None):
                 img.draft(None, (nw, nh))
         img.load()
         return to_rgb(img), (h, w)
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"cannot read image {name}: not an image file PIL can identify") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise ValueError(f"cannot read image {name}: {err}") from err
 
@@ -184,6 +217,7 @@ class _PhraseCutItems(Dataset):
     """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
 
     ranks = None  # evaluate.frequency_ranks of name_att_rel_count.json, when the data has one
+    said_cut = False  # a phrase longer than word_len was reported (once per process, for all datasets)
 
     def __init__(self, input_size=416, word_len=22, train=True):
         self.input_size, self.word_len, self.train = input_size, word_len, train
@@ -202,8 +236,11 @@ class _PhraseCutItems(Dataset):
         img, (h, w) = open_image(data, name, fit=size)
         image, _ = letterbox(img, size, orig_size=(h, w))
         gt = polygons_to_mask(task["Polygons"], w, h)
-        item = {"image": image, "tokens": tokenize(task["phrase"], self.word_len)[0],
-                "mask": letterbox_mask(gt, size)}
+        tokens = tokenize(task["phrase"], self.word_len)[0]
+        if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
+            _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
+                                                   " (said once per process: other long phrases are cut too)")
+        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size)}
         if not self.train:
             ps = task.get("phrase_structure") or {}
             info = task["image_info"]  # width, height, coco_id from image_data_split.json
@@ -225,7 +262,8 @@ _READERS = {}  # (st_dev, st_ino) -> (owner, lmdb.Environment); py-lmdb allows o
 def _reader(path):
     """This process's read-only environment for `path`, opened on first use. A forked DataLoader
     worker inherits its parent's environment, which LMDB must not use across fork: it is closed in
-    the child (the parent's stays open) and a fresh one opened, so workers never share one."""
+    the child (the parent's stays open) and a fresh one opened, so workers never share one. On opening,
+    a file shorter than the pages LMDB's own first page counts is refused as truncated."""
     try:
         st = os.stat(path)
     except OSError as err:
@@ -235,11 +273,18 @@ def _reader(path):
     if old_owner != owner:  # first use, a forked child, or a rebuilt file that reuses the inode
         if env is not None:
             env.close()
+            del _READERS[key]  # so that a failed reopen below leaves no closed environment behind
         try:
             env = lmdb.open(str(path), subdir=False, readonly=True, lock=False,
                             readahead=False, meminit=False)
         except lmdb.Error as err:
-            raise ValueError(f"{path} is not a readable LMDB file: {err}") from err
+            raise ValueError(f"{path} is not a readable LMDB file{' (it is empty)' if not st.st_size else ''}: "
+                             f"{err}") from err
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # from the header page, read safely
+        if st.st_size < need:  # reading a page past the end of the mapped file would be a bus error
+            env.close()
+            raise ValueError(f"{path} is truncated: {st.st_size:,} bytes, but its LMDB pages take {need:,}; "
+                             "copy it again or rebuild it with `python data.py build`")
         _READERS[key] = (owner, env)
     return env
 
@@ -259,24 +304,44 @@ class PhraseCutLMDB(_PhraseCutItems):
         self.path = str(path)
         with _reader(self.path).begin() as txn:
             raw = txn.get(b"__header__")
-        self.header = json.loads(raw) if raw else {}
-        found = (self.header.get("format"), self.header.get("version"))
-        if found != (LMDB_FORMAT, LMDB_VERSION):
-            raise ValueError(f"{self.path}: found LMDB format {found[0]!r} version {found[1]!r}, "
-                             f"expected {LMDB_FORMAT!r} version {LMDB_VERSION}; rebuild it with "
-                             f"`python data.py build`")
-        self.num_tasks = int(self.header["num_tasks"])
-        counts = self.header["name_att_rel_count"]
+            self.header = _record(self.path, b"__header__", raw) if raw else {}
+            found = (self.header.get("format"), self.header.get("version"))
+            if found != (LMDB_FORMAT, LMDB_VERSION):
+                raise ValueError(f"{self.path}: found LMDB format {found[0]!r} version {found[1]!r}, "
+                                 f"expected {LMDB_FORMAT!r} version {LMDB_VERSION}; rebuild it with "
+                                 f"`python data.py build`")
+            n, counts = self.header.get("num_tasks"), self.header.get("name_att_rel_count")
+            if type(n) is not int or n < 1 or "name_att_rel_count" not in self.header:
+                raise ValueError(f"{self.path}: record __header__ is corrupt (num_tasks {n!r}); rebuild it")
+            if txn.get(b"task/%08d" % (n - 1)) is None:
+                raise ValueError(f"{self.path}: the header counts {n} tasks but record task/{n - 1:08d} is "
+                                 "missing; rebuild it with `python data.py build`")
+        self.num_tasks = n
         self.ranks = evaluate.frequency_ranks(counts) if counts is not None else None
 
     def __len__(self):
         return self.num_tasks
 
     def _read(self, index):
+        key = b"task/%08d" % index
         with _reader(self.path).begin() as txn:
-            task = json.loads(txn.get(b"task/%08d" % index))
+            task = _record(self.path, key, txn.get(key))
             data = txn.get(b"img/" + str(task["image_id"]).encode())
+        if data is None:
+            raise ValueError(f"{self.path}: record img/{task['image_id']} (for {key.decode()}) is missing")
         return task, data
+
+
+def _record(path, key, raw):
+    """An LMDB value decoded as a JSON object; a ValueError naming the file and the key otherwise."""
+    try:
+        record = json.loads(raw)  # TypeError when absent (None); ValueError when not UTF-8 JSON
+        problem = None if isinstance(record, dict) else f"corrupt (a JSON {_JSON_TYPES.get(type(record))})"
+    except (TypeError, ValueError) as err:
+        problem = "missing" if raw is None else f"corrupt ({err})"
+    if problem:
+        raise ValueError(f"{path}: record {key.decode()} is {problem}; rebuild it with `python data.py build`")
+    return record
 
 
 class PhraseCutFolder(_PhraseCutItems):
@@ -285,6 +350,7 @@ class PhraseCutFolder(_PhraseCutItems):
     def __init__(self, root, split, input_size=416, word_len=22, train=True):
         super().__init__(input_size, word_len, train)
         self.root = Path(root)
+        self.images = (self.root / "images").resolve()
         self.tasks = _load_tasks(self.root, split)
         self.infos = read_image_info(self.root)
         counts = read_counts(self.root)
@@ -296,7 +362,7 @@ class PhraseCutFolder(_PhraseCutItems):
     def _read(self, index):
         task = self.tasks[index]
         task = {**task, "image_info": _image_info(self.infos, task)}
-        return task, (self.root / "images" / f"{task['image_id']}.jpg").read_bytes()
+        return task, image_path(self.images, task).read_bytes()
 
 
 def collate(batch):
@@ -319,23 +385,110 @@ def collate(batch):
 
 # ----------------------------------------------------------------------------- PhraseCut -> LMDB
 
+TASK_FIELDS = ("task_id", "image_id", "phrase", "instance_boxes", "Polygons")
+INPUT_FILES = ("image_data_split.json", "image_data_split3000.json", "name_att_rel_count.json",
+               *(f"refer_{s}.json" for s in SPLITS))
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_json(path, expected=list):
+    """A JSON file whose top level is `expected` (list or dict); errors name the file and the position."""
+    try:
+        with open(path, "rb") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as err:
+        early = err.msg.startswith("Unterminated") or err.pos >= len(err.doc.rstrip())
+        raise ValueError(f"{path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+                         f"{'; the file ends early: truncated?' if early else ''}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not JSON text: {err.reason} at byte {err.start}") from None
+    if not isinstance(content, expected):
+        raise ValueError(f"{path}: the top level is a JSON {_JSON_TYPES.get(type(content))}, expected "
+                         f"an {_JSON_TYPES[expected]}")
+    return content
+
+
+def _is_id(value):
+    return type(value) is int or (type(value) is str and value != "")
+
+
+def _is_point(p):  # [x, y], numbers within 10 million pixels (comparisons also refuse NaN and inf)
+    return (type(p) is list and len(p) == 2 and type(p[0]) in (int, float) and type(p[1]) in (int, float)
+            and -1e7 < p[0] < 1e7 and -1e7 < p[1] < 1e7)
+
+
+def _check_task(task, file, index):
+    """A refer record's fields, types and points, checked; a ValueError names the file, task and field."""
+    if not isinstance(task, dict):
+        raise ValueError(f"{file}: record #{index} is a JSON {_JSON_TYPES.get(type(task))}, expected an object")
+    missing = [k for k in TASK_FIELDS if k not in task]
+    if missing:
+        raise ValueError(f"{file}: task {task.get('task_id', f'#{index}')!r} lacks fields {missing}")
+    where = f"{file}: task {task['task_id']!r}"
+
+    def fail(field, value, expected):
+        raise ValueError(f"{where}: {field} is {_short(value)}, expected {expected}")
+    ps = task.get("phrase_structure")
+    for field, value, ok, expected in (
+            ("task_id", task["task_id"], _is_id, "a string or an integer"),
+            ("image_id", task["image_id"], _is_id, "an integer or a string"),
+            ("phrase", task["phrase"], lambda v: isinstance(v, str) and v.strip(), "a non-empty string"),
+            ("instance_boxes", task["instance_boxes"], lambda v: isinstance(v, list), "a list"),
+            ("phrase_structure", ps, lambda v: v is None or isinstance(v, dict), "an object or null")):
+        if not ok(value):
+            fail(field, value, expected)
+    for key, expected in (("name", str), ("type", str), ("attributes", list), ("relation_descriptions", list)):
+        value = (ps or {}).get(key)
+        if not (value is None or isinstance(value, expected)) or \
+                (key == "attributes" and not all(isinstance(a, str) for a in value or [])):
+            fail(f"phrase_structure.{key}", value, "a list of strings" if key == "attributes" else
+                 f"a JSON {_JSON_TYPES[expected]} or null")
+    if not isinstance(task["Polygons"], list):
+        fail("Polygons", task["Polygons"], "a list of instances, each a list of polygons of [x, y] points")
+    for i, instance in enumerate(task["Polygons"]):
+        if not isinstance(instance, list):
+            fail(f"Polygons[{i}]", instance, "a list of polygons (an instance)")
+        for j, polygon in enumerate(instance):
+            if not isinstance(polygon, list):
+                fail(f"Polygons[{i}][{j}]", polygon, "a list of [x, y] points")
+            for k, point in enumerate(polygon):
+                if not _is_point(point):
+                    fail(f"Polygons[{i}][{j}][{k}]", point, "[x, y], two finite numbers (pixels)")
+
+
 def _load_tasks(root, split):
+    """refer_<split>.json's tasks, every record checked (_check_task)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     refer = Path(root) / f"refer_{split}.json"
     if not refer.is_file():
         raise FileNotFoundError(f"{refer} not found: is --root a PhraseCut directory?")
-    with open(refer) as f:
-        return json.load(f)
+    tasks = read_json(refer, list)
+    for i, task in enumerate(tasks):
+        _check_task(task, refer, i)
+    return tasks
 
 
 def read_image_info(root):
     """{image_id as str: its record} from the root's image_data_split.json (the name PhraseCut's
     downloader gives it; image_data_split3000.json, its name on PhraseCut's drive, is accepted too)."""
     for name in ("image_data_split.json", "image_data_split3000.json"):
-        if (Path(root) / name).is_file():
-            with open(Path(root) / name) as f:
-                return {str(d["image_id"]): d for d in json.load(f)}
+        path = Path(root) / name
+        if path.is_file():
+            infos = {}
+            for i, d in enumerate(read_json(path, list)):
+                if not (isinstance(d, dict) and _is_id(d.get("image_id"))
+                        and all(type(d.get(k)) is int and d[k] > 0 for k in ("width", "height"))):
+                    raise ValueError(f"{path}: record #{i} is {_short(d)}, expected an object with image_id, "
+                                     "and width and height as positive integers")
+                infos[str(d["image_id"])] = d
+            return infos
     raise FileNotFoundError(f"{Path(root) / 'image_data_split.json'} not found: PhraseCut's list of images "
                             "(width, height, coco_id) is needed for its subsets")
 
@@ -346,9 +499,23 @@ def read_counts(root):
     path = Path(root) / "name_att_rel_count.json"
     if not path.is_file():
         return None
-    with open(path) as f:
-        counts = json.load(f)
+    counts = read_json(path, dict)
+    for key in ("cat", "att"):
+        pairs = counts.get(key)
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                for p in pairs)):
+            raise ValueError(f"{path}: {key!r} is {_short(pairs)}, expected a list of [word, count] pairs")
     return {"cat": counts["cat"], "att": counts["att"]}
+
+
+def image_path(images, task):
+    """`images`/<image_id>.jpg resolved, for a task; `images` is the resolved images folder. A ValueError
+    when it leads outside that folder: an image_id such as ../../x or /x, or a symlink that leaves it."""
+    path = (images / f"{task['image_id']}.jpg").resolve()
+    if not path.is_relative_to(images):
+        raise ValueError(f"task {task['task_id']}: image_id {task['image_id']!r} leads outside {images}/ "
+                         f"(to {path}); refused")
+    return path
 
 
 def _image_info(infos, task):
@@ -374,6 +541,28 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def _check_out(root, out, split):
+    """Refuse an `out` that is, or is inside, one of `root`'s inputs, or that exists and is not an LMDB
+    written by build_lmdb (one that is gets replaced); called before any work."""
+    target, images = out.resolve(), (root / "images").resolve()
+    if target == root.resolve() or target.is_relative_to(images) or \
+            target in {(root / name).resolve() for name in INPUT_FILES}:
+        raise ValueError(f"--out {out} is one of --root's inputs ({target}); write the LMDB elsewhere")
+    if target.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the LMDB file's name, e.g. {out / f'{split}.lmdb'}")
+    if out.exists():
+        try:
+            if not out.is_file():
+                raise ValueError("not a regular file")
+            with _reader(out).begin() as txn:
+                header = _record(out, b"__header__", txn.get(b"__header__"))
+            if header.get("format") != LMDB_FORMAT:
+                raise ValueError(f"its header's format is {header.get('format')!r}")
+        except ValueError as err:
+            raise ValueError(f"--out {out} exists and is not an LMDB written by `data.py build` ({err}); "
+                             "delete it first if it should be replaced") from None
+
+
 def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
     """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
 
@@ -384,37 +573,41 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
       b"task/<i:08d>"   JSON task record: PhraseCut's fields + width, height of the image file +
                         image_info {width, height, coco_id} from image_data_split.json
     Written under a temporary name and renamed when complete; on any error the temporary is removed.
+    Checked first (errors name the file, task and field): `out` (_check_out), every task (_check_task),
+    image paths (image_path), and each image's decode, with PIL's decompression-bomb limit; with
+    skip_missing, missing, unreadable and too large images are skipped with their tasks and counted.
+    Images whose size differs from image_data_split.json's are counted, with examples, in the header.
     """
     root, out = Path(root), Path(out)
+    _check_out(root, out, split)
     tasks = _load_tasks(root, split)
+    images, paths = (root / "images").resolve(), {}
+    for task in tasks:
+        if str(task["image_id"]) not in paths:
+            paths[str(task["image_id"])] = image_path(images, task)
     refer_bytes = (root / f"refer_{split}.json").stat().st_size
-    for i, task in enumerate(tasks):
-        missing = [k for k in ("task_id", "image_id", "phrase", "instance_boxes", "Polygons") if k not in task]
-        if missing:
-            raise ValueError(f"task {task.get('task_id', f'#{i}')} lacks fields {missing}")
-        if not str(task["phrase"]).strip():
-            raise ValueError(f"task {task['task_id']} in refer_{split}.json has an empty phrase")
     infos = read_image_info(root)
     image_info = {str(t["image_id"]): _image_info(infos, t) for t in tasks}
     counts = read_counts(root)
-    image_ids = sorted({str(t["image_id"]) for t in tasks}, key=str.encode)  # byte order: append
+    image_ids = sorted(paths, key=str.encode)  # byte order: append
     out.parent.mkdir(parents=True, exist_ok=True)
     map_size = 2 * refer_bytes + (1 << 30)
-    for image_id in image_ids:
-        path = root / "images" / f"{image_id}.jpg"
+    for path in paths.values():
         map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
     with atomic_path(out) as tmp:
         env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
         try:
-            sizes, bad, image_bytes, mismatches = {}, [], 0, 0
+            sizes, bad, image_bytes, mismatches = {}, [], 0, []
             txn = env.begin(write=True)
             for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
-                path = root / "images" / f"{image_id}.jpg"
+                path = paths[image_id]
                 try:
                     if not path.is_file():
                         raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
                     data = path.read_bytes()
-                    _, (h, w) = open_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
+                    with warnings.catch_warnings():  # over PIL's limit is an error, as in predict.open_image
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        _, (h, w) = open_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
                 except (OSError, ValueError):
                     if not skip_missing:
                         raise
@@ -422,7 +615,9 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
                     continue
                 txn.put(b"img/" + image_id.encode(), data, append=True)
                 sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
-                mismatches += (image_info[image_id]["width"], image_info[image_id]["height"]) != (w, h)
+                listed = (image_info[image_id]["width"], image_info[image_id]["height"])
+                if listed != (w, h):
+                    mismatches.append(f"{image_id}: file {w}x{h}, listed {listed[0]}x{listed[1]}")
                 if (k + 1) % commit_every == 0:
                     txn.commit()
                     txn = env.begin(write=True)
@@ -444,7 +639,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
             header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
                       "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
                       "skipped_images": len(bad), "skipped_image_ids": bad[:20],
-                      "size_mismatches": int(mismatches),
+                      "size_mismatches": len(mismatches), "size_mismatch_examples": mismatches[:20],
                       "source": str(root.resolve()), "name_att_rel_count": counts}
             txn.put(b"__header__", json.dumps(header).encode())
             txn.commit()
@@ -611,10 +806,13 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
     one shape or several ("all green shapes"). Splits by image: 10 % validation (at least 2), of which
     a fifth is miniv, 10 % test, the rest train; each image's tasks are in the refer file of its split
     only. image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
-    images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits."""
+    images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits.
+    out_dir must be new or an empty folder; the JSON files, written last, are each whole or absent."""
     if num_images < 4:
         raise ValueError("synthesize needs at least 4 images (train, val, miniv and test)")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one or delete it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     order = rng.permutation(num_images)
@@ -663,8 +861,8 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
     counts = count_words([t for s in SPLITS for t in refer[s]])
     for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts)]
                       + [(f"refer_{s}", refer[s]) for s in SPLITS]):
-        with open(out / f"{name}.json", "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
+        with atomic_path(out / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(obj, separators=(",", ":")))
     return out
 
 
@@ -716,41 +914,57 @@ def bench(path, root=None, n=300, input_size=416):
     return rates
 
 
+def _positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The CLI; a user mistake (a bad flag, file or record) prints `data.py: error: ...` and exits 2."""
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic PhraseCut")
-    p.add_argument("--out", required=True)
-    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--images", type=_positive, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=160, help="longer image side in pixels")
+    p.add_argument("--size", type=_positive, default=160, help="longer image side in pixels")
     p = sub.add_parser("build", help="convert one split to LMDB")
     p.add_argument("--root", required=True)
     p.add_argument("--split", required=True, choices=SPLITS)
-    p.add_argument("--out", required=True)
-    p.add_argument("--skip-missing", action="store_true", help="skip tasks whose image is missing or unreadable")
+    p.add_argument("--out", required=True, help="the LMDB file: new, or one this tool wrote (replaced)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="skip tasks whose image is missing, unreadable or over PIL's decompression-bomb limit")
     p = sub.add_parser("bench", help="samples/s at the input size")
     p.add_argument("path")
     p.add_argument("--root", default=None, help="PhraseCut directory (default: the one it was built from)")
-    p.add_argument("--n", type=int, default=300)
-    p.add_argument("--input-size", type=int, default=416)
+    p.add_argument("--n", type=_positive, default=300)
+    p.add_argument("--input-size", type=_positive, default=416)
     args = parser.parse_args(argv)
-    if args.command == "synth":
-        out = synthesize(args.out, args.images, args.seed, args.size, progress=True)
-        print(f"wrote {args.images} images to {out}")
-    elif args.command == "build":
-        s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)
-        print(f"{args.out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
-              f"tasks ({s['skipped_images']} missing or unreadable images"
-              f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
-        print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
-              f"annotations {s['annotation_bytes']:,})")
-    else:
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-        rates = bench(args.path, args.root, args.n, args.input_size)
-        for source, rate in rates.items():
-            print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
+    try:
+        if args.command == "synth":
+            out = synthesize(args.out, args.images, args.seed, args.size, progress=True)
+            print(f"wrote {args.images} images to {out}")
+        elif args.command == "build":
+            s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)
+            print(f"{args.out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
+                  f"tasks ({s['skipped_images']} missing, unreadable or too large images"
+                  f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
+            if s["size_mismatches"]:
+                print(f"warning: {s['size_mismatches']} images differ in size from image_data_split.json (masks "
+                      f"use the file's size, the size subsets the listed one), e.g. "
+                      f"{'; '.join(s['size_mismatch_examples'][:5])}")
+            print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
+                  f"annotations {s['annotation_bytes']:,})")
+        else:
+            if hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+            rates = bench(args.path, args.root, args.n, args.input_size)
+            for source, rate in rates.items():
+                print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
+    except (ValueError, OSError, lmdb.Error) as err:
+        parser.exit(2, f"data.py: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 `python train.py` and `torchrun ... train.py` run the same code: without a process group the
 rank is 0, the world 1, and every collective here returns its input. `info()` is the one way
 to ask where this process stands: `rank, world, device = distributed.info()`.
+
+A collective waits at most $SEGVLM_DIST_TIMEOUT seconds (default 300) for every process: a rank
+that stalls, is stopped or dies then ends the run with an error (gloo raises, `peer_failure` words it;
+NCCL's watchdog logs the timeout and ends the process) instead of a hang.
 """
+import datetime
 import os
 from typing import NamedTuple
 
@@ -27,15 +32,43 @@ def info() -> Process:
     return Process(dist.get_rank(), dist.get_world_size(), device) if initialized() else Process(0, 1, device)
 
 
+TIMEOUT_VARIABLE = "SEGVLM_DIST_TIMEOUT"
+
+
+def timeout_seconds() -> float:
+    """$SEGVLM_DIST_TIMEOUT: how long a collective waits for the other processes (default 300 s)."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_VARIABLE}={value!r}: expected a number of seconds > 0")
+    return seconds
+
+
 def init() -> Process:
     """Join torchrun's process group (nccl on GPUs, gloo on CPUs) when WORLD_SIZE > 1 -> info()."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not initialized():
+        timeout = datetime.timedelta(seconds=timeout_seconds())
         if torch.cuda.is_available():
             torch.cuda.set_device(info().device)
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return info()
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The user's message when `error` is a collective that lost a peer (gloo's timeout, a closed
+    connection), else None."""
+    text, rank = str(error).lower(), os.environ.get("RANK", 0)
+    if "timed out" in text or "timeout" in text:  # gloo says either, by where the wait ended
+        return (f"rank {rank}: a collective waited {timeout_seconds():g} s for the other processes, one of "
+                f"which stalled, was stopped or died ({error}); {TIMEOUT_VARIABLE}=SECONDS sets the wait")
+    if "closed by peer" in text or "reset by peer" in text:
+        return f"rank {rank}: another process left the run ({error}); its own error, above, says why"
+    return None
 
 
 def destroy() -> None:

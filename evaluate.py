@@ -34,10 +34,14 @@ full list in dataset order: the result is exactly that of one process.
 On CUDA the forward passes go through CUDA graphs (predict.FastSegVLM; --no-fast
 runs the model eagerly): the same numbers, launched faster. Timing is
 benchmark.py's job.
+
+The CLI checks --device and its outputs (--json, --save-masks, --vis: writable, not the
+checkpoint or the data) before loading anything, so a mistake fails at once, not after the run.
 """
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -68,10 +72,57 @@ SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
 
 def parse_threshold(text) -> float:
     """A --threshold value (argparse type of evaluate.py, predict.py and train.py): strictly between 0 and 1."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def parse_device(text) -> torch.device:
+    """A --device value (argparse type of evaluate.py and predict.py): cpu, cuda, cuda:N or mps, present here.
+
+    Checked when the flags are parsed, so a wrong device fails before anything is loaded."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no usable CUDA GPU "
+                                             "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def same_file(a, b) -> bool:
+    """Whether paths a and b name one file: equal once resolved (symlinks, '..') or hard links to one file."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def make_dir(path, what):
+    """mkdir -p `path` for the output `what` (e.g. "--save-masks"); a ValueError naming both when impossible."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is an existing file, not a directory; name a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot create the directory {path} ({e.strerror}: {e.filename})") from None
+    return path
 
 
 # --------------------------------------------------------------------------- metrics
@@ -264,12 +315,27 @@ def mask_path(out_dir, task_id):
     return path
 
 
+def image_format(path):
+    """PIL's format for the file name `path` ("a.png" -> "PNG"); a ValueError naming it when PIL cannot write that."""
+    from PIL import Image
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: not an image file name PIL can write (extension {Path(path).suffix or 'missing'});"
+                         " use e.g. .png")
+    return fmt
+
+
 def save_mask(mask, path):
-    """Write one (H, W) bool mask (numpy or torch) as a PNG, mode L, 0/255 (the official evaluator's input)."""
+    """Write one (H, W) bool mask (numpy or torch) as a PNG, mode L, 0/255 (the official evaluator's input).
+
+    Another extension PIL writes gives that format. Written atomically (data.atomic_path)."""
+    import data
     from PIL import Image
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
-    Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255).save(path)
+    fmt = image_format(path)
+    with data.atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255).save(tmp, format=fmt)
 
 
 def load_mask(path):
@@ -333,7 +399,7 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=data.collate)
     if save_masks is not None:
-        Path(save_masks).mkdir(parents=True, exist_ok=True)
+        make_dir(save_masks, "save_masks")
 
     fast = cuda_graphs and device.type == "cuda"
     forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
@@ -380,8 +446,7 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     net = _unwrap(model)
     was_training = net.training
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir, "the figures' folder")
     paths = []
     net.eval()
     try:
@@ -408,7 +473,8 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             fig.tight_layout()
             mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
             path = out_dir / f"{k:04d}_{item['task_id']}.png"
-            fig.savefig(path, dpi=80)
+            with data.atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=80, format="png")
             paths.append(path)
     finally:
         net.train(was_training)
@@ -423,6 +489,8 @@ def resolve_data_path(ckpt, data_arg=None):
         path = Path(data_arg)
         if not path.exists():
             raise FileNotFoundError(f"--data {path} does not exist")
+        if path.is_dir():
+            raise ValueError(f"--data {path} is a directory; pass the LMDB file itself, e.g. {path / 'test.lmdb'}")
         return path
     data_dir = ckpt.get("data_dir") or ""
     if not data_dir:
@@ -463,7 +531,8 @@ def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> d
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
+    p = argparse.ArgumentParser(prog="evaluate.py",
+                                description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
     p.add_argument("--ckpt", help="checkpoint written by train.py, or CRIS's released best_model.pth; "
                                   "the model is rebuilt from it alone")
     p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
@@ -471,7 +540,8 @@ def parse_args(argv=None):
                    help=f"cut on the sigmoid probability (default {DEFAULT_THRESHOLD}, CRIS's)")
     p.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
+    p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: this rank's GPU if "
+                                                        "there is one, else cpu)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (CUDA only)")
     p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
     p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
@@ -485,20 +555,41 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt:
         p.error("--ckpt is required")
-    for name in ("batch_size", "num"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (("batch_size", 1), ("num", 1), ("workers", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    try:
+        check_outputs(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
+def check_outputs(args):
+    """Refuse, before any work, outputs that cannot be written or would overwrite an input (a ValueError).
+
+    --save-masks and --vis must be directories (created here), --json a file in a directory
+    that exists or can be created, and no output may be the checkpoint or the data."""
+    for flag in ("save_masks", "vis"):
+        if getattr(args, flag):
+            make_dir(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.json:
+        path = Path(args.json)
+        if path.is_dir():
+            raise ValueError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
+        for flag, given in (("--ckpt", args.ckpt), ("--data", args.data)):
+            if given and same_file(path, given):
+                raise ValueError(f"--json {path} is the {flag} file; writing the metrics there would destroy it")
+        make_dir(path.parent, "--json's folder")
+
+
 def run(args):
-    """The CLI's work; raises ValueError / FileNotFoundError for the user's mistakes."""
+    """The CLI's work; raises ValueError / OSError for the user's mistakes (parse_args checked the flags)."""
     import data
     import model as segvlm
 
     rank, world, device = distributed.init()
-    if args.device:
-        device = torch.device(args.device)
+    device = args.device or device  # already checked by parse_device
 
     net, ckpt = segvlm.load_checkpoint(args.ckpt, map_location="cpu")
     net.to(device)
@@ -516,8 +607,8 @@ def run(args):
     if rank == 0:
         print(format_table(result))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            with data.atomic_path(args.json) as tmp:
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
         if args.vis:
             save_overlays(net, dataset, args.vis, num=args.num, threshold=args.threshold, device=device)
         print(f"{args.ckpt} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
@@ -537,8 +628,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # the user's data or files; argparse already exited 2 for bad flags
         sys.exit(f"evaluate.py: error: {e}")
+    except RuntimeError as e:  # a peer that stalled or died under torchrun: say so, not a traceback
+        if (message := distributed.peer_failure(e)) is None:
+            raise
+        sys.exit(f"evaluate.py: error: {message}")
     finally:
         distributed.destroy()
 

@@ -108,10 +108,15 @@ class SegVLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SegVLMConfig":
-        """Inverse of `to_dict` (lists back to tuples); unknown keys are an error."""
+        """Inverse of `to_dict` (lists back to tuples): every field, no other key, else a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a dict of SegVLMConfig's fields, got {type(d).__name__}")
         unknown = sorted(set(d) - set(config_fields()))
         if unknown:
             raise ValueError(f"unknown SegVLMConfig field(s) {unknown}; valid fields: {config_fields()}")
+        missing = [k for k in config_fields() if k not in d]
+        if missing:
+            raise ValueError(f"{len(missing)} of SegVLMConfig's {len(config_fields())} fields missing: {missing}")
         return cls(**d)  # __post_init__ turns lists back into tuples
 
 
@@ -482,6 +487,8 @@ def read_checkpoint_file(path, map_location="cpu"):
     other object is refused, because unpickling it could run code.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -499,13 +506,28 @@ def read_checkpoint_file(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
 
 
+def state_dict_misfit(model, state_dict, show=3) -> str:
+    """An empty string when state_dict fits model exactly, else a short summary: how many keys are
+    missing, unexpected or of another shape, and the first `show` of each (not torch's full list)."""
+    if not isinstance(state_dict, dict):
+        return f"'model' is a {type(state_dict).__name__}, not a state dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [str(k) for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} for {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and not (torch.is_tensor(state_dict[k]) and state_dict[k].shape == v.shape)]
+    return "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:show])})" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint and rebuild its model -> (model in eval mode, checkpoint dict).
 
     A checkpoint of this project (train.py's, `cris.py convert`'s) is a plain dict
     {"model": state_dict, "config": cfg.to_dict(), ...}, read by `read_checkpoint_file`
     (torch.load with weights_only=True). No CLIP weights are needed: the state dict holds
-    them. The state dict must fit exactly (strict loading).
+    them. The config is checked first (every field, no unknown one: `SegVLMConfig.from_dict`),
+    then the state dict must fit exactly; a misfit is summarised (`state_dict_misfit`).
 
     CRIS's released best_model.pth is recognised and converted in memory (cris.py): SegVLM
     with the enhancement block off is CRIS's model. A one-line note on stderr says so.
@@ -528,10 +550,10 @@ def load_checkpoint(path, map_location="cpu"):
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a SegVLM checkpoint: bad config: {e}") from e
     model = SegVLM(cfg)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit the model its config describes: {e}") from e
+    misfit = state_dict_misfit(model, ckpt["model"])
+    if misfit:
+        raise ValueError(f"{path}: the weights do not fit the model its config describes: {misfit}")
+    model.load_state_dict(ckpt["model"], strict=True)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model.eval(), ckpt

@@ -19,20 +19,25 @@ From Python, load the checkpoint once and call `predict` as often as needed:
 The pipeline is the evaluation's: `data.letterbox` to the checkpoint's input
 size, `data.tokenize` to its word length, the model, a sigmoid, then
 `data.unletterbox` back to the original size and the threshold (0.35, CRIS's,
-as in evaluate.py).
+as in evaluate.py). `open_image` applies the photo's EXIF orientation first, so the
+mask fits the image as viewers display it.
+
+The CLI checks its outputs before any work: --out and --mask must be image names PIL
+can write, and neither may be --image, --ckpt (under any path) or each other.
 """
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 import data
 import distributed
-from evaluate import DEFAULT_THRESHOLD, parse_threshold, save_mask
+from evaluate import DEFAULT_THRESHOLD, image_format, make_dir, parse_device, parse_threshold, same_file, save_mask
 
 
 def load_model(ckpt_path, device=None, fast=None):
@@ -132,13 +137,20 @@ class FastSegVLM(torch.nn.Module):
 
 
 def open_image(path):
-    """Open and fully decode an image file as RGB, with a clear ValueError when that is unsafe or impossible.
+    """Open and fully decode an image file as RGB, upright; a clear ValueError when that is unsafe or impossible.
 
-    Refused: a missing path (FileNotFoundError), a file PIL cannot identify,
+    The EXIF orientation is applied (ImageOps.exif_transpose): a phone photo stored sideways comes
+    out upright, so the mask fits the photo as viewers show it. (The dataset does not: PhraseCut's
+    polygons are on the stored pixels.)
+    Refused: a missing path (FileNotFoundError), a directory, a URL, a file PIL cannot identify,
     a truncated/corrupt file, and an image larger than PIL's decompression-bomb
     limit (Image.MAX_IMAGE_PIXELS; its warning is treated as an error too).
     """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise ValueError(f"{path}: URLs are not supported, download it first")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
@@ -146,12 +158,13 @@ def open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now, so a truncated file fails here and not later
-                return data.to_rgb(im)  # 16-bit and float images scaled, as in the dataset
+                # upright as displayed; 16-bit and float images scaled, as in the dataset
+                return data.to_rgb(ImageOps.exif_transpose(im))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed headers
+    except (OSError, SyntaxError, ValueError) as e:  # SyntaxError: some malformed headers; ValueError: bad EXIF
         raise ValueError(f"{path}: cannot decode the image ({e})") from None
 
 
@@ -172,6 +185,9 @@ def predict_proba(model, image, phrase):
         raise ValueError(f"expected a PIL image, got {type(image).__name__}")
     image = image.convert("RGB")
     cfg = model.config
+    with warnings.catch_warnings():  # on every call (Python's default filter says a repeated warning once)
+        warnings.simplefilter("always")
+        data.warn_if_cut(phrase, cfg.word_len)  # which words the model sees of a long phrase
     device = net_device(model)
     was_training = model.training
     model.eval()
@@ -210,31 +226,57 @@ def overlay(image, mask, phrase=None, color=(230, 30, 30), alpha=0.55):
     return out
 
 
+def check_outputs(args):
+    """Refuse, before any work, an --out/--mask that PIL cannot write, that is a directory, or that
+    would overwrite an input (--image or --ckpt, under any path) or the other output (a ValueError).
+    Their folders are created here."""
+    if args.mask and same_file(args.out, args.mask):
+        raise ValueError(f"--out {args.out} and --mask {args.mask} are the same file; name two files")
+    for flag, path in (("--out", args.out), ("--mask", args.mask)):
+        if path is None:
+            continue
+        for source, given in (("--image", args.image), ("--ckpt", args.ckpt)):
+            if same_file(path, given):
+                raise ValueError(f"{flag} {path} is the {source} file; writing there would destroy it")
+        if Path(path).is_dir():
+            raise ValueError(f"{flag} {path} is a directory; name an image file, e.g. {Path(path) / 'overlay.png'}")
+        try:
+            image_format(path)
+        except ValueError as e:
+            raise ValueError(f"{flag} {e}") from None
+        make_dir(Path(path).parent, f"{flag}'s folder")
+
+
 def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
-    p = argparse.ArgumentParser(description="Segment an image from a phrase with a SegVLM checkpoint.")
+    p = argparse.ArgumentParser(prog="predict.py",
+                                description="Segment an image from a phrase with a SegVLM checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or CRIS's released best_model.pth")
     p.add_argument("--image", required=True, help="image file (anything PIL reads)")
     p.add_argument("--phrase", required=True, help='what to segment, e.g. "black baseball cap"')
-    p.add_argument("--out", default="overlay.png", help="overlay PNG to write")
-    p.add_argument("--mask", help="also write the mask as a 0/255 PNG at the image's size")
+    p.add_argument("--out", default="overlay.png", help="overlay image to write (.png, .jpg, ...)")
+    p.add_argument("--mask", help="also write the mask as a 0/255 image (.png, ...) at the image's size")
     p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
                    help=f"cut on the sigmoid (CRIS: {DEFAULT_THRESHOLD})")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=parse_device,
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA graphs + bf16 autocast (FastSegVLM); default on for CUDA, off on the CPU")
     args = p.parse_args(argv)
+    try:
+        check_outputs(args)
+    except ValueError as e:
+        p.error(str(e))
     try:
         phrase = _check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
         model = load_model(args.ckpt, args.device, fast=args.fast)
         mask = predict(model, image, phrase, args.threshold)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        overlay(image, mask, phrase).save(args.out)
+        with data.atomic_path(args.out) as tmp:
+            overlay(image, mask, phrase).save(tmp, format=image_format(args.out))
         if args.mask:
-            Path(args.mask).parent.mkdir(parents=True, exist_ok=True)
             save_mask(mask, args.mask)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"predict.py: error: {e}")
     print(f'"{phrase}": {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
           f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))

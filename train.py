@@ -24,7 +24,20 @@ val split, whose files do not hold the 100 miniv images (those are in
 refer_miniv.json; convert them to score them with evaluate.py). The run
 directory (`--out`) receives config.json, command.txt, git.txt, metrics.jsonl
 (one line per epoch), checkpoint.pth (every epoch), best.pth (best val mean
-IoU), curves.png and, when test.lmdb exists, test_metrics.json.
+IoU), curves.png and, when test.lmdb exists, test_metrics.json. An --out that
+already holds a run is refused: continue it with --resume, or pick another.
+
+`--resume DIR/checkpoint.pth` continues that run in DIR: every flag not typed
+is the checkpoint's own, and a typed one that contradicts it is refused, except
+those in RESUME_MAY_CHANGE (--epochs, where the data is, speed settings), which
+config.json then records beside the checkpoint's values; command.txt keeps
+every command. A run killed at any point resumes to the same files: metrics.jsonl
+is rewritten from the checkpoint's history and best.pth from the checkpoint when
+the kill fell between the two.
+
+Under torchrun a collective waits $SEGVLM_DIST_TIMEOUT seconds (default 300)
+for every process, so a stalled or stopped rank ends the run with an error
+(distributed.py).
 
 `train` reads as the recipe, one named step per line. The same code runs in
 one process and under torchrun: `distributed.init` does nothing without
@@ -57,7 +70,8 @@ import distributed
 import evaluate
 from data import DEMO_NUM_IMAGES
 from loss import RAFLoss
-from model import PRESETS, SegVLM, build_model, get_preset
+from model import (PRESETS, SegVLM, SegVLMConfig, build_model, get_preset, read_checkpoint_file,
+                   state_dict_misfit)
 
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
 
@@ -153,12 +167,57 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         else:
             options.setdefault("type", {"int": int, "float": float, "str": str}[f.type])
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    unset = object()  # argparse leaves a namespace's attribute alone unless its flag is typed
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    typed = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset))))
+    given = {name for name, value in typed.items() if value is not unset}
+    cfg = dataclasses.replace(defaults, **{name: typed[name] for name in given})
     try:
+        if cfg.resume:
+            cfg = resumed_config(cfg, given)
         validate(cfg)
     except ValueError as e:
         parser.error(str(e))
     return cfg
+
+
+def flag_text(name: str, value) -> str:
+    """A setting as the flag that gives it: ('se', False) -> '--no-se', ('lr', 0.001) -> '--lr 0.001'."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+# What --resume may change: how far the run goes, where its data now is, how fast it runs. Every other
+# setting is the checkpoint's (its model, optimizer, schedule and data continue); a typed one that differs
+# is refused. --clip-weights and --init-from said how the run started: a resumed run starts from its checkpoint.
+RESUME_MAY_CHANGE = {"epochs", "data", "cache_dir", "num_workers", "log_every", "compile", "channels_last",
+                     "eval_test", "out", "resume"}
+NOT_RESUMED = {"clip_weights", "init_from", "out", "resume"}
+
+
+def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """--resume's settings: the checkpoint's own for every flag not typed (not in `given`); a ValueError naming
+    each typed flag that contradicts the checkpoint. A file that is no checkpoint is left to read_resume."""
+    if "clip_weights" not in given:  # the preset's (paper: RN101) was for the run's start
+        cfg = dataclasses.replace(cfg, clip_weights="none")
+    try:
+        ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
+        saved, model_cfg, done = dict(ckpt["args"]), dict(ckpt["config"]), ckpt["epoch"] + 1
+    except Exception:
+        return cfg
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in names and k not in NOT_RESUMED}
+    contradictions = [f"{flag_text(k, getattr(cfg, k))} (the checkpoint's: {flag_text(k, model_cfg.get(k, v))})"
+                      for k, v in sorted(saved.items()) if k in given and k not in RESUME_MAY_CHANGE
+                      and getattr(cfg, k) not in (v, model_cfg.get(k))]  # --input-size 320 == the preset's 0
+    if contradictions:
+        raise ValueError(f"--resume {cfg.resume} continues that run's model, optimizer, schedule and data, "
+                         f"so these flags contradict it: {', '.join(contradictions)}; drop them, or start a new "
+                         f"run from its weights with --init-from {cfg.resume}")
+    if "epochs" in given and cfg.epochs < done:
+        raise ValueError(f"--epochs {cfg.epochs}: --resume {cfg.resume} has finished epoch {done} already")
+    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given})
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -187,6 +246,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.input_size % 32:
         raise ValueError(f"--input-size must be a multiple of 32, got {cfg.input_size}")
     if cfg.data:
+        if not Path(cfg.data).is_dir():
+            what = "is not a directory" if Path(cfg.data).exists() else "does not exist"
+            raise ValueError(f"--data {cfg.data} {what}: give the directory that holds train.lmdb and val.lmdb")
         for split in ("train", "val"):
             path = Path(cfg.data) / f"{split}.lmdb"
             if not path.exists():
@@ -194,22 +256,47 @@ def validate(cfg: TrainConfig) -> None:
                                  f"(make it with: python data.py build --split {split} --out {path})")
     elif cfg.preset == "paper":
         raise ValueError("--preset paper needs --data DIR holding PhraseCut's train.lmdb and val.lmdb")
+    else:  # the synthetic set
+        if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+            raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")
+        if cfg.synth_images < 4:
+            raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
+    if any(m < 1 for m in cfg.milestones):
+        raise ValueError(f"--milestones are epochs >= 1, got {' '.join(map(str, cfg.milestones))}")
     weights = cfg.clip_weights
     if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
         raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
                          f"({', '.join(clip.available_models())}) nor an existing file")
-    if cfg.resume and not Path(cfg.resume).is_file():
-        raise ValueError(f"--resume {cfg.resume}: no such file")
+    if cfg.resume:
+        need_file("--resume", cfg.resume)
     if cfg.clip_weights.lower() != "none" and cfg.resume:
         raise ValueError("--resume restores every weight; leave --clip-weights at none")
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {cfg.out} is a file; a run directory is expected")
+        if cfg.resume and out.resolve() != Path(cfg.resume).resolve().parent:
+            raise ValueError(f"--out {cfg.out}: --resume continues the run in its own directory, "
+                             f"{Path(cfg.resume).parent}; drop --out")
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not cfg.resume:
+            raise ValueError(f"--out {cfg.out} already holds a run ({', '.join(found)}); continue it with "
+                             f"--resume {out / 'checkpoint.pth'}, or give a new --out (or delete {cfg.out})")
     if cfg.init_from:
-        if not Path(cfg.init_from).is_file():
-            raise ValueError(f"--init-from {cfg.init_from}: no such file")
+        need_file("--init-from", cfg.init_from)
         if cfg.resume:
             raise ValueError("--resume continues a run from its own weights; drop --init-from")
         if weights.lower() != "none" and weights not in clip.available_models():
             raise ValueError(f"--init-from brings its own CLIP weights: --clip-weights may only name the file's "
                              f"backbone (e.g. RN101) or be none, not {weights!r}")
+
+
+RUN_FILES = ("checkpoint.pth", "best.pth", "metrics.jsonl", "config.json", "test_metrics.json")
+
+
+def need_file(flag_name: str, path: str) -> None:
+    if not Path(path).is_file():
+        raise ValueError(f"{flag_name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +318,7 @@ def train(cfg: TrainConfig) -> dict:
         criterion = make_loss(cfg)
         start, best, history = restore(resume, model, optimizer, scheduler, scaler) if resume else (0, -1.0, [])
         net = wrap_model(model, cfg, device)
-        out = make_run_dir(cfg, model.config, data_dir)
+        out = make_run_dir(cfg, model.config, data_dir, resume)
         if rank == 0:
             print(f"run dir {out}  |  {world} process(es) on {device}  |  {len(loader.dataset)} train "
                   f"samples, {len(val_set)} val  |  global batch {cfg.batch_size}")
@@ -272,15 +359,19 @@ def seed_everything(seed: int) -> None:
 
 
 def read_resume(path: str) -> dict:
-    """--resume's checkpoint.pth, or a ValueError saying why it cannot be one."""
+    """--resume's checkpoint.pth (read_checkpoint_file: never code), or a ValueError saying why it cannot be one."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a torch file at all
-        raise ValueError(f"--resume {path}: cannot be read as a checkpoint ({e})") from e
+        ckpt = read_checkpoint_file(path)
+    except (ValueError, OSError) as e:  # truncated, corrupt, not a torch file, or holding code
+        raise ValueError(f"--resume: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
         raise ValueError(f"--resume {path}: not a checkpoint.pth written by train.py (a run's full "
                          f"state); to start a new run from a file's weights (best.pth, CRIS's "
                          f"best_model.pth), use --init-from")
+    try:
+        SegVLMConfig.from_dict(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--resume {path}: its model config is not SegVLM's: {e}") from e
     return ckpt
 
 
@@ -382,6 +473,9 @@ def make_loss(cfg: TrainConfig) -> RAFLoss:
 
 def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float, list]:
     """Load a run's whole state, RNGs included -> (first epoch to run, best val mIoU so far, history)."""
+    misfit = state_dict_misfit(model, ckpt["model"])
+    if misfit:
+        raise ValueError(f"--resume: the checkpoint's weights do not fit the model its config describes: {misfit}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -409,8 +503,11 @@ def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
     return net
 
 
-def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path) -> Path:
-    """--out, else --resume's dir, else runs/<preset>-<time>; rank 0 writes config.json, command.txt, git.txt."""
+def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path, resume: dict | None = None) -> Path:
+    """--out, else --resume's dir, else runs/<preset>-<time>; rank 0 writes config.json, command.txt, git.txt.
+
+    A resumed run's config.json says what it changed ("resumed"), its command and commit are added to the
+    others, and tidy_resumed_run makes the directory agree with the checkpoint."""
     if cfg.out:
         out = Path(cfg.out)
     elif cfg.resume:  # continue in the run dir the checkpoint came from
@@ -419,12 +516,46 @@ def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path) -> Path:
         out = Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(
-            {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(), "world_size": distributed.info().world,
-             "data_dir": str(data_dir)}, indent=2))
-        (out / "command.txt").write_text(shlex.join([sys.executable] + sys.argv) + "\n")
-        (out / "git.txt").write_text(git_commit() + "\n")
+        config = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
+                  "world_size": distributed.info().world, "data_dir": str(data_dir)}
+        if resume is not None:
+            tidy_resumed_run(out, resume)
+            before = resume["args"]
+            config["resumed"] = {"after_epoch": resume["epoch"] + 1, "changed": {
+                k: [before[k], v] for k, v in config["train"].items()
+                if k in before and before[k] != v and k not in NOT_RESUMED}}
+        write_text(out / "config.json", json.dumps(config, indent=2))
+        write_text(out / "command.txt", shlex.join([sys.executable] + sys.argv) + "\n", append=resume is not None)
+        write_text(out / "git.txt", git_commit() + "\n", append=resume is not None)
     return out
+
+
+def write_text(path: Path, text: str, append: bool = False) -> None:
+    """`text` as the file's content (after its old content, with append), written whole (data.atomic_path)."""
+    if append and path.is_file():
+        text = path.read_text() + text
+    with data.atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def tidy_resumed_run(out: Path, ckpt: dict) -> None:
+    """Make a resumed run's directory agree with its checkpoint, wherever a kill fell: no temporaries of
+    killed writes; metrics.jsonl from the checkpoint's history (an epoch logged but not checkpointed runs
+    again and is listed once); best.pth from the checkpoint when its last epoch was the best and best.pth
+    is not that epoch's (killed between the two writes, save_checkpoint)."""
+    for tmp in out.glob(".*.tmp-*"):  # data.atomic_path's names
+        tmp.unlink(missing_ok=True)
+    history = ckpt["history"]
+    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if max(history, key=lambda h: h["val_mIoU"]) is history[-1]:  # the first of equals: improvements are strict
+        try:
+            best = torch.load(out / "best.pth", map_location="cpu", weights_only=True, mmap=True)
+            written = (best["epoch"], best["best_metric"])
+        except Exception:  # missing or half-written
+            written = None
+        if written != (ckpt["epoch"], ckpt["best_metric"]):
+            print(f"{out / 'best.pth'}: rewritten from the checkpoint's epoch {ckpt['epoch'] + 1}, its best")
+            write_best(out, ckpt)
 
 
 def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig) -> dict:
@@ -542,8 +673,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: list[dict], best: float,
                     improved: bool, cfg: TrainConfig, data_dir: Path) -> None:
-    """checkpoint.pth (all --resume needs) every epoch, best.pth (weights, config) when val mIoU improved;
-    plain tensors, numbers and strings (torch.load(weights_only=True) reads them), each written whole."""
+    """checkpoint.pth (all --resume needs) every epoch, then best.pth (weights, config) when val mIoU improved;
+    plain tensors, numbers and strings (torch.load(weights_only=True) reads them), each written whole.
+    A kill between the two leaves a checkpoint whose last epoch is the best: resuming rewrites best.pth from it."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config.to_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "epoch": history[-1]["epoch"] - 1, "best_metric": best,
@@ -552,9 +684,14 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: lis
     with data.atomic_path(out / "checkpoint.pth") as tmp:
         torch.save(state, tmp)
     if improved:
-        with data.atomic_path(out / "best.pth") as tmp:
-            torch.save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric", "args",
-                                              "data_dir")}, tmp)
+        write_best(out, state)
+
+
+def write_best(out: Path, state: dict) -> None:
+    """best.pth: a checkpoint's weights, config, epoch and metric (no optimizer)."""
+    with data.atomic_path(out / "best.pth") as tmp:
+        torch.save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric", "args", "data_dir")},
+                   tmp)
 
 
 def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch_size: int) -> dict:
@@ -568,8 +705,7 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
     test = evaluate.evaluate(model, test_set, threshold=cfg.threshold, batch_size=batch_size,
                              num_workers=cfg.num_workers, device=device, progress=False)
     if rank == 0:
-        with data.atomic_path(out / "test_metrics.json") as tmp:
-            tmp.write_text(json.dumps(test, indent=2))
+        write_text(out / "test_metrics.json", json.dumps(test, indent=2))
         print(f"test (best.pth): mIoU {test['mIoU']:.4f}  oIoU {test['oIoU']:.4f}  "
               f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}")
     return test
@@ -621,8 +757,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a path that cannot be read or written
         sys.exit(f"train.py: error: {e}")
+    except RuntimeError as e:  # a collective that lost a peer (distributed.py); anything else is a bug: raised
+        if (message := distributed.peer_failure(e)) is None:
+            raise
+        sys.exit(f"train.py: error: {message}")
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def test_train_flags_for_init_from(files, tmp_path, capsys):
         assert message in capsys.readouterr().err
     converted = tmp_path / "converted.pth"
     cris.convert(path, converted)
-    cfg = train.parse_args(["--preset", "smoke", "--resume", str(converted), "--out", str(tmp_path / "r")])
+    cfg = train.parse_args(["--preset", "smoke", "--resume", str(converted)])
     with pytest.raises(ValueError, match="not a checkpoint.pth written by train.py.*use --init-from"):
         train.train(cfg)
 

@@ -4,8 +4,13 @@ import collections
 import hashlib
 import io
 import json
+import re
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lmdb
 import numpy as np
@@ -390,3 +395,237 @@ def test_ensure_synthetic_is_made_once(tmp_path):
     assert data.ensure_synthetic(tmp_path, num_images=6, seed=1, size=64) == first
     assert (first / "train.lmdb").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no half-made copies left
+
+
+# ----------------------------------------------------------------------------- hostile and careless input
+
+def good_task(**changes):
+    task = {"task_id": "1__0", "image_id": 1, "ann_ids": [0], "instance_boxes": [[0, 0, 10, 10]],
+            "Polygons": [rectangle(0, 0, 10, 10)], "phrase": "grey box",
+            "phrase_structure": {"name": "box", "attributes": ["grey"], "relation_ids": [],
+                                 "relation_descriptions": [], "type": "attribute"}}
+    return {**task, **changes}
+
+
+def tiny_root(tmp_path, tasks=None, sizes=((40, 30),), listed=None):
+    """A PhraseCut of images 1, 2, ... of `sizes`, listed in image_data_split.json at `listed` (default:
+    their own sizes), and refer_train.json holding `tasks` (default: one good task)."""
+    root = tmp_path / "tiny"
+    (root / "images").mkdir(parents=True)
+    for i, size in enumerate(sizes, 1):
+        Image.new("RGB", size, (90, 120, 150)).save(root / "images" / f"{i}.jpg")
+    (root / "image_data_split.json").write_text(json.dumps([
+        {"image_id": i, "width": w, "height": h, "split": "train", "url": "", "coco_id": None, "flickr_id": None}
+        for i, (w, h) in enumerate(listed or sizes, 1)]))
+    (root / "refer_train.json").write_text(json.dumps([good_task()] if tasks is None else tasks))
+    return root
+
+
+def cli_error(argv, capsys):
+    """data.main(argv) must fail as a user mistake: exit 2, `data.py...: error: ...`, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # after any progress bar
+    assert last.startswith("data.py") and ": error: " in last, err
+    return last
+
+
+def test_build_never_replaces_an_input_or_a_foreign_file(tmp_path):
+    root = tiny_root(tmp_path)
+    snapshot = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    (tmp_path / "link.lmdb").symlink_to(root / "refer_train.json")
+    for out in (root / "refer_train.json", root / "image_data_split.json", root / "images" / "1.jpg",
+                root / "images" / "new.lmdb", root, root / "images", tmp_path / "link.lmdb"):
+        with pytest.raises(ValueError, match="one of --root's inputs"):
+            data.build_lmdb(root, "train", out, progress=False)
+    notes = tmp_path / "notes.lmdb"
+    notes.write_text("my notes")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=f"{notes} exists and is not an LMDB written by .*delete it first"):
+        data.build_lmdb(root, "train", notes, progress=False)
+    (root / "refer_train.json").write_text("[{")  # the refusal comes first, before any work
+    with pytest.raises(ValueError, match="is a directory"):
+        data.build_lmdb(root, "train", tmp_path / "folder", progress=False)
+    (root / "refer_train.json").write_bytes(snapshot[root / "refer_train.json"])
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == snapshot
+    assert notes.read_text() == "my notes" and list((tmp_path / "folder").iterdir()) == []
+    ours = tmp_path / "ours.lmdb"  # an LMDB this tool wrote is replaced
+    data.build_lmdb(root, "train", ours, progress=False)
+    assert data.build_lmdb(root, "train", ours, progress=False)["num_tasks"] == 1
+    with pytest.raises(ValueError, match="not an empty folder.*delete it first"):
+        data.synthesize(root, num_images=4, size=32)  # synth never writes over a dataset either
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == snapshot
+
+
+def test_build_validates_every_task_record(tmp_path):
+    no_polygons = good_task()
+    del no_polygons["Polygons"]
+    cases = [  # (refer_train.json's content, what the error must say)
+        ([good_task(Polygons="circle")], r"task '1__0': Polygons is 'circle'"),
+        ([good_task(Polygons=[[[[1, 2], [float("nan"), 3]]]])], r"Polygons\[0\]\[0\]\[1\] is \[nan, 3\]"),
+        ([good_task(Polygons=[[[[1, 2], ["4", 3]]]])], r"Polygons\[0\]\[0\]\[1\] is \['4', 3\]"),
+        ([good_task(Polygons=[[[[1, 2, 3]]]])], r"Polygons\[0\]\[0\]\[0\] is \[1, 2, 3\], expected \[x, y\]"),
+        ([good_task(Polygons=[["x"]])], r"Polygons\[0\]\[0\] is 'x'"),
+        ([good_task(phrase=None)], r"task '1__0': phrase is None, expected a non-empty string"),
+        ([good_task(phrase=7)], r"phrase is 7"),
+        ([good_task(image_id=[1])], r"image_id is \[1\]"),
+        ([good_task(instance_boxes=3)], r"instance_boxes is 3"),
+        ([good_task(phrase_structure={"attributes": "red"})], r"phrase_structure.attributes is 'red'"),
+        ([good_task(), no_polygons], r"task '1__0' lacks fields \['Polygons'\]"),
+        ([good_task(), "oops"], r"record #1 is a JSON string, expected an object"),
+        ({"tasks": [good_task()]}, r"the top level is a JSON object, expected an array"),
+    ]
+    root = tiny_root(tmp_path)
+    for content, message in cases:
+        (root / "refer_train.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match="refer_train.json: .*" + message):
+            data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+        with pytest.raises(ValueError, match=message):
+            data.PhraseCutFolder(root, "train")
+        assert not (tmp_path / "t.lmdb").exists()
+
+
+def test_build_reports_images_whose_size_differs_from_the_annotations(tmp_path, capsys):
+    root = tiny_root(tmp_path, sizes=[(1, 1)], listed=[(40, 30)])  # a 1x1 file for a 40x30 image
+    data.main(["build", "--root", str(root), "--split", "train", "--out", str(tmp_path / "t.lmdb")])
+    out = capsys.readouterr().out
+    assert "warning: 1 images differ in size from image_data_split.json" in out and "1: file 1x1, listed 40x30" in out
+    assert data.PhraseCutLMDB(tmp_path / "t.lmdb").header["size_mismatch_examples"] == ["1: file 1x1, listed 40x30"]
+
+
+def test_build_applies_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    root = tiny_root(tmp_path, [good_task(), good_task(task_id="2__0", image_id=2)], sizes=[(300, 200), (40, 30)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # image 1 (60,000 px) is only in PIL's warning range
+    with pytest.raises(ValueError, match="images/1.jpg.*decompression bomb"):
+        data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    stats = data.build_lmdb(root, "train", tmp_path / "t.lmdb", skip_missing=True, progress=False)
+    assert (stats["skipped_images"], stats["skipped_image_ids"], stats["num_tasks"]) == (1, ["1"], 1)
+
+
+def test_image_paths_stay_inside_the_images_folder(tmp_path):
+    root = tiny_root(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.jpg")
+    (root / "images" / "2.jpg").symlink_to(tmp_path / "secret.jpg")
+    for image_id in ("../../secret", str(tmp_path / "secret"), 2):
+        (root / "refer_train.json").write_text(json.dumps([good_task(), good_task(task_id="x", image_id=image_id)]))
+        with pytest.raises(ValueError, match=f"task x: image_id {image_id!r} leads outside"):
+            data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+        folder = data.PhraseCutFolder(root, "train", input_size=32)
+        folder.infos[str(image_id)] = folder.infos["1"]
+        with pytest.raises(ValueError, match="leads outside"):
+            folder[1]
+    linked = tmp_path / "linked"  # the images folder itself may be a symlink (another disk)
+    linked.mkdir()
+    (linked / "images").symlink_to(root / "images")
+    for name in ("image_data_split.json", "refer_train.json"):
+        (linked / name).symlink_to(root / name)
+    (root / "refer_train.json").write_text(json.dumps([good_task()]))
+    assert data.build_lmdb(linked, "train", tmp_path / "t.lmdb", progress=False)["num_images"] == 1
+
+
+def test_damaged_lmdb_is_named_not_a_crash(synth, tmp_path):
+    _, out, _ = synth
+    half = tmp_path / "half.lmdb"
+    half.write_bytes(out.read_bytes()[:out.stat().st_size // 2])
+    # in a child process: without the size check, reading it is a bus error that would kill pytest
+    run = subprocess.run([sys.executable, str(Path(data.__file__)), "bench", str(half), "--n", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"data.py: error: {half} is truncated" in run.stderr, run.stderr
+    with pytest.raises(ValueError, match=f"{half} is truncated"):
+        data.PhraseCutLMDB(half)
+
+    def damaged(name, edit):
+        path = tmp_path / name
+        shutil.copy(out, path)
+        env = lmdb.open(str(path), subdir=False, lock=False)
+        with env.begin(write=True) as txn:
+            edit(txn)
+        env.close()
+        return path
+    bad = damaged("records.lmdb", lambda txn: (txn.put(b"task/00000003", b"\xff\x00garbage"),
+                                               txn.put(b"task/00000004", b"[1, 2]")))
+    ds = data.PhraseCutLMDB(bad, input_size=32)
+    for i in (3, 4):
+        with pytest.raises(ValueError, match=f"{bad}: record task/0000000{i} is corrupt"):
+            ds[i]
+    header = data.PhraseCutLMDB(out).header
+    more = damaged("more.lmdb", lambda txn: txn.put(b"__header__", json.dumps({**header, "num_tasks": 10**6}).encode()))
+    with pytest.raises(ValueError, match=f"{more}: the header counts 1000000 tasks but record task/00999999 is missing"):
+        data.PhraseCutLMDB(more)
+    garbled = damaged("header.lmdb", lambda txn: txn.put(b"__header__", b"\xff{"))
+    with pytest.raises(ValueError, match=f"{garbled}: record __header__ is corrupt"):
+        data.PhraseCutLMDB(garbled)
+
+
+def test_cli_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
+    root = tiny_root(tmp_path)
+    refer = root / "refer_train.json"
+    build = ["build", "--root", str(root), "--split", "train", "--out", str(tmp_path / "t.lmdb")]
+    good = refer.read_text()
+    for content, message in ((good[:len(good) // 2], r"is not valid JSON: .*\(line 1, column \d+\); the file ends early"),
+                             ("\x00\xff", "is not valid JSON"),
+                             ('{"a": 1}', "top level is a JSON object, expected an array"),
+                             ("[{}]", r"task '#0' lacks fields")):
+        refer.write_bytes(content.encode("latin-1"))
+        err = cli_error(build, capsys)
+        assert re.search(f"{refer}.*{message}", err), err
+    refer.write_text(good)
+    (root / "images" / "1.jpg").write_bytes(b"not a jpeg")
+    assert "cannot read image" in cli_error(build, capsys) and "images/1.jpg: not an image" in cli_error(build, capsys)
+    (tmp_path / "dir").mkdir()
+    assert "is a directory" in cli_error(build[:-1] + [str(tmp_path / "dir")], capsys)
+    (root / "image_data_split.json").write_text("[1]")
+    assert "image_data_split.json: record #0 is 1" in cli_error(build, capsys)
+    assert "not an empty folder" in cli_error(["synth", "--out", str(root)], capsys)
+    assert "expected a positive integer" in cli_error(["synth", "--out", str(tmp_path / "s"), "--images", "0"], capsys)
+    assert "not a readable LMDB file" in cli_error(["bench", str(refer)], capsys)
+    assert "no LMDB file" in cli_error(["bench", str(tmp_path / "nowhere.lmdb")], capsys)
+
+
+def test_long_phrases_warn_with_the_words_kept(tmp_path, monkeypatch):
+    long = "the small red circle to the left of the large blue square"  # 12 words, 12 tokens
+    assert data.kept_words(long, 14) is None and data.kept_words(long, 8) == "the small red circle to the"
+    with pytest.warns(UserWarning, match="longer than 8 tokens .* the model sees only 'the small red circle to the'"):
+        assert data.warn_if_cut(long, 8)
+    tasks = [good_task(task_id=f"1__{i}", phrase=p) for i, p in enumerate([long, "a", long + " again", long])]
+    ds = data.PhraseCutFolder(tiny_root(tmp_path, tasks), "train", input_size=32, word_len=14)
+    monkeypatch.setattr(data._PhraseCutItems, "said_cut", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ds[0], ds[1]  # exactly 14 tokens: a full row, nothing cut
+        assert seen == []
+        ds.word_len = 8
+        for i in range(4):
+            ds[i]
+    assert len(seen) == 1 and "task 1__0: phrase" in str(seen[0].message) and "said once" in str(seen[0].message)
+
+    class Stub(torch.nn.Module):  # just enough of a model for predict_proba
+        config = SimpleNamespace(input_size=32, word_len=8)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, image, tokens):
+            return torch.zeros(len(image), 1, 8, 8)
+    import predict
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own filter, which says a repeated warning once
+        for _ in range(2):
+            predict.predict_proba(Stub(), Image.new("RGB", (16, 12)), long)
+        predict.predict_proba(Stub(), Image.new("RGB", (16, 12)), "red circle")
+    assert [str(w.message).count("sees only 'the small red circle to the'") for w in seen] == [1, 1]
+
+
+def test_dataset_uses_stored_pixels_not_exif_orientation(tmp_path):
+    """PhraseCut's polygons are on the stored pixels, so the dataset ignores EXIF orientation."""
+    root = tiny_root(tmp_path, [good_task(Polygons=[rectangle(0, 0, 20, 5)])])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    Image.new("RGB", (40, 30), (90, 120, 150)).save(root / "images" / "1.jpg", exif=exif)
+    from PIL import ImageOps
+    assert ImageOps.exif_transpose(Image.open(root / "images" / "1.jpg")).size == (30, 40)
+    item = data.PhraseCutFolder(root, "train", input_size=32, train=False)[0]
+    assert item["orig_size"].tolist() == [30, 40] and item["gt_mask"][:5, :20].all() and item["gt_mask"].sum() == 100

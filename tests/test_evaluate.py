@@ -1,5 +1,6 @@
 """evaluate.py: the official metric definitions on hand-worked cases, subsets, safe mask files,
-mapping back to the original size, and a two-process torchrun run equal to one process."""
+mapping back to the original size, a two-process torchrun run equal to one process, and the CLI's
+mistakes (bad outputs, devices, data paths) reported before any work, without a traceback."""
 import json
 import math
 import os
@@ -196,6 +197,24 @@ def test_mask_round_trip_non_square(tmp_path):
     assert np.array_equal(ev.load_mask(path), mask)
 
 
+def test_a_failed_mask_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    from PIL import Image
+    old = np.eye(4, dtype=bool)
+    ev.save_mask(old, tmp_path / "t.png")
+
+    def killed_midway(self, fp, format=None, **params):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Image.Image, "save", killed_midway)
+    with pytest.raises(OSError, match="No space"):
+        ev.save_mask(~old, tmp_path / "t.png")
+    monkeypatch.undo()
+    assert np.array_equal(ev.load_mask(tmp_path / "t.png"), old)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.png"]  # no temporary left behind
+    with pytest.raises(ValueError, match="t.txt: not an image file name"):
+        ev.save_mask(old, tmp_path / "t.txt")
+
+
 # --------------------------------------------------------------------------- on a tiny synthetic LMDB
 
 @pytest.fixture(scope="module")
@@ -328,9 +347,46 @@ def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="evaluate.py: error: .*junk.pth"):
         ev.main(["--ckpt", str(tmp_path / "junk.pth")])
+    with pytest.raises(SystemExit, match=r"evaluate.py: error: --data .*is a directory; pass the LMDB file itself"):
+        ev.main(["--ckpt", str(run_dir / "best.pth"), "--data", str(run_dir)])
     with pytest.raises(SystemExit) as exit_info:
         ev.main(["--threshold", "1.5", "--ckpt", "x"])
     assert exit_info.value.code == 2  # argparse
+
+
+def test_bad_outputs_and_devices_are_refused_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
+    import model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the mistake was reported")
+    monkeypatch.setattr(model, "load_checkpoint", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "a_file").write_text("keep")
+    ckpt = tmp_path / "best.pth"
+    ckpt.write_bytes((run_dir / "best.pth").read_bytes())
+    cases = {("--save-masks", "a_file"): "--save-masks {} is an existing file, not a directory",
+             ("--vis", "a_file"): "--vis {} is an existing file, not a directory",
+             ("--json", "."): "--json {} is a directory; name a file",
+             ("--json", "a_file/m.json"): "--json's folder {} is an existing file",
+             ("--json", "best.pth"): "--json {} is the --ckpt file",
+             ("--device", "banana"): "argument --device: 'banana' is not a device",
+             ("--device", "cuda"): "argument --device: cuda: this machine has no usable CUDA GPU",
+             ("--workers", "-1"): "--workers must be at least 0"}
+    for (flag, name), message in cases.items():
+        value = name if flag in ("--device", "--workers") else str(tmp_path / name)
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(["--ckpt", str(ckpt), "--no-progress", flag, value])
+        err = capsys.readouterr().err
+        shown = str(tmp_path / "a_file") if "folder" in message else value
+        assert exit_info.value.code == 2 and f"evaluate.py: error: {message.format(shown)}" in err, err
+    assert (tmp_path / "a_file").read_text() == "keep" and ckpt.read_bytes() == (run_dir / "best.pth").read_bytes()
+
+
+def test_cli_mistake_prints_no_traceback(run_dir, tmp_path):
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(run_dir / "best.pth"),
+                          "--json", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"evaluate.py: error: --json {tmp_path} is a directory" in run.stderr
 
 
 def test_decoder_grid_ceiling_falls_as_the_grid_coarsens(run_dir):

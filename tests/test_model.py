@@ -3,6 +3,7 @@ padding, switches, bad input, weights and checkpoints, and two small learning ru
 
 import json
 import math
+import os
 import shutil
 import urllib.error
 
@@ -277,6 +278,8 @@ def test_unknown_fields_are_errors():
         build_model("smoke", defrom=False)
     with pytest.raises(ValueError, match="valid fields"):
         SegVLMConfig.from_dict({**PRESETS["smoke"].model.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match=r"21 of SegVLMConfig's 22 fields missing: \['embed_dim'"):
+        SegVLMConfig.from_dict({"input_size": 64})  # not silently the paper preset's other fields
     with pytest.raises(ValueError, match="preset"):
         build_model("huge")
     with pytest.raises(ValueError, match="decoder_dim"):
@@ -385,6 +388,48 @@ def test_checkpoint_round_trip_and_failures(tmp_path, smoke):
     torch.save({"model": smoke.state_dict(), "config": {**smoke.config.to_dict(), "colour": 1}}, odd)
     with pytest.raises(ValueError, match="odd.pt.*colour"):
         load_checkpoint(odd)
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path} is a directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_fragments_and_misfitting_weights_are_summarised(tmp_path, smoke, monkeypatch):
+    sd, cfg = smoke.state_dict(), smoke.config.to_dict()
+    torch.save({"model": sd, "config": {"input_size": 64, "word_len": 10}}, tmp_path / "fragment.pt")
+
+    def build(cfg):
+        raise AssertionError("a model was built from a fragment of a config")
+    monkeypatch.setattr(model_module, "SegVLM", build)
+    with pytest.raises(ValueError, match=r"fragment.pt is not a SegVLM checkpoint: bad config: 20 of .* "
+                                         r"fields missing: \['embed_dim', 'image_resolution'") as error:
+        load_checkpoint(tmp_path / "fragment.pt")
+    assert len(str(error.value)) < 600
+    monkeypatch.undo()
+    block = sum(k.startswith("enhance.") for k in sd)
+    cases = {"no_block": ({**cfg, "deform": False, "se": False}, sd,  # the weights hold a block the config lacks
+                          rf"{block} unexpected \(e.g. enhance\.deform\.weight, "),
+             "wider": ({**cfg, "decoder_ffn": 96}, sd, r"\d+ of another shape \(e.g. decoder\.layers\.0\.\S+ "
+                                                         r"\(64, 32\) for \(96, 32\)"),
+             "partial": (cfg, {k: v for k, v in sd.items() if not k.startswith("backbone.")},
+                         rf"{sum(k.startswith('backbone.') for k in sd)} missing \(e.g. backbone\.")}
+    for name, (config, weights, message) in cases.items():
+        torch.save({"model": weights, "config": config}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=f"{name}.pt: the weights do not fit the model its config "
+                                             f"describes: {message}") as error:
+            load_checkpoint(tmp_path / f"{name}.pt")
+        assert len(str(error.value)) < 600  # counts and three names, not torch's list of every key
+
+
+def test_code_carrying_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    torch.save({"model": Payload(), "config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt is refused: loading it needs `\S*mkdir`.*could run code") as error:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    assert "weights_only" not in str(error.value)  # torch's hint to turn the protection off is not passed on
 
 
 # --------------------------------------------------------------------------- learning

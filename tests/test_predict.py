@@ -1,6 +1,7 @@
 """predict.py: a mask at the image's size from the Python API and the CLI, and a clean refusal
-of each bad input (not an image, a decompression bomb, an empty phrase, a foreign or truncated
-checkpoint)."""
+of each bad input (not an image, a directory, a URL, a decompression bomb, an empty phrase, a foreign
+or truncated checkpoint, an unknown device) and of each output that would destroy an input or cannot
+be written, before the model runs. Photos are read upright (EXIF orientation)."""
 import os
 import struct
 import subprocess
@@ -95,6 +96,8 @@ def test_bad_inputs_exit_cleanly(files, tmp_path):
         "not an image": ["--image", str(tmp_path / "notes.jpg")],
         "too large to decode safely": ["--image", str(tmp_path / "bomb.png")],
         "image not found": ["--image", str(tmp_path / "missing.jpg")],
+        "is a directory": ["--image", str(tmp_path)],
+        "URLs are not supported, download it first": ["--image", "https://example.com/dog.jpg"],
         "phrase is empty": ["--phrase", "   "],
         "truncated or corrupt": ["--ckpt", str(tmp_path / "truncated.pth")],
         "not a SegVLM checkpoint": ["--ckpt", str(tmp_path / "foreign.pth")],
@@ -103,6 +106,80 @@ def test_bad_inputs_exit_cleanly(files, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             predict.main(good + change)  # argparse keeps the last of a repeated flag
         assert str(exit_info.value.code).startswith("predict.py: error: ") and message in str(exit_info.value.code)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """predict.load_model fails the test: the checks under test must come before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was reported")
+    monkeypatch.setattr(predict, "load_model", fail)
+
+
+def usage_error(argv, capsys):
+    """predict.main(argv)'s stderr, asserting an argparse-style usage error: exit 2, `predict.py: error:`."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "predict.py: error: " in err
+    return err
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused(files, tmp_path, no_model, capsys):
+    photo, ckpt = tmp_path / "photo.jpg", tmp_path / "best.pth"
+    photo.write_bytes((files / "photo.jpg").read_bytes())
+    ckpt.write_bytes(b"stands in for a checkpoint")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jpg").symlink_to(photo)
+    os.link(photo, tmp_path / "hard.jpg")
+    original = photo.read_bytes()
+    base = ["--ckpt", str(ckpt), "--image", str(photo), "--phrase", "a shape"]
+    cases = [(["--out", str(photo)], "--out"), (["--mask", str(photo)], "--mask"),
+             (["--out", str(tmp_path / "sub" / ".." / "photo.jpg")], "--out"),  # another path, the same file
+             (["--mask", str(tmp_path / "link.jpg")], "--mask"), (["--out", str(tmp_path / "hard.jpg")], "--out")]
+    for change, flag in cases:
+        assert f"{flag} {change[1]} is the --image file" in usage_error(base + change, capsys)
+    assert "is the --ckpt file" in usage_error(base + ["--out", str(ckpt)], capsys)
+    same = ["--out", str(tmp_path / "a.png"), "--mask", str(tmp_path / "sub" / ".." / "a.png")]
+    assert "are the same file" in usage_error(base + same, capsys)
+    assert photo.read_bytes() == original and ckpt.read_bytes() == b"stands in for a checkpoint"
+
+
+def test_output_names_are_checked_before_the_model_runs(files, tmp_path, no_model, capsys):
+    base = ["--ckpt", str(files / "best.pth"), "--image", str(files / "photo.jpg"), "--phrase", "a shape"]
+    (tmp_path / "a_file").write_text("")
+    cases = {str(tmp_path / "overlay"): "not an image file name PIL can write (extension missing)",
+             str(tmp_path / "overlay.txt"): "not an image file name PIL can write (extension .txt)",
+             str(tmp_path): "is a directory",
+             str(tmp_path / "a_file" / "overlay.png"): "folder " + str(tmp_path / "a_file") + " is an existing file"}
+    for path, message in cases.items():
+        for flag in ("--out", "--mask"):
+            err = usage_error(base + [flag, path], capsys)
+            assert flag in err and message in err
+
+
+def test_device_mistakes_are_reported_before_loading(files, no_model, monkeypatch, capsys):
+    base = ["--ckpt", str(files / "best.pth"), "--image", str(files / "photo.jpg"), "--phrase", "a shape"]
+    assert "--device: 'banana' is not a device" in usage_error(base + ["--device", "banana"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no usable CUDA GPU" in usage_error(base + ["--device", "cuda"], capsys)
+
+
+def test_photos_are_read_upright_and_the_mask_fits_them(files, tmp_path):
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)  # stored 40 wide and 20 high, the left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation 6: display the stored pixels turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    image = np.asarray(predict.open_image(tmp_path / "phone.jpg")).astype(int)
+    assert image.shape == (40, 20, 3)  # upright: 20 wide, 40 high
+    assert image[:18, :, 0].min() > 200 and image[22:, :, 0].max() < 50  # the left half is now on top
+    predict.main(["--ckpt", str(files / "best.pth"), "--image", str(tmp_path / "phone.jpg"), "--phrase", "red",
+                  "--out", str(tmp_path / "o.png"), "--mask", str(tmp_path / "m.png"), "--device", "cpu"])
+    for name in ("o.png", "m.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (20, 40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png", "o.png", "phone.jpg"]  # no temporary left
 
 
 def test_cli_error_has_no_traceback(files, tmp_path):

@@ -1,4 +1,5 @@
-"""train.py: flags, the optimizer's rates, smoke runs in one and two processes, exact resume."""
+"""train.py: flags, the optimizer's rates, smoke runs in one and two processes, exact resume; refusals that
+keep runs from being lost, resume after a kill at any write, the collective timeout."""
 
 import dataclasses
 import json
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,11 @@ def smoke_args(out, cache, *extra):
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "-1"], "--lr must be > 0"),
     (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--data", "/nonexistent/dir"], "train.lmdb"),
+    (["--data", "/nonexistent/dir"], "--data /nonexistent/dir does not exist: give the directory that holds"),
+    (["--resume", "/"], "--resume /: a directory, not a file"),
+    (["--cache-dir", "/dev/null"], "--cache-dir /dev/null is a file"),
+    (["--synth-images", "3"], "--synth-images must be >= 4"),
+    (["--milestones", "10", "-1"], "--milestones are epochs >= 1, got 10 -1"),
     (["--epochs", "two"], "invalid int value"),
     (["--learning-rate", "1e-3"], "unrecognized arguments"),
     (["--loss", "mse"], "--loss must be"),
@@ -60,6 +66,101 @@ def test_bad_flags_are_rejected_before_work(argv, message, capsys):
     assert message in err
     if "unrecognized" in message or "invalid" in message:
         assert "valid flags:" in err and "--batch-size" in err
+
+
+def test_an_out_holding_a_run_is_refused_and_path_flags_say_what_they_are(tmp_path, cache, capsys):
+    """Data loss: --out of an existing run, without --resume, would overwrite its checkpoints."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # an empty directory is fine
+    assert train.parse_args(smoke_args(run_dir, cache)).out == str(run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(smoke_args(run_dir, cache))
+    assert exc.value.code == 2
+    assert (f"--out {run_dir} already holds a run (metrics.jsonl); continue it with --resume "
+            f"{run_dir / 'checkpoint.pth'}") in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    # the CLI: a file where a directory belongs, a message and exit 2, no traceback
+    proc = subprocess.run([sys.executable, "train.py", *smoke_args(tmp_path / "new", cache, "--data",
+                                                                   str(run_dir / "metrics.jsonl"))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"train.py: error: --data {run_dir / 'metrics.jsonl'} is not a directory" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def fake_checkpoint(path, **args):
+    """A checkpoint.pth as resumed_config reads it: a smoke run's settings with `args` changed, after epoch 1."""
+    cfg = dataclasses.replace(train.preset_defaults("smoke"), **args)
+    torch.save({"format": train.CHECKPOINT_FORMAT, "args": dataclasses.asdict(cfg), "epoch": 0,
+                "config": build_model("smoke", deform=cfg.deform, se=cfg.se).config.to_dict()}, path)
+    return str(path)
+
+
+def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(tmp_path, capsys):
+    ckpt = fake_checkpoint(tmp_path / "checkpoint.pth", batch_size=8, lr=3e-4, se=False, epochs=1)
+    cfg = train.parse_args(["--resume", ckpt, "--epochs", "3", "--lr", "3e-4"])  # --lr as the run's: fine
+    assert (cfg.batch_size, cfg.lr, cfg.se, cfg.epochs) == (8, 3e-4, False, 3)  # not the preset's 4, 1e-3, True
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--resume", ckpt, "--se", "--lr", "0.01", "--input-size", "96", "--preset", "demo"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for contradiction in ("--input-size 96 (the checkpoint's: --input-size 64)",
+                          "--lr 0.01 (the checkpoint's: --lr 0.0003)",
+                          "--preset demo (the checkpoint's: --preset smoke)", "--se (the checkpoint's: --no-se)"):
+        assert contradiction in err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", ckpt, "--epochs", "0"])
+    assert "has finished epoch 1 already" in capsys.readouterr().err
+
+
+class Killed(Exception):
+    """A kill at one chosen write, for the tests of what a resume finds."""
+
+
+def kill_at(monkeypatch, name: str, after_write: bool):
+    """Make torch.save raise Killed when it writes `name`'s temporary: before or after the bytes are written."""
+    save = torch.save
+
+    def killed_save(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(f".{name}.tmp-"):
+            if after_write:
+                save(obj, f, *args, **kwargs)
+            raise Killed(name)
+        save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_save)
+
+
+def test_a_kill_between_any_two_writes_resumes_to_consistent_files(tmp_path, cache, monkeypatch):
+    out = tmp_path / "run"
+    args = smoke_args(out, cache, "--no-eval-test")
+    # 1. killed after best.pth's bytes, before its rename: checkpoint.pth says epoch 1 was the best
+    kill_at(monkeypatch, "best.pth", after_write=True)
+    with pytest.raises(Killed):
+        train.train(train.parse_args(args + ["--epochs", "1"]))
+    assert (out / "checkpoint.pth").is_file() and not (out / "best.pth").exists()
+    assert not list(out.glob(".*tmp*")), "a failed write left its temporary"
+    # 2. the resume first writes best.pth from the checkpoint; then killed after metrics.jsonl got epoch 2,
+    # before checkpoint.pth did
+    (out / ".checkpoint.pth.tmp-999999").write_bytes(b"left by a killed process")
+    monkeypatch.undo()
+    kill_at(monkeypatch, "checkpoint.pth", after_write=False)
+    resume = args + ["--resume", str(out / "checkpoint.pth")]
+    with pytest.raises(Killed):
+        train.train(train.parse_args(resume + ["--epochs", "2"]))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert ckpt["epoch"] == best["epoch"] == 0 and ckpt["best_metric"] == best["best_metric"]
+    assert all(torch.equal(ckpt["model"][k], best["model"][k]) for k in ckpt["model"])
+    assert not list(out.glob(".*tmp*"))
+    # 3. resumed again: every epoch listed once, the command of every start kept
+    monkeypatch.undo()
+    train.train(train.parse_args(resume + ["--epochs", "2"]))
+    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert len((out / "command.txt").read_text().splitlines()) == 3
+    assert json.loads((out / "config.json").read_text())["resumed"] == {"after_epoch": 1,
+                                                                        "changed": {"epochs": [1, 2]}}
 
 
 def test_help_shows_every_flag_with_its_help_and_the_presets_default(capsys, monkeypatch):
@@ -199,9 +300,57 @@ def test_resume_from_a_truncated_or_weights_only_checkpoint_is_a_clear_error(tmp
     with pytest.raises(ValueError, match="not a checkpoint.pth written by train.py.*use --init-from"):
         train.read_resume(str(bad))  # a best.pth: weights, no optimizer
     bad.write_bytes(bad.read_bytes()[:200])
-    cfg = train.parse_args(smoke_args(tmp_path / "r", cache, "--resume", str(bad)))
-    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+    cfg = train.parse_args(smoke_args(tmp_path, cache, "--resume", str(bad)))
+    with pytest.raises(ValueError, match="--resume: checkpoint .* cannot be read"):
         train.train(cfg)
+    torch.save({"format": train.CHECKPOINT_FORMAT, "optimizer": {}, "config": {"vision_width": 8}}, bad)
+    with pytest.raises(ValueError, match="its model config is not SegVLM's"):
+        train.read_resume(str(bad))  # a fragment: refused before any model is built
+    torch.save({"format": train.CHECKPOINT_FORMAT, "optimizer": Path("/")}, bad)
+    with pytest.raises(ValueError, match="is refused: loading it needs .*could run code") as exc:
+        train.read_resume(str(bad))
+    assert "weights_only" not in str(exc.value)
+
+
+STALL = textwrap.dedent("""
+    import os, time
+    import train
+    if os.environ["RANK"] == "1":  # this rank stalls where its first collective is due
+        train.train_one_epoch = lambda *args, **kwargs: time.sleep(600)
+    train.main()
+""")
+
+
+def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, monkeypatch):
+    import distributed
+
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
+    with pytest.raises(ValueError, match="SEGVLM_DIST_TIMEOUT='soon': expected a number of seconds > 0"):
+        distributed.timeout_seconds()
+    train.resolve_data(train.parse_args(smoke_args(tmp_path / "unused", cache)))  # the data, made before
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *smoke_args(tmp_path / "run", cache)], cwd=REPO, capture_output=True,
+                          text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                               distributed.TIMEOUT_VARIABLE: "3"})
+    assert proc.returncode != 0 and time.monotonic() - start < 120
+    assert "train.py: error: rank 0: a collective waited 3 s for the other processes" in proc.stderr, proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr
+
+
+def test_ablation_stops_with_train_pys_message_when_a_variant_cannot_run(tmp_path, cache):
+    (tmp_path / "ablation" / "baseline").mkdir(parents=True)
+    (tmp_path / "ablation" / "baseline" / "checkpoint.pth").write_bytes(b"an earlier run")
+    proc = subprocess.run([sys.executable, str(REPO / "ablation.py"), "--preset", "smoke", "--out", "ablation",
+                           "--", "--cache-dir", str(cache)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "train.py: error: --out ablation/baseline already holds a run (checkpoint.pth)" in proc.stderr
+    assert "ablation.py: error: train.py failed for baseline (ablation/baseline)" in proc.stderr
+    assert (tmp_path / "ablation" / "baseline" / "checkpoint.pth").read_bytes() == b"an earlier run"
 
 
 def test_non_finite_loss_names_step_and_terms(tmp_path, cache):
