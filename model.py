@@ -197,6 +197,14 @@ class CLIPBackbone(clip.model.CLIP):
             transformer_width=cfg.transformer_width, transformer_heads=cfg.transformer_heads,
             transformer_layers=cfg.transformer_layers)
         del self.logit_scale
+        # CLIP keeps the text encoder's causal mask as a plain attribute, which .to(device) leaves on
+        # the CPU: every forward on a GPU then copies it over, and a CUDA-graph capture of the model
+        # fails on that copy. As a non-persistent buffer it moves with the model and stays out of
+        # state dicts (OpenAI's weights have no such key).
+        for block in self.transformer.resblocks:
+            mask = block.attn_mask
+            del block.attn_mask
+            block.register_buffer("attn_mask", mask, persistent=False)
         self.c5_residual = nn.Sequential(nn.Conv2d(cfg.vision_width * 32, cfg.embed_dim, 1, bias=False),
                                          nn.BatchNorm2d(cfg.embed_dim))
 

@@ -264,6 +264,22 @@ def test_text_encoder_matches_clip(length):
         assert torch.allclose(words[torch.arange(2), eot] @ ref.text_projection, expected, atol=1e-5)
 
 
+def test_every_tensor_moves_with_the_model():
+    """No tensor the forward reads may stay behind on the CPU after .to(device): on a GPU it
+    would be copied over on every forward, and CUDA-graph capture (predict.FastSegVLM) fails on
+    that copy. CLIP's text blocks keep their causal mask as a plain attribute; the backbone makes
+    it a buffer, outside the state dict, with CLIP's values."""
+    m = build_model("smoke")
+    ref = clip_reference(m.config)
+    assert "transformer.resblocks.0.attn_mask" not in m.backbone.state_dict()
+    assert torch.equal(m.backbone.transformer.resblocks[0].attn_mask, ref.transformer.resblocks[0].attn_mask)
+    m = m.to("meta")
+    left = [f"{name}.{attr}" for name, mod in m.named_modules() for attr, value in vars(mod).items()
+            if torch.is_tensor(value) and value.device.type != "meta"]
+    left += [name for name, t in list(m.named_parameters()) + list(m.named_buffers()) if t.device.type != "meta"]
+    assert not left
+
+
 # --------------------------------------------------------------------------- config, input checks, autocast
 
 def test_config_round_trip_through_json():
