@@ -1,6 +1,6 @@
 """PhraseCut for SegVLM: a synthetic PhraseCut, a PhraseCut -> LMDB converter, and the dataset.
 
-    python data.py synth --out data/synth --images 1875 --seed 0 --size 160
+    python data.py synth --out data/synth --images 1600 --seed 0 --size 192 --aspect 1
     python data.py build --root data/synth --split train --out data/train.lmdb
     python data.py build --root VGPhraseCut_v0 --split val --out val.lmdb --skip-missing
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
@@ -81,7 +81,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPLITS = ("train", "val", "test", "miniv")
 LMDB_FORMAT = "segvlm-phrasecut"
 LMDB_VERSION = 2  # 2: task "image_info" and the header's name_att_rel_count, for the subsets
-DEMO_NUM_IMAGES = 1875  # synthetic images for the demo: 1499 train, 151 val, 37 miniv, 188 test
+DEMO_NUM_IMAGES = 1600  # synthetic images for the demo: 1280 train, 128 val, 32 miniv, 160 test
 _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -240,7 +240,7 @@ class _PhraseCutItems(Dataset):
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
                                                    " (said once per process: other long phrases are cut too)")
-        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size)}
+        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"])}
         if not self.train:
             ps = task.get("phrase_structure") or {}
             info = task["image_info"]  # width, height, coco_id from image_data_split.json
@@ -292,7 +292,8 @@ def _reader(path):
 class PhraseCutLMDB(_PhraseCutItems):
     """PhraseCut tasks from one split's LMDB made by build_lmdb.
 
-    Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}. With
+    Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}, image_id
+    (a string: images with several phrases recur, see ImageGroupedSampler). With
     train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
     num_instances, phrase_type, subsets (names, evaluate.phrasecut_subsets; its size subsets divide
     the region's area by the image's as image_data_split.json records it).
@@ -321,6 +322,12 @@ class PhraseCutLMDB(_PhraseCutItems):
 
     def __len__(self):
         return self.num_tasks
+
+    def image_ids(self) -> list:
+        """Each task's image_id as a string, in task order (read from every task record)."""
+        with _reader(self.path).begin() as txn:
+            keys = (b"task/%08d" % i for i in range(self.num_tasks))
+            return [str(_record(self.path, k, txn.get(k))["image_id"]) for k in keys]
 
     def _read(self, index):
         key = b"task/%08d" % index
@@ -363,6 +370,54 @@ class PhraseCutFolder(_PhraseCutItems):
         task = self.tasks[index]
         task = {**task, "image_info": _image_info(self.infos, task)}
         return task, image_path(self.images, task).read_bytes()
+
+
+class ImageGroupedSampler(torch.utils.data.Sampler):
+    """One rank's task indices for an epoch, with the phrases of each image next to one another.
+
+    PhraseCut has about 4.5 phrases per image (the synthetic set 4-5). The images are shuffled
+    (seed + epoch: the same order on every rank), their tasks are laid out image after image and
+    cut into global batches of batch_size x world tasks, and rank r takes the r-th batch_size of
+    each. A batch then holds a few images with several phrases each, and the training step runs
+    the image encoder once per distinct image (`unique_images`, SegVLM's image_index) instead of
+    once per phrase. What changes from shuffled tasks: the phrases of one image share a step (the
+    target of one is a distractor of another), and BatchNorm sees fewer distinct images per step.
+    A partial last global batch is dropped, as DistributedSampler(drop_last=True) does.
+    """
+
+    def __init__(self, image_ids, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.groups = {}  # image id -> its task indices, images in order of first appearance
+        for index, key in enumerate(image_ids):
+            self.groups.setdefault(key, []).append(index)
+        self.groups = list(self.groups.values())
+        self.num_tasks, self.batch_size, self.rank, self.world = len(image_ids), batch_size, rank, world
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_tasks // (self.batch_size * self.world) * self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        tasks = [t for g in order.tolist() for t in self.groups[g]]
+        step = self.batch_size * self.world
+        for first in range(0, len(tasks) - step + 1, step):  # each whole global batch
+            start = first + self.rank * self.batch_size
+            yield from tasks[start:start + self.batch_size]
+
+
+def unique_images(image: torch.Tensor, image_ids) -> tuple:
+    """A batch's images (B, 3, S, S) and their B ids -> (distinct images (U, 3, S, S), index (B,)),
+    distinct in order of first appearance, so that image[i] is distinct[index[i]]."""
+    slot, keep, index = {}, [], []
+    for i, key in enumerate(image_ids):
+        if key not in slot:
+            slot[key] = len(keep)
+            keep.append(i)
+        index.append(slot[key])
+    return image[keep], torch.tensor(index)
 
 
 def collate(batch):
@@ -656,9 +711,9 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
            "yellow": (235, 205, 45), "purple": (145, 60, 195), "white": (245, 245, 245)}
-# Shape radius as a fraction of the image's longer side. At the demo's 128 px input a small shape
-# is about 15 px across its radius, two cells of the model's stride-16 grid; smaller shapes (0.08)
-# made the 10-minute demo mostly a test of boundary resolution rather than of grounding.
+# Shape radius as a fraction of the image's longer side. At the demo's 192 px a small shape's radius
+# is 23 px, about one and a half cells of the model's stride-16 grid; smaller shapes (0.08) made the
+# 10-minute demo mostly a test of boundary resolution rather than of grounding.
 SIZES = {"small": 0.12, "large": 0.21}
 SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cache directory
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
@@ -798,10 +853,11 @@ def count_words(tasks):
             for key, c in counters.items()}
 
 
-def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
+def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect=0.75):
     """Write a synthetic referring dataset in PhraseCut's layout under out_dir; same seed, same bytes.
 
-    Each image (longer side `size`, 4:3, landscape or portrait) holds 3-8 shapes of 6 kinds, 6 colours
+    Each image (longer side `size`, the shorter `aspect` times it: 4:3 by default, landscape or
+    portrait; aspect 1 makes square images) holds 3-8 shapes of 6 kinds, 6 colours
     and 2 sizes; about 4-5 phrases per image of each PhraseCut type (name, attribute, relation), for
     one shape or several ("all green shapes"). Splits by image: 10 % validation (at least 2), of which
     a fifth is miniv, 10 % test, the rest train; each image's tasks are in the refer file of its split
@@ -810,6 +866,8 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
     out_dir must be new or an empty folder; the JSON files, written last, are each whole or absent."""
     if num_images < 4:
         raise ValueError("synthesize needs at least 4 images (train, val, miniv and test)")
+    if not 0.5 <= aspect <= 1:
+        raise ValueError(f"aspect must be between 0.5 and 1 (shorter side / longer side), got {aspect}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one or delete it first")
@@ -824,7 +882,7 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
                                 else "test" if rank < n_val + n_test else "train")
     images, refer = [], {s: [] for s in SPLITS}
     for image_id in tqdm(range(1, num_images + 1), desc="synth", disable=not progress):
-        short = round(size * 0.75)
+        short = round(size * aspect)
         width, height = (size, short) if rng.random() < 0.6 else (short, size)
         shapes = _scene(rng, width, height)
         for s in shapes:
@@ -866,22 +924,24 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False):
     return out
 
 
-def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False):
+def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False, aspect=0.75):
     """Make (once) and return a directory with train.lmdb, val.lmdb, test.lmdb and the raw
     synthetic PhraseCut under VGPhraseCut_v0/. Built in a temporary directory and renamed when
     finished, so a half-made cache is never taken for a finished one; if two processes race, the
     first rename wins and the other discards its copy."""
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_px{size}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
+    shape = f"px{size}" if aspect == 0.75 else f"px{size}x{round(size * aspect)}"
+    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_{shape}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
     if (final / "COMPLETE").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
-        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress)
+        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress, aspect=aspect)
         for split in ("train", "val", "test"):
             build_lmdb(tmp / "VGPhraseCut_v0", split, tmp / f"{split}.lmdb", progress=progress)
-        (tmp / "COMPLETE").write_text(json.dumps({"num_images": num_images, "seed": seed, "size": size}))
+        (tmp / "COMPLETE").write_text(json.dumps({"num_images": num_images, "seed": seed, "size": size,
+                                                  "aspect": aspect}))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -930,6 +990,8 @@ def main(argv=None):
     p.add_argument("--images", type=_positive, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_positive, default=160, help="longer image side in pixels")
+    p.add_argument("--aspect", type=float, default=0.75,
+                   help="shorter side / longer side, 0.5 to 1 (default 0.75: 4:3; 1: square)")
     p = sub.add_parser("build", help="convert one split to LMDB")
     p.add_argument("--root", required=True)
     p.add_argument("--split", required=True, choices=SPLITS)
@@ -944,7 +1006,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "synth":
-            out = synthesize(args.out, args.images, args.seed, args.size, progress=True)
+            out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect)
             print(f"wrote {args.images} images to {out}")
         elif args.command == "build":
             s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)

@@ -367,7 +367,7 @@ def _unwrap(model):
 
 @torch.no_grad()
 def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
-             save_masks=None, progress=True, amp=False, cuda_graphs=False):
+             save_masks=None, progress=True, amp=False, cuda_graphs=False, per_task=False):
     """Score `model` on every task of `dataset` and return the JSON layout.
 
     model: a SegVLM (or a DDP wrapper around one); put in eval mode here and
@@ -381,6 +381,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
         <task_id>.png, 0/255 at the original size (each rank writes its shard).
     amp: bf16 autocast on CUDA (the sigmoid and the scoring stay in float32).
     cuda_graphs: on CUDA, replay each batch shape's captured graph (predict.FastSegVLM).
+    per_task: also return "per_task", [{"index", "iou", "subsets"}] for every task in dataset
+        order (prediction_grid picks its examples from it).
 
     Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
     same keys}} (see summarize_tasks), fractions in [0, 1]. Under torch.distributed each rank scores
@@ -425,7 +427,11 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
         net.train(was_training)
 
     tasks = gather_tasks(tasks)
-    return summarize_tasks([t[1:] for t in tasks], ranked=getattr(dataset, "ranks", None) is not None)
+    result = summarize_tasks([t[1:] for t in tasks], ranked=getattr(dataset, "ranks", None) is not None)
+    if per_task:
+        result["per_task"] = [{"index": i, "iou": iou(inter, union), "subsets": list(names)}
+                              for i, inter, union, names in tasks]
+    return result
 
 
 # --------------------------------------------------------------------------- pictures
@@ -436,12 +442,11 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
 
     Each PNG shows the image at its original size (cut back out of the
     network's letterboxed input, so at most input_size sharp), the ground truth
-    in green, the prediction in red, and the phrase with the task's IoU in the
-    title. Files are named <k>_<task_id>.png. Returns the written paths.
+    and the prediction (outside the mask dimmed), and the phrase with the task's
+    IoU in the title. Files are named <k>_<task_id>.png. Returns the written paths.
     """
     import data
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-    from predict import tint
 
     net = _unwrap(model)
     was_training = net.training
@@ -452,24 +457,9 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     try:
         for k in range(min(num, len(dataset))):
             item = dataset[k]
-            logits = net(item["image"][None].to(device), item["tokens"][None].to(device)).float().cpu()
-            gt = item["gt_mask"].bool()
-            h, w = gt.shape
-            size = item["image"].shape[-1]
-            pred = data.unletterbox(logits[0, 0].sigmoid(), h, w, input_size=size) > threshold
-            inter, union = task_iou(pred, gt)
-            # undo the normalisation, then cut the image out of the letterbox like the masks
-            image = data.unletterbox(data.unnormalize(item["image"]), h, w).clamp(0, 1)
-            image = image.permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-
             fig = Figure(figsize=(12, 4.4))
-            panels = [("image", None, None), ("ground truth", gt, (0.1, 0.9, 0.1)), ("prediction", pred, (0.95, 0.1, 0.1))]
-            for j, (title, mask, color) in enumerate(panels):
-                ax = fig.add_subplot(1, 3, j + 1)
-                ax.imshow(image if mask is None else tint(image, mask.numpy(), color))
-                ax.set_title(title)
-                ax.axis("off")
-            fig.suptitle(f'"{item["phrase"]}"   IoU {iou(inter, union):.3f}   ({item["task_id"]})')
+            score = _draw_example(fig.subplots(1, 3), net, item, threshold, device)
+            fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
             fig.tight_layout()
             mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
             path = out_dir / f"{k:04d}_{item['task_id']}.png"
@@ -479,6 +469,75 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     finally:
         net.train(was_training)
     return paths
+
+
+def _draw_example(axes, net, item, threshold, device) -> float:
+    """Image, ground truth and prediction of one evaluation item on three axes -> its IoU.
+    The image is shown at its original size, cut back out of the network's letterboxed input; in
+    the mask panels everything outside the mask is dimmed, so coloured shapes keep their colours."""
+    import data
+
+    with torch.no_grad():
+        logits = net(item["image"][None].to(device), item["tokens"][None].to(device)).float().cpu()
+    gt = item["gt_mask"].bool()
+    h, w = gt.shape
+    pred = data.unletterbox(logits[0, 0].sigmoid(), h, w, input_size=item["image"].shape[-1]) > threshold
+    image = data.unletterbox(data.unnormalize(item["image"]), h, w).clamp(0, 1).permute(1, 2, 0).numpy()
+    for ax, (title, mask) in zip(axes, [("image", None), ("ground truth", gt), ("prediction", pred)]):
+        ax.imshow(image if mask is None else image * (0.2 + 0.8 * mask.numpy()[..., None]))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return iou(*task_iou(pred, gt))
+
+
+# Rows of prediction_grid: a typical task (the median IoU) of each kind of phrase, then failures.
+GRID_KINDS = (("name", "p_name"), ("attribute", "p_att+"), ("relation", "p_rel+"), ("several", "i_multi"),
+              ("many", "i_many"))
+
+
+def prediction_grid(model, dataset, per_task, path, failures=3, threshold=DEFAULT_THRESHOLD, device=None):
+    """One PNG of chosen test tasks, each as image | ground truth | prediction with its phrase and IoU.
+
+    per_task: evaluate(..., per_task=True)["per_task"]. Chosen: for each kind in GRID_KINDS that
+    the data has, the task at that kind's median IoU (what a typical phrase of the kind gets, not
+    the best), then the `failures` tasks with the lowest IoU. Written atomically; returns the
+    chosen [(label, dataset index, IoU)].
+    """
+    import data
+    from matplotlib.figure import Figure
+
+    picks, used = [], set()
+    for label, subset in GRID_KINDS:
+        kind = sorted((t["iou"], t["index"]) for t in per_task if subset in t["subsets"] and t["index"] not in used)
+        if kind:
+            _, index = kind[len(kind) // 2]
+            picks.append((f"{label}, median of {len(kind)}", index))
+            used.add(index)
+    worst = sorted((t["iou"], t["index"]) for t in per_task if t["index"] not in used)[:failures]
+    picks += [(f"failure {k + 1}", index) for k, (_, index) in enumerate(worst)]
+    if not picks:
+        raise ValueError("prediction_grid: per_task is empty")
+
+    net = _unwrap(model)
+    was_training = net.training
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    cols = 2  # examples side by side, each three panels wide
+    rows = -(-len(picks) // cols)
+    fig = Figure(figsize=(6.6 * cols, 2.6 * rows))
+    cells = fig.subfigures(rows, cols, squeeze=False).flat
+    chosen = []
+    net.eval()
+    try:
+        for (label, index), cell in zip(picks, cells):
+            item = dataset[index]
+            score = _draw_example(cell.subplots(1, 3), net, item, threshold, device)
+            cell.suptitle(f'"{item["phrase"]}"  ({label}): IoU {score:.2f}', fontsize=10)
+            chosen.append((label, index, score))
+    finally:
+        net.train(was_training)
+    with data.atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=72, format="png")
+    return chosen
 
 
 # --------------------------------------------------------------------------- command line
@@ -506,7 +565,7 @@ def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> d
     """The scores of a perfect prediction made at the decoder's resolution.
 
     CRIS, and so SegVLM, builds its mask from the decoder's stride-16 grid
-    (26x26 at 416 px, 8x8 at the demo's 128 px): the projector only upsamples,
+    (26x26 at 416 px, 12x12 at the demo's 192 px): the projector only upsamples,
     with no skip from finer features. Here each letterboxed ground-truth mask
     is averaged over stride x stride cells (an ideal decoder map), brought to
     the logits' size (S/4) by bilinear upsampling, mapped back to the original

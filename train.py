@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import shlex
 import subprocess
@@ -105,6 +106,8 @@ class TrainConfig:
     cache_dir: str = flag(".cache/segvlm", "where the synthetic dataset is made once")
     synth_images: int = flag(DEMO_NUM_IMAGES, "synthetic images (all splits) when --data is empty")
     num_workers: int = flag(2, "DataLoader workers per process")
+    group_by_image: bool = flag(False, "batches hold the phrases of a few images, each image encoded once a step "
+                                       "(data.ImageGroupedSampler); off: tasks shuffled one by one")
     # optimisation (paper §4.2; CRIS's defaults where it is silent)
     epochs: int = flag(50, "epochs to train")
     batch_size: int = flag(64, "global batch, split across processes")
@@ -112,6 +115,9 @@ class TrainConfig:
     backbone_lr_scale: float = flag(0.1, "the CLIP backbone trains at lr x this (CRIS)")
     milestones: list[int] = flag([15, 30], "epochs after which every rate is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "the rates' decay at each milestone")
+    schedule: str = flag("step", "step: x --lr-gamma after each of --milestones (the paper's); "
+                                 "cosine: from the full rate down to 0 over all epochs, every step")
+    warmup_epochs: float = flag(0.0, "the rates rise linearly from 0 over this many epochs, every step")
     weight_decay: float = flag(0.0, "Adam's weight decay")
     clip_grad: float = flag(0.0, "max gradient norm; 0: off (the paper's clipnorm 0)")
     amp: bool = flag(True, "mixed precision on CUDA (bf16 where supported); ignored on the CPU")
@@ -241,6 +247,10 @@ def validate(cfg: TrainConfig) -> None:
         if ignored:
             raise ValueError(f"--loss bce is BCE alone (the CRIS baseline), so {', '.join(ignored)} would be "
                              f"ignored; drop it, or use --loss raf")
+    if cfg.schedule not in ("step", "cosine"):
+        raise ValueError(f"--schedule must be step or cosine, got {cfg.schedule!r}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise ValueError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.dice_weight not in ("abs", "focal", "none"):
         raise ValueError(f"--dice-weight must be abs, focal or none, got {cfg.dice_weight!r}")
     if cfg.input_size % 32:
@@ -310,9 +320,9 @@ def train(cfg: TrainConfig) -> dict:
         seed_everything(cfg.seed)
         resume = read_resume(cfg.resume) if cfg.resume else None
         model = make_model(cfg, device, resume)
-        data_dir = resolve_data(cfg)
+        data_dir = resolve_data(cfg, model.config.input_size)
         loader, val_set = make_loaders(cfg, model.config, data_dir, device)
-        optimizer, scheduler = make_optimizer(model, cfg)
+        optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch=len(loader))
         dtype = amp_dtype(device, cfg)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 and fp32 need no scaling
         criterion = make_loss(cfg)
@@ -325,8 +335,11 @@ def train(cfg: TrainConfig) -> dict:
 
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
-            terms = train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch, cfg)
-            scheduler.step()
+            per_step = steps_the_rate_per_batch(cfg)
+            terms = train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch, cfg,
+                                    scheduler if per_step else None)
+            if not per_step:
+                scheduler.step()
             val = evaluate.evaluate(model, val_set, threshold=cfg.threshold, batch_size=loader.batch_size,
                                     num_workers=cfg.num_workers, device=device, progress=False)
             history.append({"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[-1]["lr"],
@@ -401,14 +414,17 @@ def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
         raise ValueError(str(e)) from e
 
 
-def resolve_data(cfg: TrainConfig) -> Path:
-    """--data, or the synthetic dataset made once in the cache (rank 0 makes it)."""
+def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
+    """--data, or the synthetic dataset made once in the cache (rank 0 makes it).
+
+    Its images are square and exactly input_size wide, so no input pixel is letterbox padding
+    and none is resampled (PhraseCut's photos vary in shape; `data.py synth` makes 4:3 ones)."""
     if cfg.data:
         return Path(cfg.data)
 
     def make():
-        return data.ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed,
-                                     progress=distributed.is_main())
+        return data.ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed, size=input_size,
+                                     aspect=1.0, progress=distributed.is_main())
 
     if distributed.is_main():
         make()
@@ -424,8 +440,11 @@ def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[D
     sizes = dict(input_size=model_cfg.input_size, word_len=model_cfg.word_len)
     train_set = data.PhraseCutLMDB(data_dir / "train.lmdb", **sizes, train=True)
     val_set = data.PhraseCutLMDB(data_dir / "val.lmdb", **sizes, train=False)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    if cfg.group_by_image:
+        sampler = data.ImageGroupedSampler(train_set.image_ids(), cfg.batch_size // world, rank, world, cfg.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
     # Its own generator: the loader's worker seeds then never draw from the global
     # RNG, whose stream (dropout) must be the same in a resumed run.
     loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
@@ -438,8 +457,10 @@ def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[D
     return loader, val_set
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """Adam with two groups: CLIP backbone at lr x backbone_lr_scale, the rest at lr; MultiStepLR.
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int = 1):
+    """Adam with two groups: CLIP backbone at lr x backbone_lr_scale, the rest at lr, and the
+    rates' schedule: the paper's MultiStepLR, stepped once an epoch; with --schedule cosine or a
+    warm-up, a LambdaLR stepped after every batch (lr_factor; steps_the_rate_per_batch).
 
     CRIS passed the backbone's rate as `initial_lr` only, so Adam started every
     group at the base rate and the backbone trained 10x too fast until the
@@ -454,8 +475,25 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     cuda = next(model.parameters()).is_cuda  # fused: one kernel for all parameters (CUDA only here)
     optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
                                  fused=cuda or None)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=cfg.lr_gamma)
+    if steps_the_rate_per_batch(cfg):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=cfg.lr_gamma)
     return optimizer, scheduler
+
+
+def steps_the_rate_per_batch(cfg: TrainConfig) -> bool:
+    return cfg.schedule != "step" or cfg.warmup_epochs > 0
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The rates' multiplier before batch `step` (0-based): a linear warm-up over --warmup-epochs,
+    times either --lr-gamma per milestone passed (as MultiStepLR) or a cosine from 1 to 0."""
+    epoch = step / steps_per_epoch
+    warm = min(1.0, (step + 1) / (cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs else 1.0
+    if cfg.schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, epoch / cfg.epochs)))
+    return warm * cfg.lr_gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
 def amp_dtype(device: torch.device, cfg: TrainConfig):
@@ -558,8 +596,10 @@ def tidy_resumed_run(out: Path, ckpt: dict) -> None:
             write_best(out, ckpt)
 
 
-def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig) -> dict:
+def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig,
+                    scheduler=None) -> dict:
     """One pass over this rank's shard of the training set -> the loss terms' means over every rank.
+    scheduler: stepped after every batch when given (a per-step schedule, make_optimizer).
 
     Every rank ends the epoch with rank 0's BatchNorm statistics (broadcast_buffers), so that
     validation and the checkpoint see one model. Raises NonFiniteLoss naming the first bad step.
@@ -571,12 +611,18 @@ def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int
     monitor = LossMonitor(device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
-        image = batch["image"].to(device, non_blocking=True)
+        image, index = batch["image"], None
+        if cfg.group_by_image:  # each distinct image once, and which image each phrase is about
+            image, index = data.unique_images(image, batch["image_id"])
+            index = index.to(device, non_blocking=True)
+        image = image.to(device, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True)
         if device.type == "cuda" and cfg.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad)
+        terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad, index)
+        if scheduler is not None:
+            scheduler.step()
         monitor.add(terms, epoch * len(loader) + i)
         if (i + 1) % cfg.log_every == 0:  # the only host syncs of the step loop
             monitor.check(epoch, rank)
@@ -591,10 +637,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, clip_grad=0.0) -> dict:
-    """One optimisation step -> the loss terms as detached tensors on the device (read none: no host sync)."""
+def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, clip_grad=0.0,
+               image_index=None) -> dict:
+    """One optimisation step -> the loss terms as detached tensors on the device (read none: no host sync).
+    image_index: see SegVLM.forward (None: one image per phrase)."""
     with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = net(image, tokens)
+        logits = net(image, tokens) if image_index is None else net(image, tokens, image_index)
     terms = criterion(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["loss"]).backward()
@@ -696,18 +744,30 @@ def write_best(out: Path, state: dict) -> None:
 
 def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch_size: int) -> dict:
     """Score best.pth's weights on test.lmdb (every rank its share; rank 0 reads the file and broadcasts
-    them) -> evaluate's metrics, which rank 0 writes to test_metrics.json."""
+    them) -> evaluate's metrics. Rank 0 adds the decoder-grid ceiling of the same tasks ("ceiling"),
+    writes them to test_metrics.json, prints both and draws predictions.png (evaluate.prediction_grid)."""
     rank, _, device = distributed.info()
     weights = torch.load(out / "best.pth", map_location="cpu", weights_only=True)["model"] if rank == 0 else None
     model.load_state_dict(distributed.broadcast(weights))
     test_set = data.PhraseCutLMDB(test_path, input_size=model.config.input_size, word_len=model.config.word_len,
                                   train=False)
     test = evaluate.evaluate(model, test_set, threshold=cfg.threshold, batch_size=batch_size,
-                             num_workers=cfg.num_workers, device=device, progress=False)
+                             num_workers=cfg.num_workers, device=device, progress=False, per_task=True)
+    per_task = test.pop("per_task")
     if rank == 0:
+        # what a perfect map on the decoder's stride-16 grid would score on the same tasks: the
+        # bound CRIS's design sets at this input size (evaluate.decoder_grid_ceiling)
+        size = model.config.input_size
+        test["ceiling"] = evaluate.decoder_grid_ceiling(test_set)  # cut at 0.5, as evaluate.py --ceiling
         write_text(out / "test_metrics.json", json.dumps(test, indent=2))
+        evaluate.prediction_grid(model, test_set, per_task, out / "predictions.png", threshold=cfg.threshold,
+                                 device=device)
+        ceiling = test["ceiling"]
         print(f"test (best.pth): mIoU {test['mIoU']:.4f}  oIoU {test['oIoU']:.4f}  "
-              f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}")
+              f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}\n"
+              f"ceiling at {size} px (a perfect {size // 16}x{size // 16} decoder map): mIoU {ceiling['mIoU']:.4f}  "
+              f"oIoU {ceiling['oIoU']:.4f}  P@0.5 {ceiling['prec@0.5']:.4f}  P@0.9 {ceiling['prec@0.9']:.4f}\n"
+              f"pictures of typical tasks and failures: {out / 'predictions.png'}")
     return test
 
 

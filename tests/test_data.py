@@ -139,7 +139,9 @@ def test_roundtrip_counts_and_items(synth):
     assert sum(k.startswith(b"img/") for k in keys) == len(image_ids) == stats["num_images"]
     assert sum(k.startswith(b"task/") for k in keys) == len(tasks)
     item = ds[0]
-    assert set(item) == {"image", "tokens", "mask"}
+    assert set(item) == {"image", "tokens", "mask", "image_id"}
+    assert item["image_id"] == str(tasks[0]["image_id"])
+    assert ds.image_ids() == [str(t["image_id"]) for t in tasks]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
     assert item["tokens"].shape == (12,) and item["tokens"].dtype == torch.long
     assert item["mask"].shape == (1, 64, 64) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
@@ -395,6 +397,24 @@ def test_ensure_synthetic_is_made_once(tmp_path):
     assert data.ensure_synthetic(tmp_path, num_images=6, seed=1, size=64) == first
     assert (first / "train.lmdb").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no half-made copies left
+    square = data.ensure_synthetic(tmp_path, num_images=6, seed=1, size=64, aspect=1.0)
+    assert square != first and square.name.endswith("px64x64_gen3_lmdb2")
+
+
+def test_square_synthetic_images_and_the_aspect_range(tmp_path):
+    """aspect 1: every image is size x size, in image_data_split.json and on disk, with the usual
+    phrases; an aspect outside [0.5, 1] is refused."""
+    root = data.synthesize(tmp_path / "sq", num_images=8, seed=2, size=96, aspect=1.0)
+    infos = json.loads((root / "image_data_split.json").read_text())
+    assert {(d["width"], d["height"]) for d in infos} == {(96, 96)}
+    for d in infos:
+        with Image.open(root / "images" / f"{d['image_id']}.jpg") as im:
+            assert im.size == (96, 96)
+    tasks = sum((tasks_of(root, s) for s in data.SPLITS), [])
+    assert {t["phrase_structure"]["type"] for t in tasks} <= {"name", "attribute", "relation"} and len(tasks) >= 8 * 4
+    for aspect in (0.4, 1.5):
+        with pytest.raises(ValueError, match="aspect must be between 0.5 and 1"):
+            data.synthesize(tmp_path / f"bad{aspect}", num_images=4, aspect=aspect)
 
 
 # ----------------------------------------------------------------------------- hostile and careless input
@@ -629,3 +649,37 @@ def test_dataset_uses_stored_pixels_not_exif_orientation(tmp_path):
     assert ImageOps.exif_transpose(Image.open(root / "images" / "1.jpg")).size == (30, 40)
     item = data.PhraseCutFolder(root, "train", input_size=32, train=False)[0]
     assert item["orig_size"].tolist() == [30, 40] and item["gt_mask"][:5, :20].all() and item["gt_mask"].sum() == 100
+
+
+@pytest.mark.parametrize("world, batch", [(1, 4), (2, 3), (3, 2)])
+def test_image_grouped_sampler_keeps_each_images_phrases_together(world, batch):
+    """Ranks take disjoint shares of each global batch, no task twice, the phrases of an image
+    next to each other; equal lengths on every rank; the epoch reshuffles; the same seed, the
+    same order."""
+    ids = [str(i // 4) if i < 20 else str(5 + (i - 20) // 3) for i in range(29)]  # 5 images x4, 3 x3
+    def epoch(e, seed=0):
+        samplers = [data.ImageGroupedSampler(ids, batch, r, world, seed) for r in range(world)]
+        for s in samplers:
+            s.set_epoch(e)
+        return [list(s) for s in samplers]
+    shares = epoch(0)
+    step = batch * world
+    assert all(len(s) == len(shares[0]) == 29 // step * batch for s in shares)
+    assert all(len(s) == len(data.ImageGroupedSampler(ids, batch, 0, world)) for s in shares)
+    # interleave the ranks' batches back into the global order
+    order = [t for b in range(len(shares[0]) // batch) for s in shares for t in s[b * batch:(b + 1) * batch]]
+    assert len(set(order)) == len(order)
+    seen = []  # each image's phrases form one run in the global order
+    for t in order:
+        if not seen or seen[-1] != ids[t]:
+            assert ids[t] not in seen
+            seen.append(ids[t])
+    assert epoch(0) == shares and epoch(1) != shares and epoch(0, seed=1) != shares
+
+
+def test_unique_images_round_trip():
+    images = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    distinct, index = data.unique_images(images, ["b", "a", "b", "c", "a"])
+    assert index.tolist() == [0, 1, 0, 2, 1] and index.dtype == torch.long
+    assert torch.equal(distinct[:, 0, 0, 0], torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.equal(distinct[index][[0, 1, 3]], images[[0, 1, 3]])

@@ -403,3 +403,27 @@ def test_cli_prints_the_ceiling(run_dir, capsys):
     ev.main(["--ckpt", str(run_dir / "best.pth"), "--no-progress", "--ceiling"])
     out = capsys.readouterr().out
     assert "ceiling: a perfect 4x4 decoder map (stride 16 at 64 px)" in out
+
+
+def test_per_task_ious_make_the_summary_and_the_grid_shows_median_and_worst(smoke, run_dir, tmp_path):
+    """evaluate's per_task list is the tasks the summary was made from, in dataset order; the grid
+    takes each kind's median task and the worst ones, and draws them into one PNG."""
+    from PIL import Image
+    net, dataset = smoke
+    result = ev.evaluate(net, dataset, batch_size=4, progress=False, per_task=True)
+    per_task = result.pop("per_task")
+    assert [t["index"] for t in per_task] == list(range(len(dataset)))
+    assert result == ev.evaluate(net, dataset, batch_size=4, progress=False)
+    assert sum(t["iou"] for t in per_task) / len(per_task) == pytest.approx(result["mIoU"])
+    # a hand-made per_task: kind p_name has IoUs .1 .5 .9 (median .5: index 1), the rest fail
+    fake = [{"index": 0, "iou": 0.1, "subsets": ["p_name"]}, {"index": 1, "iou": 0.5, "subsets": ["p_name"]},
+            {"index": 2, "iou": 0.9, "subsets": ["p_name"]}, {"index": 3, "iou": 0.0, "subsets": ["p_att+"]},
+            {"index": 4, "iou": 0.05, "subsets": []}, {"index": 5, "iou": 0.3, "subsets": []}]
+    chosen = ev.prediction_grid(net, dataset, fake, tmp_path / "grid.png", failures=2)
+    assert [(label.split(",")[0], index) for label, index, _ in chosen] == [
+        ("name", 1), ("attribute", 3), ("failure 1", 4), ("failure 2", 0)]
+    for _, index, score in chosen:  # the drawn IoU is the task's own
+        assert score == pytest.approx(per_task[index]["iou"])
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.format == "PNG" and im.width > im.height > 100
+    assert not list(tmp_path.glob(".*"))  # no temporary left

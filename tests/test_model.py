@@ -517,3 +517,34 @@ def test_two_phrases_two_masks():
         logits = m(images[:2], tokens[:2])  # one image, two phrases
     assert iou(logits, masks[:2]).min() > 0.9, iou(logits, masks[:2])
     assert not torch.equal(logits[0] > 0, logits[1] > 0)
+
+
+def test_image_index_equals_repeating_the_images(smoke):
+    """Several phrases of one image: the image encoder runs once per distinct image (image_index),
+    and in eval mode the result equals the plain forward on the repeated images."""
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    index = torch.tensor([0, 0, 1, 0, 1])
+    tokens = tokens_for(smoke.config, ["red circle", "all circles", "blue star left of the square",
+                                       "small shape", "star"])
+    calls = []
+    hook = smoke.backbone.visual.conv1.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    with torch.no_grad():
+        shared = smoke(images, tokens, image_index=index)
+        plain = smoke(images[index], tokens)
+    hook.remove()
+    assert calls == [2, 5]
+    assert shared.shape == (5, 1, 16, 16)
+    assert torch.allclose(shared, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("index, match", [
+    (torch.tensor([0, 1]), r"must be a \(3,\) torch.long tensor"),
+    (torch.tensor([0.0, 1.0, 1.0]), "torch.long"),
+    (torch.tensor([0, 2, 1]), r"must lie in \[0, 2\)"),
+    (torch.tensor([0, -1, 1]), r"must lie in \[0, 2\)"),
+])
+def test_bad_image_index_is_a_clear_error(smoke, index, match):
+    tokens = tokens_for(smoke.config, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=match):
+        smoke(torch.zeros(2, 3, 64, 64), tokens, image_index=index)

@@ -3,6 +3,7 @@ keep runs from being lost, resume after a kill at any write, the collective time
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -213,14 +214,45 @@ def test_backbone_starts_at_its_own_rate():
     assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-6)
 
 
+def test_per_step_schedules_follow_their_formulas():
+    """--schedule cosine and --warmup-epochs step the rates after every batch: the step schedule's
+    per-batch factor equals MultiStepLR's per-epoch one; cosine falls from 1 to 0; warm-up is linear;
+    the backbone's group keeps its scale throughout."""
+    spe = 10  # steps per epoch
+    step_cfg = train.parse_args(["--preset", "smoke", "--epochs", "5", "--milestones", "2", "4"])
+    model = build_model("smoke")
+    opt, multistep = train.make_optimizer(model, step_cfg)
+    assert isinstance(multistep, torch.optim.lr_scheduler.MultiStepLR) and not train.steps_the_rate_per_batch(step_cfg)
+    for epoch in range(5):
+        for step in range(epoch * spe, (epoch + 1) * spe):
+            assert train.lr_factor(step, spe, step_cfg) * step_cfg.lr == pytest.approx(opt.param_groups[1]["lr"])
+        opt.step()
+        multistep.step()
+    cos = train.parse_args(["--preset", "smoke", "--epochs", "4", "--schedule", "cosine", "--warmup-epochs", "1",
+                            "--backbone-lr-scale", "0.5", "--lr", "0.01"])
+    opt, sched = train.make_optimizer(model, cos, steps_per_epoch=spe)
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    seen = []
+    for step in range(4 * spe):
+        seen.append(opt.param_groups[1]["lr"])
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * seen[-1])
+        opt.step()
+        sched.step()
+    expected = [min(1, (s + 1) / spe) * 0.5 * (1 + math.cos(math.pi * s / (4 * spe))) * 0.01 for s in range(4 * spe)]
+    assert seen == pytest.approx(expected)
+    assert seen[0] == pytest.approx(0.001 * math.cos(0)) and max(seen) < 0.01 and seen[-1] < 2e-5
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "smoke", "--schedule", "linear"])
+
+
 # --- runs ------------------------------------------------------------------
 
 
 def test_smoke_run_one_process(tmp_path, cache):
     out = tmp_path / "run"
-    run([sys.executable, "train.py", *smoke_args(out, cache, "--epochs", "2")])
+    proc = run([sys.executable, "train.py", *smoke_args(out, cache, "--epochs", "2")])
     for name in ("config.json", "command.txt", "git.txt", "metrics.jsonl", "checkpoint.pth",
-                 "best.pth", "curves.png", "test_metrics.json"):
+                 "best.pth", "curves.png", "test_metrics.json", "predictions.png"):
         assert (out / name).is_file(), name
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
@@ -233,6 +265,14 @@ def test_smoke_run_one_process(tmp_path, cache):
     assert Path(best["data_dir"], "test.lmdb").exists()
     test = json.loads((out / "test_metrics.json").read_text())
     assert 0 <= test["mIoU"] <= 1 and test["n"] > 0
+    # the run ends with the test scores beside the ceiling of its grid, the evaluator's own figure
+    ceiling = test["ceiling"]
+    assert ceiling["n"] == test["n"] and 0.3 < ceiling["mIoU"] < 1
+    assert f"ceiling at 64 px (a perfect 4x4 decoder map): mIoU {ceiling['mIoU']:.4f}" in proc.stdout
+    import data
+    import evaluate
+    test_set = data.PhraseCutLMDB(Path(best["data_dir"], "test.lmdb"), input_size=64, word_len=10, train=False)
+    assert evaluate.decoder_grid_ceiling(test_set)["mIoU"] == pytest.approx(ceiling["mIoU"])
 
 
 def smoke_parts(cfg):
@@ -241,7 +281,7 @@ def smoke_parts(cfg):
     train.seed_everything(cfg.seed)
     device = distributed.info().device
     model = train.make_model(cfg, device)
-    loader, _ = train.make_loaders(cfg, model.config, train.resolve_data(cfg), device)
+    loader, _ = train.make_loaders(cfg, model.config, train.resolve_data(cfg, model.config.input_size), device)
     optimizer, _ = train.make_optimizer(model, cfg)
     return model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False)
 
@@ -263,14 +303,33 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache):
-    """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch)."""
+def test_group_by_image_encodes_each_image_once_per_step(tmp_path, cache):
+    """--group-by-image: the step's image encoder sees each distinct image of the batch once, every
+    phrase still gets its own loss term (the loader yields every task), and the model learns."""
+    cfg = train.parse_args(smoke_args(tmp_path / "run", cache, "--group-by-image", "--epochs", "1"))
+    model, loader, optimizer, scaler = smoke_parts(cfg)
+    encoded, tasks = [], sum(len(b["tokens"]) for b in loader)
+    hook = model.backbone.visual.conv1.register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = train.train_one_epoch(model, loader, train.make_loss(cfg), optimizer, scaler, None, 0, cfg)
+    hook.remove()
+    assert len(encoded) == len(loader) and tasks == len(loader) * loader.batch_size
+    assert sum(encoded) < tasks  # several phrases per image: fewer encoder passes than tasks
+    assert all(math.isfinite(v) for v in terms.values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("grouping", [[], ["--group-by-image"]])
+def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache, grouping):
+    """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch),
+    with tasks shuffled one by one and with the phrases of each image batched together."""
     out = tmp_path / "ddp"
     out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), *smoke_args(out, cache, "--epochs", "2")], env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+         str(script), *smoke_args(out, cache, "--epochs", "2", *grouping)],
+        env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     a = torch.load(out / "rank0.pt", weights_only=True)
     b = torch.load(out / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -327,7 +386,7 @@ def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, 
     monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
     with pytest.raises(ValueError, match="SEGVLM_DIST_TIMEOUT='soon': expected a number of seconds > 0"):
         distributed.timeout_seconds()
-    train.resolve_data(train.parse_args(smoke_args(tmp_path / "unused", cache)))  # the data, made before
+    train.resolve_data(train.parse_args(smoke_args(tmp_path / "unused", cache)), 64)  # the data, made before
     script = tmp_path / "stall.py"
     script.write_text(STALL)
     start = time.monotonic()
