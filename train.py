@@ -24,7 +24,8 @@ val split, whose files do not hold the 100 miniv images (those are in
 refer_miniv.json; convert them to score them with evaluate.py). The run
 directory (`--out`) receives config.json, command.txt, git.txt, metrics.jsonl
 (one line per epoch), checkpoint.pth (every epoch), best.pth (best val mean
-IoU), curves.png and, when test.lmdb exists, test_metrics.json. An --out that
+IoU), curves.png and, when test.lmdb exists, test_metrics.json (with the
+decoder-grid ceiling) and predictions.png. An --out that
 already holds a run is refused: continue it with --resume, or pick another.
 
 `--resume DIR/checkpoint.pth` continues that run in DIR: every flag not typed
