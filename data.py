@@ -386,10 +386,10 @@ class ImageGroupedSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, image_ids, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.groups = {}  # image id -> its task indices, images in order of first appearance
+        groups = {}  # image id -> its task indices, images in order of first appearance
         for index, key in enumerate(image_ids):
-            self.groups.setdefault(key, []).append(index)
-        self.groups = list(self.groups.values())
+            groups.setdefault(key, []).append(index)
+        self.groups = list(groups.values())
         self.num_tasks, self.batch_size, self.rank, self.world = len(image_ids), batch_size, rank, world
         self.seed, self.epoch = seed, 0
 

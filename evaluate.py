@@ -39,6 +39,7 @@ The CLI checks --device and its outputs (--json, --save-masks, --vis: writable, 
 checkpoint or the data) before loading anything, so a mistake fails at once, not after the run.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -365,9 +366,22 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+@contextlib.contextmanager
+def _eval_mode(model, device=None):
+    """(the plain module, the device to run on: `device` or its parameters'), in eval mode inside the
+    block; the module's own train/eval mode is restored after it."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net, torch.device(device) if device is not None else next(net.parameters()).device
+    finally:
+        net.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
-             save_masks=None, progress=True, amp=False, cuda_graphs=False, per_task=False):
+             save_masks=None, progress=True, amp=False, cuda_graphs=False, per_task=False, ceiling=False):
     """Score `model` on every task of `dataset` and return the JSON layout.
 
     model: a SegVLM (or a DDP wrapper around one); put in eval mode here and
@@ -383,6 +397,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     cuda_graphs: on CUDA, replay each batch shape's captured graph (predict.FastSegVLM).
     per_task: also return "per_task", [{"index", "iou", "subsets"}] for every task in dataset
         order (prediction_grid picks its examples from it).
+    ceiling: also return "ceiling", decoder_grid_ceiling's scores for the same tasks, made from
+        the items this pass reads anyway (no second pass over the data).
 
     Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
     same keys}} (see summarize_tasks), fractions in [0, 1]. Under torch.distributed each rank scores
@@ -393,9 +409,6 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
-    net = _unwrap(model)
-    was_training = net.training
-    device = torch.device(device) if device is not None else next(net.parameters()).device
     rank, world, _ = distributed.info()
     indices = range(rank, len(dataset), world)  # no padding: every task scored exactly once
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -403,11 +416,11 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     if save_masks is not None:
         make_dir(save_masks, "save_masks")
 
-    fast = cuda_graphs and device.type == "cuda"
-    forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
     tasks = []  # (dataset index, I, U, subset names)
-    net.eval()
-    try:
+    ceiling_tasks = []  # (dataset index, I, U) of the perfect decoder-grid map
+    with _eval_mode(model, device) as (net, device):
+        fast = cuda_graphs and device.type == "cuda"
+        forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda" and not fast):
                 logits = forward(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
@@ -423,14 +436,18 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                 tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i]))  # loader keeps shard order
                 if save_masks is not None:
                     save_mask(pred, mask_path(save_masks, task_id))
-    finally:
-        net.train(was_training)
+                if ceiling:
+                    best = grid_ceiling_prediction(batch["mask"][i], h, w)
+                    ceiling_tasks.append((tasks[-1][0], *task_iou(best, batch["gt_mask"][i].bool())))
 
     tasks = gather_tasks(tasks)
     result = summarize_tasks([t[1:] for t in tasks], ranked=getattr(dataset, "ranks", None) is not None)
     if per_task:
         result["per_task"] = [{"index": i, "iou": iou(inter, union), "subsets": list(names)}
                               for i, inter, union, names in tasks]
+    if ceiling:
+        ceiling_tasks = gather_tasks(ceiling_tasks)
+        result["ceiling"] = summarize([t[1] for t in ceiling_tasks], [t[2] for t in ceiling_tasks])
     return result
 
 
@@ -448,13 +465,9 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     import data
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
 
-    net = _unwrap(model)
-    was_training = net.training
-    device = torch.device(device) if device is not None else next(net.parameters()).device
     out_dir = make_dir(out_dir, "the figures' folder")
     paths = []
-    net.eval()
-    try:
+    with _eval_mode(model, device) as (net, device):
         for k in range(min(num, len(dataset))):
             item = dataset[k]
             fig = Figure(figsize=(12, 4.4))
@@ -466,8 +479,6 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             with data.atomic_path(path) as tmp:
                 fig.savefig(tmp, dpi=80, format="png")
             paths.append(path)
-    finally:
-        net.train(was_training)
     return paths
 
 
@@ -518,23 +529,17 @@ def prediction_grid(model, dataset, per_task, path, failures=3, threshold=DEFAUL
     if not picks:
         raise ValueError("prediction_grid: per_task is empty")
 
-    net = _unwrap(model)
-    was_training = net.training
-    device = torch.device(device) if device is not None else next(net.parameters()).device
     cols = 2  # examples side by side, each three panels wide
     rows = -(-len(picks) // cols)
     fig = Figure(figsize=(6.6 * cols, 2.6 * rows))
     cells = fig.subfigures(rows, cols, squeeze=False).flat
     chosen = []
-    net.eval()
-    try:
+    with _eval_mode(model, device) as (net, device):
         for (label, index), cell in zip(picks, cells):
             item = dataset[index]
             score = _draw_example(cell.subplots(1, 3), net, item, threshold, device)
             cell.suptitle(f'"{item["phrase"]}"  ({label}): IoU {score:.2f}', fontsize=10)
             chosen.append((label, index, score))
-    finally:
-        net.train(was_training)
     with data.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=72, format="png")
     return chosen
@@ -573,20 +578,28 @@ def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> d
     `summarize`, bounds what a mask that is only an upsampled grid can score;
     the learned projector can do somewhat better only by sharpening edges.
     """
-    import torch.nn.functional as F
     from tqdm import tqdm
 
-    import data
     tasks = []
     for i in tqdm(range(len(dataset)), desc="ceiling", disable=not progress, leave=False):
         item = dataset[i]
-        size = item["mask"].shape[-1]
-        grid = F.avg_pool2d(item["mask"][None], stride)  # (1, 1, S/16, S/16)
-        prob = F.interpolate(grid, size=size // 4, mode="bilinear", align_corners=False)  # (1, 1, S/4, S/4)
         h, w = item["orig_size"].tolist()
-        pred = data.unletterbox(prob[0, 0], h, w, input_size=size) > threshold
+        pred = grid_ceiling_prediction(item["mask"], h, w, stride, threshold)
         tasks.append(task_iou(pred, item["gt_mask"].bool()))
     return summarize([t[0] for t in tasks], [t[1] for t in tasks])
+
+
+def grid_ceiling_prediction(mask, h, w, stride=16, threshold=0.5):
+    """One letterboxed ground-truth mask (1, S, S) -> the (h, w) bool prediction of a perfect
+    decoder map: averaged over stride x stride cells, bilinearly upsampled to the logits' S/4,
+    mapped back to the original size like a prediction, cut at `threshold`."""
+    import torch.nn.functional as F
+
+    import data
+    size = mask.shape[-1]
+    grid = F.avg_pool2d(mask[None].float(), stride)  # (1, 1, S/16, S/16)
+    prob = F.interpolate(grid, size=size // 4, mode="bilinear", align_corners=False)  # (1, 1, S/4, S/4)
+    return data.unletterbox(prob[0, 0], h, w, input_size=size) > threshold
 
 
 def parse_args(argv=None):
@@ -661,8 +674,9 @@ def run(args):
     start = time.perf_counter()
     result = evaluate(net, dataset, threshold=args.threshold, batch_size=args.batch_size,
                       num_workers=args.workers, device=device, save_masks=args.save_masks,
-                      progress=not args.no_progress, amp=args.amp, cuda_graphs=args.fast)
+                      progress=not args.no_progress, amp=args.amp, cuda_graphs=args.fast, ceiling=args.ceiling)
     seconds = time.perf_counter() - start
+    c = result.pop("ceiling", None)
     if rank == 0:
         print(format_table(result))
         if args.json:
@@ -674,8 +688,7 @@ def run(args):
               f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.7 {100 * result['prec@0.7']:.2f}  "
               f"P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks, threshold {args.threshold}, "
               f"{world} process{'es' if world > 1 else ''}, {seconds:.1f} s)")
-        if args.ceiling:
-            c = decoder_grid_ceiling(dataset, progress=not args.no_progress)
+        if c is not None:
             print(f"ceiling: a perfect {cfg.input_size // 16}x{cfg.input_size // 16} decoder map (stride 16 at "
                   f"{cfg.input_size} px) upsampled to the logits would score mIoU {100 * c['mIoU']:.2f}  "
                   f"oIoU {100 * c['oIoU']:.2f}  P@0.5 {100 * c['prec@0.5']:.2f}  P@0.9 {100 * c['prec@0.9']:.2f}")

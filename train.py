@@ -334,9 +334,9 @@ def train(cfg: TrainConfig) -> dict:
             print(f"run dir {out}  |  {world} process(es) on {device}  |  {len(loader.dataset)} train "
                   f"samples, {len(val_set)} val  |  global batch {cfg.batch_size}")
 
+        per_step = steps_the_rate_per_batch(cfg)
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
-            per_step = steps_the_rate_per_batch(cfg)
             terms = train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch, cfg,
                                     scheduler if per_step else None)
             if not per_step:
@@ -643,7 +643,7 @@ def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, 
     """One optimisation step -> the loss terms as detached tensors on the device (read none: no host sync).
     image_index: see SegVLM.forward (None: one image per phrase)."""
     with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = net(image, tokens) if image_index is None else net(image, tokens, image_index)
+        logits = net(image, tokens, image_index)
     terms = criterion(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["loss"]).backward()
@@ -753,13 +753,11 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
     test_set = data.PhraseCutLMDB(test_path, input_size=model.config.input_size, word_len=model.config.word_len,
                                   train=False)
     test = evaluate.evaluate(model, test_set, threshold=cfg.threshold, batch_size=batch_size,
-                             num_workers=cfg.num_workers, device=device, progress=False, per_task=True)
-    per_task = test.pop("per_task")
+                             num_workers=cfg.num_workers, device=device, progress=False, per_task=True,
+                             ceiling=True)  # "ceiling": a perfect map on the decoder's stride-16 grid, the
+    per_task = test.pop("per_task")          # bound CRIS's design sets at this input size
     if rank == 0:
-        # what a perfect map on the decoder's stride-16 grid would score on the same tasks: the
-        # bound CRIS's design sets at this input size (evaluate.decoder_grid_ceiling)
         size = model.config.input_size
-        test["ceiling"] = evaluate.decoder_grid_ceiling(test_set)  # cut at 0.5, as evaluate.py --ceiling
         write_text(out / "test_metrics.json", json.dumps(test, indent=2))
         evaluate.prediction_grid(model, test_set, per_task, out / "predictions.png", threshold=cfg.threshold,
                                  device=device)

@@ -414,6 +414,10 @@ def test_per_task_ious_make_the_summary_and_the_grid_shows_median_and_worst(smok
     per_task = result.pop("per_task")
     assert [t["index"] for t in per_task] == list(range(len(dataset)))
     assert result == ev.evaluate(net, dataset, batch_size=4, progress=False)
+    # the ceiling made in the same pass is decoder_grid_ceiling's, and changes nothing else
+    with_ceiling = ev.evaluate(net, dataset, batch_size=3, progress=False, ceiling=True)
+    assert with_ceiling.pop("ceiling") == ev.decoder_grid_ceiling(dataset)
+    assert with_ceiling == result
     assert sum(t["iou"] for t in per_task) / len(per_task) == pytest.approx(result["mIoU"])
     # a hand-made per_task: kind p_name has IoUs .1 .5 .9 (median .5: index 1), the rest fail
     fake = [{"index": 0, "iou": 0.1, "subsets": ["p_name"]}, {"index": 1, "iou": 0.5, "subsets": ["p_name"]},
