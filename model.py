@@ -360,20 +360,19 @@ class SegVLM(nn.Module):
         """image (B, 3, H, W), tokens (B, L) -> mask logits (B, 1, H/4, W/4).
 
         With image_index (B,), image holds each distinct image once, (U, 3, H, W), and phrase i is
-        about image[image_index[i]]: the image encoder runs U times instead of B (training with
-        several phrases per image, data.ImageGroupedSampler). The result is the same as passing
-        image[image_index], except that BatchNorm in train mode sees each image once."""
+        about image[image_index[i]]: the image encoder, and the neck's projections of its maps,
+        run U times instead of B (training with several phrases per image,
+        data.ImageGroupedSampler). The result is the same as passing image[image_index], except
+        that BatchNorm in train mode sees each image once in those parts."""
         self.check_inputs(image, tokens, image_index)
         return self.segment(image, tokens, image_index)
 
     def segment(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None) -> torch.Tensor:
         """The forward pass without `check_inputs`: no Python decision depends on tensor values, so
         it can be captured in a CUDA graph (predict.FastSegVLM checks the inputs first)."""
-        c3, c4, c5 = self.backbone.encode_image(image)
-        if image_index is not None:  # each phrase gets its image's maps
-            c3, c4, c5 = c3[image_index], c4[image_index], c5[image_index]
+        c3, c4, c5 = self.backbone.encode_image(image)  # one map per image
         words, state = self.backbone.encode_text(tokens)
-        x = self.neck(c3, c4, c5, state)  # (B, C, H/16, W/16)
+        x = self.neck(c3, c4, c5, state, image_index)  # (B, C, H/16, W/16): each phrase with its image
         x = self.decoder(x, words, pad_mask=tokens == 0)  # (B, C, H/16, W/16)
         v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
         return self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import SqueezeExcitation, deform_conv2d
 
-from layers import CoordConv, DecoderLayer, DeformableConv2d, deform_conv2d_sampled, sine_position_1d, sine_position_2d
+from layers import (CoordConv, DecoderLayer, DeformableConv2d, Projector, deform_conv2d_sampled, sine_position_1d,
+                    sine_position_2d)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -122,3 +123,28 @@ def test_decoder_layer_ignores_padded_words():
     words2[pad] = torch.randn(int(pad.sum()), 16) * 100
     out2 = layer(vis, words2, sine_position_2d(3, 4, 16), sine_position_1d(5, 16), pad)
     assert torch.allclose(out, out2, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,size", [(3, (7, 5)), (1, (4, 4)), (5, (6, 3)), (3, (1, 1))])
+def test_text_to_pixel_equals_crises_grouped_conv(kernel, size):
+    """text_to_pixel sums channels first; CRIS convolves with groups=B. Same outputs and gradients."""
+    torch.manual_seed(0)
+    b, c = 3, 4
+    proj = Projector(in_dim=8, proj_dim=c, state_dim=6, kernel_size=kernel).double()
+    v = torch.randn(b, c, *size, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(b, 6, dtype=torch.float64, requires_grad=True)
+
+    def crises(v, state):
+        params = proj.txt(state)
+        weight = params[:, :-1].reshape(b, c, kernel, kernel)
+        out = F.conv2d(v.reshape(1, b * c, *size), weight, params[:, -1], padding=kernel // 2, groups=b)
+        return out.transpose(0, 1)
+
+    ours, ref = proj.text_to_pixel(v, state), crises(v, state)
+    assert ours.shape == ref.shape == (b, 1, *size)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(ours, [v, state, proj.txt.weight], grad)
+    want = torch.autograd.grad(ref, [v, state, proj.txt.weight], grad)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10)

@@ -528,14 +528,37 @@ def test_image_index_equals_repeating_the_images(smoke):
     tokens = tokens_for(smoke.config, ["red circle", "all circles", "blue star left of the square",
                                        "small shape", "star"])
     calls = []
-    hook = smoke.backbone.visual.conv1.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    hooks = [mod.register_forward_hook(lambda m, args, out, name=name: calls.append((name, len(args[0]))))
+             for name, mod in [("conv1", smoke.backbone.visual.conv1), ("f3_proj", smoke.neck.f3_proj),
+                               ("f4_cat", smoke.neck.f4_cat)]]
     with torch.no_grad():
         shared = smoke(images, tokens, image_index=index)
         plain = smoke(images[index], tokens)
-    hook.remove()
-    assert calls == [2, 5]
+    for h in hooks:
+        h.remove()
+    # the image encoder and the neck's projection of its maps once per image; the fusion with the phrase per phrase
+    assert calls == [("conv1", 2), ("f3_proj", 2), ("f4_cat", 5), ("conv1", 5), ("f3_proj", 5), ("f4_cat", 5)]
     assert shared.shape == (5, 1, 16, 16)
     assert torch.allclose(shared, plain, atol=1e-5)
+
+
+def test_image_index_with_one_phrase_per_image_equals_the_plain_forward_in_train_mode(smoke):
+    """With each image used once, image_index is only a reordering: BatchNorm's batch statistics are
+    the same, so even in train mode the logits and gradients equal the plain forward's."""
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, 64, 64)
+    index = torch.tensor([2, 0, 1])
+    tokens = tokens_for(smoke.config, ["red circle", "blue star left of the square", "small shape"])
+    smoke.train()
+    torch.manual_seed(3)  # the decoder's dropout draws the same masks in both passes
+    shared = smoke(images, tokens, image_index=index)
+    grads = torch.autograd.grad(shared.square().sum(), smoke.neck.f3_proj[0].weight)
+    torch.manual_seed(3)
+    plain = smoke(images[index], tokens)
+    want = torch.autograd.grad(plain.square().sum(), smoke.neck.f3_proj[0].weight)
+    smoke.eval()
+    assert torch.allclose(shared, plain, atol=1e-5)
+    assert torch.allclose(grads[0], want[0], atol=1e-5 * want[0].abs().max())
 
 
 @pytest.mark.parametrize("index, match", [
