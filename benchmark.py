@@ -114,7 +114,7 @@ def training(models, cfg, size, batch, device, repeats, warmup, compile=False) -
     image, tokens, mask = inputs(cfg, batch, size, device)
     recipe = train.preset_defaults("paper")
     dtype = train.amp_dtype(device, recipe)
-    channels_last = device.type == "cuda" and recipe.channels_last
+    channels_last = recipe.channels_last
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     steps = {}

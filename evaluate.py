@@ -402,15 +402,22 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
 
     Returns {"mIoU", "oIoU", "prec@0.5", ..., "prec@0.9", "n", "subsets": {name:
     same keys}} (see summarize_tasks), fractions in [0, 1]. Under torch.distributed each rank scores
-    the indices rank::world_size and every rank returns the same full result.
+    one contiguous block of the tasks and every rank returns the same full result.
+
+    A SegVLM gets a batch's phrases of one image with one copy of the image (image_index; the tasks
+    of an image are consecutive in PhraseCut's files and in the LMDB): in eval mode the same logits,
+    with fewer image-encoder passes. The CUDA-graph path keeps one image per phrase, so that each
+    batch size is captured once.
     """
     import data  # the dataset pipeline; imported here so the metric functions stand alone
+    from model import SegVLM
     from predict import FastSegVLM
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
     rank, world, _ = distributed.info()
-    indices = range(rank, len(dataset), world)  # no padding: every task scored exactly once
+    # contiguous blocks keep an image's tasks together; no padding: every task scored exactly once
+    indices = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=data.collate)
     if save_masks is not None:
@@ -421,9 +428,14 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     with _eval_mode(model, device) as (net, device):
         fast = cuda_graphs and device.type == "cuda"
         forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
+        grouped = not fast and isinstance(net, SegVLM)  # another model gets (image, tokens) only
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
+            inputs = batch["image"], batch["tokens"]
+            if grouped:  # each distinct image once, and which one each phrase is about
+                image, index = data.unique_images(batch["image"], batch["image_id"])
+                inputs = image, batch["tokens"], index
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda" and not fast):
-                logits = forward(batch["image"].to(device), batch["tokens"].to(device))  # (B, 1, S/4, S/4)
+                logits = forward(*(t.to(device) for t in inputs))  # (B, 1, S/4, S/4)
             prob = logits.float().sigmoid()
             size = batch["image"].shape[-1]  # the letterbox side S the logits' S/4 map covers
             for i, task_id in enumerate(batch["task_id"]):

@@ -114,6 +114,8 @@ class TrainConfig:
     batch_size: int = flag(64, "global batch, split across processes")
     lr: float = flag(1e-4, "Adam's learning rate")
     backbone_lr_scale: float = flag(0.1, "the CLIP backbone trains at lr x this (CRIS)")
+    freeze_token_embedding: bool = flag(False, "keep CLIP's token embedding (49,408 x width) as loaded; "
+                                               "the rest of CLIP trains")
     milestones: list[int] = flag([15, 30], "epochs after which every rate is multiplied by --lr-gamma")
     lr_gamma: float = flag(0.1, "the rates' decay at each milestone")
     schedule: str = flag("step", "step: x --lr-gamma after each of --milestones (the paper's); "
@@ -122,7 +124,7 @@ class TrainConfig:
     weight_decay: float = flag(0.0, "Adam's weight decay")
     clip_grad: float = flag(0.0, "max gradient norm; 0: off (the paper's clipnorm 0)")
     amp: bool = flag(True, "mixed precision on CUDA (bf16 where supported); ignored on the CPU")
-    channels_last: bool = flag(True, "channels-last tensors on CUDA (faster convs with AMP); ignored on the CPU")
+    channels_last: bool = flag(True, "channels-last tensors (faster convolutions, on CPUs as on GPUs)")
     compile: bool = flag(False, "torch.compile the model (the first steps compile: a slow start)")
     log_every: int = flag(20, "steps between progress-bar updates and non-finite checks (each a host sync)")
     # loss (eq. 4-8)
@@ -406,13 +408,27 @@ def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
                                       clip_name=weights)
         if distributed.is_main():
             print(note, flush=True)
-        return model.to(device)
+        return freeze(model, cfg).to(device)
     try:
-        return build_model(cfg.preset, clip_weights=weights, **overrides).to(device)
+        model = build_model(cfg.preset, clip_weights=weights, **overrides)
     except RuntimeError as e:  # CLIP weights that could not be had: the message says how to get them
         if weights is None:
             raise
         raise ValueError(str(e)) from e
+    return freeze(model, cfg).to(device)
+
+
+def freeze(model: SegVLM, cfg: TrainConfig) -> SegVLM:
+    """--freeze-token-embedding: CLIP's token table gets no gradient, so neither Adam nor DDP touches it.
+
+    The table has a row for each of CLIP's 49,408 tokens; a phrase uses a handful of them, yet its
+    gradient is a dense (49,408, width) tensor that DDP all-reduces and Adam updates every step.
+    In the demo (width 64, 3.2M of its 5.1M parameters, ~100 distinct tokens in the synthetic
+    phrases) that cost 11 % of a training step (docs/measurements.md); there the table stays at its
+    random initialisation (CLIP's, N(0, 0.02^2)), which keeps those tokens apart, and the text
+    transformer above it learns."""
+    model.backbone.token_embedding.weight.requires_grad_(not cfg.freeze_token_embedding)
+    return model
 
 
 def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
@@ -473,9 +489,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
               {"params": head, "lr": cfg.lr, "name": "head"}]
-    cuda = next(model.parameters()).is_cuda  # fused: one kernel for all parameters (CUDA only here)
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay,
-                                 fused=cuda or None)
+    # fused: one kernel updates every parameter (CPU and CUDA). On a CPU the default per-tensor
+    # loop cost a demo step as much as its text encoder: CLIP's token embedding alone has 3.2M
+    # entries, updated every step.
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
     if steps_the_rate_per_batch(cfg):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
     else:
@@ -524,10 +541,10 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float
 
 
 def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
-    """What the training steps call: `model` channels-last on CUDA, in DDP across processes
+    """What the training steps call: `model` channels-last, in DDP across processes
     (its BatchNorms synchronised on GPUs), compiled with --compile. `model` itself stays the plain
     module that is validated and saved."""
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     net = model
     if distributed.info().world > 1:
@@ -619,7 +636,7 @@ def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int
         image = image.to(device, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.channels_last:
+        if cfg.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad, index)
         if scheduler is not None:

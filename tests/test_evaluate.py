@@ -431,3 +431,30 @@ def test_per_task_ious_make_the_summary_and_the_grid_shows_median_and_worst(smok
     with Image.open(tmp_path / "grid.png") as im:
         assert im.format == "PNG" and im.width > im.height > 100
     assert not list(tmp_path.glob(".*"))  # no temporary left
+
+
+class PlainForward(torch.nn.Module):
+    """A SegVLM seen as any (image, tokens) model: evaluate gives it one image per phrase."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image, tokens):
+        return self.net(image, tokens)
+
+
+def test_phrases_of_one_image_share_its_encoder_pass_and_score_the_same(smoke):
+    """A SegVLM is evaluated with each batch's distinct images encoded once (image_index): fewer
+    image-encoder passes than tasks, and every task's IoU that of one image per phrase."""
+    net, dataset = smoke
+    passes = []
+    hook = net.backbone.visual.conv1.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
+    grouped = ev.evaluate(net, dataset, batch_size=8, progress=False, per_task=True)
+    hook.remove()
+    plain = ev.evaluate(PlainForward(net), dataset, batch_size=8, progress=False, per_task=True)
+    n_images = len({dataset[i]["image_id"] for i in range(len(dataset))})
+    assert n_images <= sum(passes) < grouped["n"] == plain["n"]
+    assert [t["index"] for t in grouped["per_task"]] == [t["index"] for t in plain["per_task"]]
+    assert [t["iou"] for t in grouped["per_task"]] == pytest.approx([t["iou"] for t in plain["per_task"]], abs=1e-3)
+    assert grouped["mIoU"] == pytest.approx(plain["mIoU"], abs=1e-3)

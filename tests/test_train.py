@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import train
 from model import build_model, load_checkpoint
 
@@ -273,6 +274,47 @@ def test_smoke_run_one_process(tmp_path, cache):
     import evaluate
     test_set = data.PhraseCutLMDB(Path(best["data_dir"], "test.lmdb"), input_size=64, word_len=10, train=False)
     assert evaluate.decoder_grid_ceiling(test_set)["mIoU"] == pytest.approx(ceiling["mIoU"])
+
+
+@pytest.mark.parametrize("flags, layout", [([], torch.channels_last), (["--no-channels-last"], torch.contiguous_format)])
+def test_channels_last_on_the_cpu_changes_the_layout_not_the_logits(flags, layout):
+    """--channels-last (default) on every device: the convolutions' weights are laid out
+    channels-last, and the logits are those of the contiguous model. Adam is the fused one."""
+    cfg = train.parse_args(["--preset", "smoke", *flags])
+    torch.manual_seed(0)
+    model = build_model("smoke").eval()
+    image = torch.randn(2, 3, 64, 64)
+    tokens = data.tokenize(["red circle", "all stars"], model.config.word_len)
+    with torch.no_grad():
+        want = model(image, tokens)
+        net = train.wrap_model(model, cfg, torch.device("cpu"))  # one process: the model itself
+        got = net(image.contiguous(memory_format=layout), tokens)
+    assert model.neck.f4_proj[0].weight.is_contiguous(memory_format=layout)
+    assert layout == torch.contiguous_format or not model.neck.f4_proj[0].weight.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5)
+    optimizer, _ = train.make_optimizer(model, cfg)
+    assert optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("flags", [["--freeze-token-embedding"], ["--no-freeze-token-embedding"]])
+def test_freeze_token_embedding_keeps_the_table_and_trains_the_rest(flags, tmp_path, cache):
+    """--freeze-token-embedding: CLIP's token table is neither in Adam's groups nor changed by a step;
+    the text transformer still learns. Without it, the table trains with the rest of CLIP."""
+    cfg = train.parse_args(smoke_args(tmp_path / "run", cache, *flags))
+    frozen = flags == ["--freeze-token-embedding"]
+    model, loader, optimizer, scaler = smoke_parts(cfg)
+    table = model.backbone.token_embedding.weight
+    in_adam = any(p is table for g in optimizer.param_groups for p in g["params"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = next(iter(loader))
+    train.train_step(model, batch["image"], batch["tokens"], batch["mask"], train.make_loss(cfg), optimizer, scaler,
+                     None)
+    after = model.state_dict()
+    assert in_adam is not frozen
+    assert torch.equal(after["backbone.token_embedding.weight"], before["backbone.token_embedding.weight"]) is frozen
+    assert not torch.equal(after["backbone.transformer.resblocks.0.attn.in_proj_weight"],
+                           before["backbone.transformer.resblocks.0.attn.in_proj_weight"])
+    assert train.preset_defaults("demo").freeze_token_embedding and not train.preset_defaults("paper").freeze_token_embedding
 
 
 def smoke_parts(cfg):
