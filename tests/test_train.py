@@ -422,6 +422,22 @@ STALL = textwrap.dedent("""
 """)
 
 
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: an error that says what to change, not
+    CUDA's "invalid device ordinal", and before any CUDA call or process group."""
+    import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 1: this machine has 1 CUDA device\(s\).*"
+                                           r"--nproc_per_node=1 or fewer.*CUDA_VISIBLE_DEVICES="):
+        distributed.init()
+    assert not distributed.initialized()
+
+
 def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, monkeypatch):
     import distributed
 
