@@ -217,6 +217,10 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         return cfg
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in saved.items() if k in names and k not in NOT_RESUMED}
+    # A setting newer than the checkpoint: its run went without it, and a new setting's TrainConfig default
+    # is the behaviour from before it existed (the preset's value may differ: demo's --freeze-token-embedding).
+    before = TrainConfig()
+    saved.update({k: getattr(before, k) for k in names - set(saved) - NOT_RESUMED - RESUME_MAY_CHANGE})
     contradictions = [f"{flag_text(k, getattr(cfg, k))} (the checkpoint's: {flag_text(k, model_cfg.get(k, v))})"
                       for k, v in sorted(saved.items()) if k in given and k not in RESUME_MAY_CHANGE
                       and getattr(cfg, k) not in (v, model_cfg.get(k))]  # --input-size 320 == the preset's 0

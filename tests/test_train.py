@@ -116,6 +116,23 @@ def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(t
     assert "has finished epoch 1 already" in capsys.readouterr().err
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_keeps_how_it_ran(tmp_path, capsys):
+    """A demo run saved before --freeze-token-embedding existed trained the table: resuming it must not take
+    the demo preset's frozen table (its saved Adam state would not fit), but the behaviour from before."""
+    ckpt = fake_checkpoint(tmp_path / "checkpoint.pth", preset="demo")
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["args"]["freeze_token_embedding"]
+    torch.save(saved, ckpt)
+    assert train.preset_defaults("demo").freeze_token_embedding  # what a new demo run gets
+    cfg = train.parse_args(["--resume", ckpt])
+    assert cfg.preset == "demo" and not cfg.freeze_token_embedding
+    with pytest.raises(SystemExit) as exc:  # its Adam state holds the table: freezing it now contradicts the run
+        train.parse_args(["--resume", ckpt, "--freeze-token-embedding"])
+    assert exc.value.code == 2
+    assert ("--freeze-token-embedding (the checkpoint's: --no-freeze-token-embedding)"
+            in capsys.readouterr().err)
+
+
 class Killed(Exception):
     """A kill at one chosen write, for the tests of what a resume finds."""
 
