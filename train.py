@@ -116,7 +116,8 @@ class TrainConfig:
     backbone_lr_scale: float = flag(0.1, "the CLIP backbone trains at lr x this (CRIS)")
     freeze_token_embedding: bool = flag(False, "keep CLIP's token embedding (49,408 x width) as loaded; "
                                                "the rest of CLIP trains")
-    milestones: list[int] = flag([15, 30], "epochs after which every rate is multiplied by --lr-gamma")
+    milestones: list[float] = flag([15, 30], "epochs after which every rate is multiplied by --lr-gamma; "
+                                             "a fraction (7.5) decays mid-epoch")
     lr_gamma: float = flag(0.1, "the rates' decay at each milestone")
     schedule: str = flag("step", "step: x --lr-gamma after each of --milestones (the paper's); "
                                  "cosine: from the full rate down to 0 over all epochs, every step")
@@ -155,6 +156,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(flags)}\n")
 
 
+def epoch_number(text: str) -> int | float:
+    """--milestones' values: 7 stays the int 7 (MultiStepLR's epochs), 7.5 is a float (a per-batch decay)."""
+    value = float(text)  # argparse turns a ValueError into "invalid epoch_number value: 'x'"
+    return int(value) if value.is_integer() else value
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags from the TrainConfig fields; defaults come from --preset's recipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -171,8 +178,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         options = {**f.metadata, "default": getattr(defaults, f.name)}
         if f.type == "bool":
             options["action"] = argparse.BooleanOptionalAction
-        elif f.type == "list[int]":
-            options.update(type=int, nargs="*", metavar="EPOCH")
+        elif f.type == "list[float]":
+            options.update(type=epoch_number, nargs="*", metavar="EPOCH")
         else:
             options.setdefault("type", {"int": int, "float": float, "str": str}[f.type])
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
@@ -278,8 +285,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")
         if cfg.synth_images < 4:
             raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
-    if any(m < 1 for m in cfg.milestones):
-        raise ValueError(f"--milestones are epochs >= 1, got {' '.join(map(str, cfg.milestones))}")
+    if not all(0 < m < math.inf for m in cfg.milestones):
+        raise ValueError(f"--milestones are epochs > 0, got {' '.join(map(str, cfg.milestones))}")
     weights = cfg.clip_weights
     if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
         raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
@@ -505,7 +512,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
 
 
 def steps_the_rate_per_batch(cfg: TrainConfig) -> bool:
-    return cfg.schedule != "step" or cfg.warmup_epochs > 0
+    return cfg.schedule != "step" or cfg.warmup_epochs > 0 or any(m != int(m) for m in cfg.milestones)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

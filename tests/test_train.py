@@ -48,7 +48,9 @@ def smoke_args(out, cache, *extra):
     (["--resume", "/"], "--resume /: a directory, not a file"),
     (["--cache-dir", "/dev/null"], "--cache-dir /dev/null is a file"),
     (["--synth-images", "3"], "--synth-images must be >= 4"),
-    (["--milestones", "10", "-1"], "--milestones are epochs >= 1, got 10 -1"),
+    (["--milestones", "10", "-1"], "--milestones are epochs > 0, got 10 -1"),
+    (["--milestones", "inf"], "--milestones are epochs > 0, got inf"),
+    (["--milestones", "seven"], "invalid epoch_number value: 'seven'"),
     (["--epochs", "two"], "invalid int value"),
     (["--learning-rate", "1e-3"], "unrecognized arguments"),
     (["--loss", "mse"], "--loss must be"),
@@ -261,6 +263,23 @@ def test_per_step_schedules_follow_their_formulas():
     assert seen[0] == pytest.approx(0.001 * math.cos(0)) and max(seen) < 0.01 and seen[-1] < 2e-5
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "smoke", "--schedule", "linear"])
+
+
+def test_a_fractional_milestone_decays_at_its_batch():
+    """--milestones 2.5: the rates drop before batch 2.5 x steps_per_epoch, stepped per batch; whole epochs stay
+    MultiStepLR's ints (7, not 7.0, in config.json)."""
+    assert train.parse_args(["--preset", "smoke", "--milestones", "7", "8.0"]).milestones == [7, 8]
+    assert all(type(m) is int for m in train.parse_args(["--preset", "smoke", "--milestones", "7", "8.0"]).milestones)
+    cfg = train.parse_args(["--preset", "smoke", "--epochs", "4", "--milestones", "2.5", "--lr", "0.01"])
+    assert cfg.milestones == [2.5] and train.steps_the_rate_per_batch(cfg)
+    spe = 10
+    opt, sched = train.make_optimizer(build_model("smoke"), cfg, steps_per_epoch=spe)
+    seen = []
+    for _ in range(4 * spe):
+        seen.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.01] * 25 + [0.001] * 15)
 
 
 # --- runs ------------------------------------------------------------------
