@@ -56,6 +56,7 @@ Choices where PhraseCut and the paper are silent (all deliberate, all tested):
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -93,6 +94,12 @@ def tokenize(phrases, word_len=22):
     if isinstance(phrases, str):
         phrases = [phrases]
     return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
+
+
+@functools.lru_cache(maxsize=16384)
+def _tokens(phrase, word_len):
+    """tokenize(phrase, word_len)[0], kept per process: datasets repeat phrases, and CLIP's BPE runs in Python."""
+    return tokenize(phrase, word_len)[0]
 
 
 def kept_words(phrase, word_len=22):
@@ -221,6 +228,7 @@ class _PhraseCutItems(Dataset):
 
     def __init__(self, input_size=416, word_len=22, train=True):
         self.input_size, self.word_len, self.train = input_size, word_len, train
+        self._last_image = None  # (name, size), letterboxed image, (H, W): see __getitem__
 
     def _read(self, index):
         raise NotImplementedError
@@ -233,10 +241,15 @@ class _PhraseCutItems(Dataset):
         task, data = self._read(index)
         size = self.input_size
         name = f"images/{task['image_id']}.jpg"
-        img, (h, w) = open_image(data, name, fit=size)
-        image, _ = letterbox(img, size, orig_size=(h, w))
+        # An image's phrases are read one after another (ImageGroupedSampler, evaluation in task order), so
+        # the last image decoded is kept: a DataLoader worker then decodes each image about once a batch.
+        if self._last_image is None or self._last_image[0] != (name, size):
+            img, (h, w) = open_image(data, name, fit=size)
+            self._last_image = ((name, size), letterbox(img, size, orig_size=(h, w))[0], (h, w))
+        _, image, (h, w) = self._last_image
+        image = image.clone()  # each item its own tensor
         gt = polygons_to_mask(task["Polygons"], w, h)
-        tokens = tokenize(task["phrase"], self.word_len)[0]
+        tokens = _tokens(task["phrase"], self.word_len).clone()
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
                                                    " (said once per process: other long phrases are cut too)")

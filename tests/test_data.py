@@ -158,6 +158,26 @@ def test_roundtrip_counts_and_items(synth):
         ds[len(ds)]
 
 
+def test_items_read_in_a_row_equal_items_read_alone(synth):
+    """The dataset keeps the last image it decoded (an image's phrases are read one after another) and each
+    phrase's tokens: items read in the sampler's order, or twice in a row, equal those of a fresh dataset per
+    item, where nothing is kept, and share no storage."""
+    root, out, _ = synth
+    ds = data.PhraseCutLMDB(out, input_size=64, word_len=12)
+    order = list(data.ImageGroupedSampler(ds.image_ids(), 4, seed=3)) + [5, 5, 0]
+    for index in order:
+        item, alone = ds[index], data.PhraseCutLMDB(out, input_size=64, word_len=12)[index]
+        for key in ("image", "tokens", "mask"):
+            assert torch.equal(item[key], alone[key]), (index, key)
+    a, b = ds[1], ds[1]
+    assert a["image"].data_ptr() != b["image"].data_ptr() and a["tokens"].data_ptr() != b["tokens"].data_ptr()
+    a["image"].zero_(), a["tokens"].zero_()
+    assert torch.equal(ds[1]["image"], b["image"]) and torch.equal(ds[1]["tokens"], b["tokens"])
+    other = data.PhraseCutLMDB(out, input_size=96, word_len=12)  # another size, another decode
+    assert other[1]["image"].shape == (3, 96, 96)
+    assert data.PhraseCutLMDB(out, input_size=64, word_len=12, train=False)[1]["tokens"].equal(b["tokens"])
+
+
 def test_mask_is_official_rule_then_letterbox(synth):
     root, out, _ = synth
     ds = data.PhraseCutLMDB(out, input_size=80, train=False)
