@@ -562,9 +562,13 @@ def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         # gradient_as_bucket_view: grads live in DDP's buckets (no copy; also no stride
-        # warning for the 1x1 convs whose grads autograd lays out channels-last)
+        # warning for the 1x1 convs whose grads autograd lays out channels-last).
+        # broadcast_buffers=False: DDP would send rank 0's BatchNorm running statistics before every
+        # forward, a collective that makes the ranks wait for each other twice a step. It changes no
+        # result: training normalises with batch statistics, rank 0's running statistics grow from its
+        # own batches either way, and train_one_epoch gives them to every rank after the last step.
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      gradient_as_bucket_view=True)
+                                      gradient_as_bucket_view=True, broadcast_buffers=False)
     if cfg.compile:
         net = torch.compile(net)  # after DDP, so that DDP's optimizer splits the graph at its buckets
     return net

@@ -365,9 +365,12 @@ def smoke_parts(cfg):
 
 
 WORKER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     import distributed, train
     from test_train import smoke_parts
+    if os.environ.get("DDP_BROADCAST_BUFFERS"):  # DDP's default: rank 0's buffers sent before every forward
+        ddp = train.DistributedDataParallel
+        train.DistributedDataParallel = lambda *a, **k: ddp(*a, **{**k, "broadcast_buffers": True})
     cfg = train.parse_args(sys.argv[1:])
     rank, world, device = distributed.init()
     try:
@@ -415,6 +418,23 @@ def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache,
     # and the ranks really trained: weights differ from a fresh model's
     fresh = build_model("smoke").state_dict()
     assert any(not torch.equal(a[k], fresh[k]) for k in a if a[k].is_floating_point())
+
+
+def test_ddp_without_a_buffer_broadcast_every_step_trains_the_same_model(tmp_path, cache):
+    """wrap_model turns off DDP's per-forward broadcast of BatchNorm statistics (a collective every step):
+    weights and statistics after two epochs equal those of DDP's default, bit for bit."""
+    models = []
+    for broadcast in ("", "1"):
+        out = tmp_path / f"ddp{broadcast}"
+        out.mkdir()
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER)
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+             *smoke_args(out, cache, "--epochs", "2", "--group-by-image")],
+            env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "DDP_BROADCAST_BUFFERS": broadcast})
+        models.append(torch.load(out / "rank1.pt", weights_only=True))
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert any("running_mean" in k for k in models[0])
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
