@@ -52,13 +52,13 @@ def init() -> Process:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds())
         if torch.cuda.is_available():
-            local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-            if local_rank >= gpus:  # else CUDA's own "invalid device ordinal", which names nothing
+            device, gpus = info().device, torch.cuda.device_count()
+            if device.index >= gpus:  # else CUDA's own "invalid device ordinal", which names nothing
                 raise RuntimeError(
-                    f"LOCAL_RANK {local_rank}: this machine has {gpus} CUDA device(s) and each process takes one; "
+                    f"LOCAL_RANK {device.index}: this machine has {gpus} CUDA device(s) and each process takes one; "
                     f"give torchrun --nproc_per_node={gpus} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
                     f"to run every process on the CPU")
-            torch.cuda.set_device(info().device)
+            torch.cuda.set_device(device)
             dist.init_process_group("nccl", timeout=timeout)
         else:
             dist.init_process_group("gloo", timeout=timeout)

@@ -268,8 +268,8 @@ def test_per_step_schedules_follow_their_formulas():
 def test_a_fractional_milestone_decays_at_its_batch():
     """--milestones 2.5: the rates drop before batch 2.5 x steps_per_epoch, stepped per batch; whole epochs stay
     MultiStepLR's ints (7, not 7.0, in config.json)."""
-    assert train.parse_args(["--preset", "smoke", "--milestones", "7", "8.0"]).milestones == [7, 8]
-    assert all(type(m) is int for m in train.parse_args(["--preset", "smoke", "--milestones", "7", "8.0"]).milestones)
+    whole = train.parse_args(["--preset", "smoke", "--milestones", "7", "8.0"]).milestones
+    assert whole == [7, 8] and all(type(m) is int for m in whole)
     cfg = train.parse_args(["--preset", "smoke", "--epochs", "4", "--milestones", "2.5", "--lr", "0.01"])
     assert cfg.milestones == [2.5] and train.steps_the_rate_per_batch(cfg)
     spe = 10
@@ -400,17 +400,23 @@ def test_group_by_image_encodes_each_image_once_per_step(tmp_path, cache):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("grouping", [[], ["--group-by-image"]])
-def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache, grouping):
-    """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch),
-    with tasks shuffled one by one and with the phrases of each image batched together."""
-    out = tmp_path / "ddp"
+def run_worker(tmp_path, cache, name, *extra, env=None) -> Path:
+    """WORKER on two processes for two smoke epochs -> the dir holding each rank's rank<r>.pt."""
+    out = tmp_path / name
     out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), *smoke_args(out, cache, "--epochs", "2", *grouping)],
-        env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+         str(script), *smoke_args(out, cache, "--epochs", "2", *extra)],
+        env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", **(env or {})})
+    return out
+
+
+@pytest.mark.parametrize("grouping", [[], ["--group-by-image"]])
+def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache, grouping):
+    """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch),
+    with tasks shuffled one by one and with the phrases of each image batched together."""
+    out = run_worker(tmp_path, cache, "ddp", *grouping)
     a = torch.load(out / "rank0.pt", weights_only=True)
     b = torch.load(out / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -423,16 +429,9 @@ def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache,
 def test_ddp_without_a_buffer_broadcast_every_step_trains_the_same_model(tmp_path, cache):
     """wrap_model turns off DDP's per-forward broadcast of BatchNorm statistics (a collective every step):
     weights and statistics after two epochs equal those of DDP's default, bit for bit."""
-    models = []
-    for broadcast in ("", "1"):
-        out = tmp_path / f"ddp{broadcast}"
-        out.mkdir()
-        script = tmp_path / "worker.py"
-        script.write_text(WORKER)
-        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-             *smoke_args(out, cache, "--epochs", "2", "--group-by-image")],
-            env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "DDP_BROADCAST_BUFFERS": broadcast})
-        models.append(torch.load(out / "rank1.pt", weights_only=True))
+    models = [torch.load(run_worker(tmp_path, cache, f"ddp{broadcast}", "--group-by-image",
+                                    env={"DDP_BROADCAST_BUFFERS": broadcast}) / "rank1.pt", weights_only=True)
+              for broadcast in ("", "1")]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
     assert any("running_mean" in k for k in models[0])
 
