@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import atomic_path
+from files import atomic_path
 
 VARIANTS = [
     # (table row, run dir, train.py flags)

@@ -12,7 +12,7 @@ synchronised around each pass, and with the enhancement block on and off
 alternated so that a change in load hits both alike. Printed:
 
 - inference latency at batch 1: the eager model in float32, and the fast path
-  (predict.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; the eager model
+  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; the eager model
   on the CPU), with the block on/off ratio;
 - inference images/s at --batch through the fast path;
 - training images/s at --batch (train.train_step, train.py's step: forward,
@@ -40,12 +40,16 @@ import clip
 import torch
 from torch.utils.data import DataLoader
 
-import data
 import distributed
 import layers
+import phrasecut
+import synthetic
 import train
-from model import PRESETS, SegVLM, load_checkpoint
-from predict import FastSegVLM
+import train_config
+from checkpoints import load_checkpoint
+from datasets import PhraseCutLMDB, collate
+from inference import FastSegVLM
+from model import PRESETS, SegVLM
 
 
 def sync(device):
@@ -112,7 +116,7 @@ def inference(models, cfg, size, batch, device, repeats, warmup, compile=False) 
 
 def training(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
     image, tokens, mask = inputs(cfg, batch, size, device)
-    recipe = train.preset_defaults("paper")
+    recipe = train_config.preset_defaults("paper")
     dtype = train.amp_dtype(device, recipe)
     channels_last = recipe.channels_last
     if channels_last:
@@ -141,11 +145,11 @@ def loader_rate(size, word_len, workers, batch, n_batches) -> float:
     """Samples/s of the LMDB loader over synthetic 500x375 PhraseCut-format images."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "synthetic"
-        data.synthesize(root, num_images=max(40, batch * 2), seed=0, size=500)
-        data.build_lmdb(root, "train", Path(tmp) / "train.lmdb", progress=False)
-        dataset = data.PhraseCutLMDB(Path(tmp) / "train.lmdb", input_size=size, word_len=word_len, train=True)
+        synthetic.synthesize(root, num_images=max(40, batch * 2), seed=0, size=500)
+        phrasecut.build_lmdb(root, "train", Path(tmp) / "train.lmdb", progress=False)
+        dataset = PhraseCutLMDB(Path(tmp) / "train.lmdb", input_size=size, word_len=word_len, train=True)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                            persistent_workers=workers > 0, collate_fn=data.collate)
+                            persistent_workers=workers > 0, collate_fn=collate)
         for _ in loader:  # first pass: workers start, the page cache fills
             pass
         count, t = 0, time.perf_counter()

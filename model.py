@@ -20,16 +20,12 @@ parameters) and the model is exactly the CRIS baseline.
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
     python model.py --preset demo                   # parameter counts; timing: benchmark.py
 
-`load_checkpoint` also reads CRIS's released best_model.pth (converted in memory by cris.py).
+Checkpoints (this project's and CRIS's released best_model.pth) are read by checkpoints.py.
 """
 
 import argparse
-import collections
 import dataclasses
 import os
-import pickle
-import re
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -40,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-import distributed
 from layers import FPN, Decoder, DeformableConv2d, Projector, up
 
 
@@ -128,7 +123,7 @@ def config_fields() -> list:
 class Preset:
     """A named model and the recipe that trains it, in one place (as nanoGPT's config files)."""
     model: SegVLMConfig
-    recipe: dict  # train.TrainConfig fields where it departs from the paper's recipe (TrainConfig's defaults)
+    recipe: dict  # train_config.TrainConfig fields where it departs from the paper's recipe (TrainConfig's defaults)
 
 
 PRESETS = {
@@ -364,14 +359,14 @@ class SegVLM(nn.Module):
         With image_index (B,), image holds each distinct image once, (U, 3, H, W), and phrase i is
         about image[image_index[i]]: the image encoder, and the neck's projections of its maps,
         run U times instead of B (training with several phrases per image,
-        data.ImageGroupedSampler). The result is the same as passing image[image_index], except
+        datasets.ImageGroupedSampler). The result is the same as passing image[image_index], except
         that BatchNorm in train mode sees each image once in those parts."""
         self.check_inputs(image, tokens, image_index)
         return self.segment(image, tokens, image_index)
 
     def segment(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None) -> torch.Tensor:
         """The forward pass without `check_inputs`: no Python decision depends on tensor values, so
-        it can be captured in a CUDA graph (predict.FastSegVLM checks the inputs first)."""
+        it can be captured in a CUDA graph (inference.FastSegVLM checks the inputs first)."""
         c3, c4, c5 = self.backbone.encode_image(image)  # one map per image
         words, state = self.backbone.encode_text(tokens)
         x = self.neck(c3, c4, c5, state, image_index)  # (B, C, H/16, W/16): each phrase with its image
@@ -397,7 +392,7 @@ class SegVLM(nn.Module):
                              f"tokenize with context_length={cfg.word_len}, truncate=True")
         # An all-padding row makes the decoder's attention NaN. Checking it reads the tokens, a
         # device-to-host sync on a GPU, so it runs only for tokens on the CPU (free there); tokens
-        # from clip.tokenize / data.tokenize always hold the start and end tokens.
+        # from clip.tokenize / transforms.tokenize always hold the start and end tokens.
         if tokens.device.type == "cpu" and not (tokens != 0).any(dim=1).all():
             raise ValueError("a row of tokens is all padding (0); clip.tokenize gives every phrase start and end tokens")
         if image_index is None:
@@ -508,86 +503,6 @@ def clip_fields_from_state_dict(sd: dict) -> dict:
         transformer_width=sd["ln_final.weight"].shape[0],
         transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
     )
-
-
-def read_checkpoint_file(path, map_location="cpu"):
-    """torch.load(weights_only=True) with clear errors: tensors, numbers, strings and containers, never code.
-
-    collections.Counter is allowed besides (torch.serialization.safe_globals): CRIS's
-    best_model.pth holds a MultiStepLR state whose `milestones` is one. A file that needs any
-    other object is refused, because unpickling it could run code.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([collections.Counter]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {e}") from e
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"`{found.group(1)}`" if found else "an object that is not a tensor, number, string or container"
-        raise ValueError(f"checkpoint {path} is refused: loading it needs {what}, and unpickling that could run "
-                         f"code. Checkpoints of this project and CRIS's best_model.pth hold only tensors, numbers, "
-                         f"strings and containers; load a file like this only if you trust its source.") from None
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
-
-
-def state_dict_misfit(model, state_dict, show=3) -> str:
-    """An empty string when state_dict fits model exactly, else a short summary: how many keys are
-    missing, unexpected or of another shape, and the first `show` of each (not torch's full list)."""
-    if not isinstance(state_dict, dict):
-        return f"'model' is a {type(state_dict).__name__}, not a state dict"
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [str(k) for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} for {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and not (torch.is_tensor(state_dict[k]) and state_dict[k].shape == v.shape)]
-    return "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:show])})" for what, keys in
-                     (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint and rebuild its model -> (model in eval mode, checkpoint dict).
-
-    A checkpoint of this project (train.py's, `cris.py convert`'s) is a plain dict
-    {"model": state_dict, "config": cfg.to_dict(), ...}, read by `read_checkpoint_file`
-    (torch.load with weights_only=True). No CLIP weights are needed: the state dict holds
-    them. The config is checked first (every field, no unknown one: `SegVLMConfig.from_dict`),
-    then the state dict must fit exactly; a misfit is summarised (`state_dict_misfit`).
-
-    CRIS's released best_model.pth is recognised and converted in memory (cris.py): SegVLM
-    with the enhancement block off is CRIS's model. A one-line note on stderr says so.
-    """
-    path = os.fspath(path)
-    ckpt = read_checkpoint_file(path, map_location)
-    if isinstance(ckpt, dict) and not {"model", "config"} <= set(ckpt):
-        import cris  # here, not at the top: cris.py imports this module
-        if cris.is_cris_checkpoint(ckpt):
-            ckpt = cris.to_segvlm_checkpoint(ckpt, path)
-            if distributed.is_main():
-                print(cris.summary(ckpt, path), file=sys.stderr, flush=True)
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config' (train.py's, "
-                         f"cris.py convert's) or CRIS's best_model.pth (a dict whose 'state_dict' has keys "
-                         f"module.backbone.*, module.neck.*, module.decoder.*, module.proj.*), found {keys}")
-    try:
-        cfg = SegVLMConfig.from_dict(ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a SegVLM checkpoint: bad config: {e}") from e
-    model = SegVLM(cfg)
-    misfit = state_dict_misfit(model, ckpt["model"])
-    if misfit:
-        raise ValueError(f"{path}: the weights do not fit the model its config describes: {misfit}")
-    model.load_state_dict(ckpt["model"], strict=True)
-    if isinstance(map_location, (str, torch.device)):
-        model = model.to(map_location)
-    return model.eval(), ckpt
 
 
 if __name__ == "__main__":

@@ -22,13 +22,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import checkpoints  # noqa: E402
 import cris  # noqa: E402
-import data  # noqa: E402
 import evaluate  # noqa: E402
+import inference  # noqa: E402
 import predict  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 from cris_files import SHAPES, cris_state_dict, small_model, write_cris_checkpoint  # noqa: E402
-from model import PRESETS, SegVLM, SegVLMConfig, build_model, load_checkpoint  # noqa: E402
+from model import PRESETS, SegVLM, SegVLMConfig, build_model  # noqa: E402
 
 PHRASES = ["cap", "the black baseball cap on the wooden table by the window"]
 
@@ -49,7 +52,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lmdbs(tmp_path_factory):
-    return data.ensure_synthetic(tmp_path_factory.mktemp("synth"), num_images=12)
+    return synthetic.ensure_synthetic(tmp_path_factory.mktemp("synth"), num_images=12)
 
 
 def logits(m, size=(64, 64), phrases=PHRASES, length=16):
@@ -85,11 +88,11 @@ def test_the_test_files_use_cris_names(files):
 def test_names_map_back_to_this_projects(files, shape):
     source, path = files[shape]
     cris_sd = torch.load(path, weights_only=True)["state_dict"]
-    ours = cris.convert_state_dict(cris_sd)
+    ours = checkpoints.convert_state_dict(cris_sd)
     expected = source.state_dict()
     assert set(ours) == set(expected)  # logit_scale dropped, nothing else lost or added
     assert all(torch.equal(ours[k], expected[k]) for k in expected)
-    assert all("module." + cris.cris_name(k) in cris_sd for k in expected)  # and the inverse, for messages
+    assert all("module." + checkpoints.cris_name(k) in cris_sd for k in expected)  # and the inverse, for messages
 
 
 # --------------------------------------------------------------------------- loading
@@ -103,7 +106,7 @@ def test_a_cris_file_gives_the_source_models_logits(files, shape, capfd):
     assert f"embed_dim {SHAPES[shape]['embed_dim']}" in note and "epoch 50" in note
     assert len(note.strip().splitlines()) == 1
     src, got = source.config, m.config
-    for field in cris.SHAPE_FIELDS + ("transformer_heads", "decoder_heads"):
+    for field in checkpoints.SHAPE_FIELDS + ("transformer_heads", "decoder_heads"):
         assert getattr(got, field) == getattr(src, field), field
     assert (got.deform, got.se, got.input_size, got.word_len) == (False, False, 416, src.context_length)
     assert not list(m.enhance.parameters()) and not m.training  # the block off: CRIS's own model
@@ -120,11 +123,11 @@ def test_backbones_are_read_from_the_shapes_at_full_size():
         cfg = dataclasses.replace(PRESETS["paper"].model, deform=False, se=False, **fields)
         with torch.device("meta"):
             sd = cris_state_dict(SegVLM(cfg))
-        ckpt = cris.to_segvlm_checkpoint({"state_dict": sd, "epoch": 50, "cur_iou": 0.6}, "best_model.pth")
+        ckpt = checkpoints.to_segvlm_checkpoint({"state_dict": sd, "epoch": 50, "cur_iou": 0.6}, "best_model.pth")
         got = SegVLMConfig.from_dict(ckpt["config"])
         assert got == dataclasses.replace(cfg, input_size=416, word_len=77)
-        assert cris.backbone_name(got) == name
-        assert f"backbone CLIP {name};" in cris.summary(ckpt, "best_model.pth")
+        assert checkpoints.backbone_name(got) == name
+        assert f"backbone CLIP {name};" in checkpoints.summary(ckpt, "best_model.pth")
     with torch.device("meta"):  # CRIS's RN50 config: fpn_in 512/1024/1024, word_dim 1024
         rn50_model = SegVLM(dataclasses.replace(PRESETS["paper"].model, deform=False, se=False, **rn50))
     assert rn50_model.neck.f5_proj[0].in_channels == 1024 and rn50_model.projector.txt.in_features == 1024
@@ -134,11 +137,11 @@ def test_backbones_are_read_from_the_shapes_at_full_size():
 def test_overrides_set_what_the_file_does_not_store(files):
     _, path = files["RN50"]
     obj = torch.load(path, weights_only=True)
-    ckpt = cris.to_segvlm_checkpoint(obj, path, input_size=64, word_len=12, decoder_heads=4)
+    ckpt = checkpoints.to_segvlm_checkpoint(obj, path, input_size=64, word_len=12, decoder_heads=4)
     assert {k: ckpt["config"][k] for k in ("input_size", "word_len", "decoder_heads")} == \
         {"input_size": 64, "word_len": 12, "decoder_heads": 4}
     with pytest.raises(ValueError, match="override embed_dim=64 contradicts the weights, which have embed_dim=128"):
-        cris.to_segvlm_checkpoint(obj, path, embed_dim=64)
+        checkpoints.to_segvlm_checkpoint(obj, path, embed_dim=64)
 
 
 # --------------------------------------------------------------------------- predict, evaluate, convert
@@ -158,8 +161,8 @@ def test_predict_and_evaluate_run_on_a_cris_file(files, lmdbs, tmp_path):
     src = dataclasses.replace(source.config, input_size=416, word_len=16)
     ref = SegVLM(src).eval()
     ref.load_state_dict(source.state_dict())
-    got = predict.predict_proba(predict.load_model(path, device="cpu"), image, "red shirt")
-    assert np.array_equal(got, predict.predict_proba(ref, image, "red shirt"))
+    got = inference.predict_proba(predict.load_model(path, device="cpu"), image, "red shirt")
+    assert np.array_equal(got, inference.predict_proba(ref, image, "red shirt"))
 
     out = tmp_path / "test.json"
     evaluate.main(["--ckpt", str(path), "--data", str(lmdbs / "test.lmdb"), "--json", str(out), "--no-progress"])
@@ -195,7 +198,7 @@ def test_fine_tuning_starts_from_every_cris_tensor(files, shape):
     source, path = files[shape]
     run_cfg = dataclasses.replace(source.config, deform=True, se=True)
     torch.manual_seed(7)
-    m, note = cris.init_model(path, run_cfg)
+    m, note = checkpoints.init_model(path, run_cfg)
     torch.manual_seed(7)
     fresh = SegVLM(run_cfg)
     assert m.config == run_cfg and list(m.enhance.parameters())
@@ -237,14 +240,14 @@ def test_mismatches_are_errors_listing_what_differs(files, tmp_path):
     rn101, path101 = files["RN101"]
     with pytest.raises(ValueError, match=r"does not fit the run's architecture: embed_dim: file 128, run 64; "
                                          r"vision_layers: file \(1, 1, 2, 1\), run \(1, 1, 3, 1\)"):
-        cris.init_model(path50, rn101.config)
+        checkpoints.init_model(path50, rn101.config)
     with pytest.raises(ValueError, match="holds a CLIP ResNet with embed_dim 64.*not the CLIP RN101 this run names"):
-        cris.init_model(path101, rn101.config, clip_name="RN101")
+        checkpoints.init_model(path101, rn101.config, clip_name="RN101")
 
     sd = cris_state_dict(rn101)
     del sd["module.neck.f4_proj5.0.weight"], sd["module.decoder.layers.1.multihead_attn.in_proj_bias"]
     missing = write_cris_checkpoint(rn101, tmp_path / "missing.pth", state_dict=sd)
-    for call in (lambda: load_checkpoint(missing), lambda: cris.init_model(missing, rn101.config)):
+    for call in (lambda: load_checkpoint(missing), lambda: checkpoints.init_model(missing, rn101.config)):
         with pytest.raises(ValueError, match=r"missing\.pth.*missing tensor\(s\) decoder\.layers\.1\.multihead_attn"
                                              r"\.in_proj_bias, neck\.f4_proj5\.0\.weight"):
             call()
@@ -259,14 +262,14 @@ def test_mismatches_are_errors_listing_what_differs(files, tmp_path):
 def test_naming_the_files_backbone_takes_its_clip_fields(files, monkeypatch):
     """train.py --clip-weights RN50 --init-from an RN50 file: the run's CLIP is the file's. Here the
     small test shapes stand in for CLIP's RN50 and RN101."""
-    monkeypatch.setattr(cris, "BACKBONES", {name: {k: SHAPES[name][k] for k in ("embed_dim", "vision_layers")}
+    monkeypatch.setattr(checkpoints, "BACKBONES", {name: {k: SHAPES[name][k] for k in ("embed_dim", "vision_layers")}
                                             for name in SHAPES})
     rn50, path50 = files["RN50"]
     rn101, _ = files["RN101"]
     with pytest.raises(ValueError, match=r"The file's backbone is CLIP RN50, the run's CLIP RN101; to fine-tune "
                                          r"on the file's, name it \(train.py --clip-weights RN50\)"):
-        cris.init_model(path50, rn101.config)
-    m, note = cris.init_model(path50, rn101.config, clip_name="RN50")
+        checkpoints.init_model(path50, rn101.config)
+    m, note = checkpoints.init_model(path50, rn101.config, clip_name="RN50")
     assert m.config == rn50.config and "backbone CLIP RN50" in note and "nothing new" in note
     assert torch.equal(logits(m.eval()), logits(rn50))
 
@@ -310,14 +313,14 @@ def test_truncated_foreign_and_code_carrying_files_are_refused(files, tmp_path):
     with pytest.raises(ValueError, match=r"foreign\.pth is not a SegVLM checkpoint.*CRIS's best_model\.pth"):
         load_checkpoint(foreign)
     with pytest.raises(ValueError, match=r"foreign\.pth: expected CRIS's best_model\.pth or a checkpoint"):
-        cris.init_model(foreign, PRESETS["smoke"].model)
+        checkpoints.init_model(foreign, PRESETS["smoke"].model)
 
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
     obj = torch.load(path, weights_only=True)
     obj["scheduler"]["hook"] = RunsCode(marker)
     torch.save(obj, evil)
-    for call in (lambda: load_checkpoint(evil), lambda: cris.init_model(evil, PRESETS["smoke"].model),
+    for call in (lambda: load_checkpoint(evil), lambda: checkpoints.init_model(evil, PRESETS["smoke"].model),
                  lambda: cris.convert(evil, tmp_path / "out.pth")):
         with pytest.raises(ValueError, match=r"evil\.pth is refused: loading it needs `getattr`.*could run code"):
             call()

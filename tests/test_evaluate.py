@@ -15,7 +15,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import evaluate as ev  # noqa: E402
+import files  # noqa: E402
+import metrics  # noqa: E402
+import phrasecut  # noqa: E402
+import synthetic  # noqa: E402
+import visualize  # noqa: E402
 
 
 def masks(shape, pred_pixels, gt_pixels):
@@ -31,58 +37,58 @@ def masks(shape, pred_pixels, gt_pixels):
 
 def test_empty_prediction_scores_zero():
     pred, gt = masks((3, 5), [], [(0, 0), (1, 1), (2, 4), (0, 4)])
-    assert ev.task_iou(pred, gt) == (0, 4)
-    m = ev.summarize([0], [4])
+    assert metrics.task_iou(pred, gt) == (0, 4)
+    m = metrics.summarize([0], [4])
     assert m["mIoU"] == 0.0 and m["oIoU"] == 0.0 and m["prec@0.5"] == 0.0 and m["n"] == 1
 
 
 def test_empty_ground_truth_and_both_empty():
     pred, gt = masks((4, 2), [(0, 0), (3, 1), (2, 0)], [])
-    assert ev.task_iou(pred, gt) == (0, 3)
+    assert metrics.task_iou(pred, gt) == (0, 3)
     empty = np.zeros((4, 2), bool)
-    assert ev.task_iou(empty, empty) == (0, 0)
-    assert ev.iou(0, 0) == 0.0  # official: I == 0 -> IoU 0, never 0/0
-    assert ev.summarize([0, 0], [3, 0])["oIoU"] == 0.0
+    assert metrics.task_iou(empty, empty) == (0, 0)
+    assert metrics.iou(0, 0) == 0.0  # official: I == 0 -> IoU 0, never 0/0
+    assert metrics.summarize([0, 0], [3, 0])["oIoU"] == 0.0
 
 
 def test_disjoint_masks_have_zero_iou():
     pred, gt = masks((6, 6), [(0, 0), (0, 1)], [(5, 5), (4, 5), (5, 4)])
-    assert ev.task_iou(pred, gt) == (0, 5)
-    assert ev.iou(0, 5) == 0.0
+    assert metrics.task_iou(pred, gt) == (0, 5)
+    assert metrics.iou(0, 5) == 0.0
 
 
 def test_iou_exactly_half_is_not_a_hit_at_half():
     pred, gt = masks((2, 3), [(0, 0), (0, 1)], [(0, 0)])
-    inter, union = ev.task_iou(pred, gt)
-    assert (inter, union) == (1, 2) and ev.iou(inter, union) == 0.5
-    m = ev.summarize([inter], [union])
+    inter, union = metrics.task_iou(pred, gt)
+    assert (inter, union) == (1, 2) and metrics.iou(inter, union) == 0.5
+    m = metrics.summarize([inter], [union])
     assert m["mIoU"] == 0.5 and m["prec@0.5"] == 0.0  # strictly greater
 
 
 def test_torch_and_numpy_agree():
     rng = np.random.default_rng(0)
     pred, gt = rng.random((7, 11)) > 0.5, rng.random((7, 11)) > 0.6
-    assert ev.task_iou(torch.from_numpy(pred), torch.from_numpy(gt)) == ev.task_iou(pred, gt)
+    assert metrics.task_iou(torch.from_numpy(pred), torch.from_numpy(gt)) == metrics.task_iou(pred, gt)
     with pytest.raises(ValueError, match="shape"):
-        ev.task_iou(pred, gt.T)
+        metrics.task_iou(pred, gt.T)
 
 
 def test_mean_and_cumulative_iou_differ():
     # IoUs 1/2, 9/10, 0/5: mean (0.5 + 0.9 + 0) / 3, cumulative (1 + 9 + 0) / (2 + 10 + 5)
     inter, union = [1, 9, 0], [2, 10, 5]
-    m = ev.summarize(inter, union)
+    m = metrics.summarize(inter, union)
     assert math.isclose(m["mIoU"], 1.4 / 3)
     assert m["oIoU"] == 10 / 17
     assert m["prec@0.5"] == 1 / 3   # only 0.9
     assert m["prec@0.8"] == 1 / 3
     assert m["prec@0.9"] == 0.0     # 9/10 == 0.9 is not > 0.9
     assert m["n"] == 3
-    assert set(m) == set(ev.METRIC_KEYS)
+    assert set(m) == set(metrics.METRIC_KEYS)
 
 
 def test_empty_set_has_null_metrics():
-    m = ev.summarize([], [])
-    assert m["n"] == 0 and all(m[k] is None for k in ev.METRIC_KEYS if k != "n")
+    m = metrics.summarize([], [])
+    assert m["n"] == 0 and all(m[k] is None for k in metrics.METRIC_KEYS if k != "n")
 
 
 def structure(name="cup", attributes=(), relation_descriptions=(), relation_ids=(), kind="name"):
@@ -93,7 +99,7 @@ def structure(name="cup", attributes=(), relation_descriptions=(), relation_ids=
 
 def subsets(ps=None, instances=1, area=0.1, coco=False, ranks=None, group=None):
     """The task's subsets, only those of one group (prefixes) when `group` is given."""
-    names = ev.phrasecut_subsets(ps or structure(), instances, area, coco, ranks)
+    names = phrasecut.phrasecut_subsets(ps or structure(), instances, area, coco, ranks)
     return [n for n in names if n.startswith(group)] if group else names
 
 
@@ -129,7 +135,7 @@ def test_phrase_subsets_count_relation_descriptions_not_ids():
 
 def ranks_for_test():
     """name_att_rel_count.json with 600 names n0..n599 and 300 attributes a0..a299, most frequent first."""
-    return ev.frequency_ranks({"cat": [[f"n{i}", 10_000 - i] for i in range(600)],
+    return phrasecut.frequency_ranks({"cat": [[f"n{i}", 10_000 - i] for i in range(600)],
                                "att": [[f"a{i}", 10_000 - i] for i in range(300)],
                                "rel": [["on", 5]]})
 
@@ -155,25 +161,26 @@ def test_attribute_rank_subsets(attributes, expected):
 
 def test_rank_subsets_are_left_out_without_the_count_file_and_coco_decides_d():
     names = subsets(structure(name="n3", attributes=["a3"], kind="attribute"))  # ranks=None
-    assert not set(names) & set(ev.RANK_SUBSETS)
+    assert not set(names) & set(phrasecut.RANK_SUBSETS)
     assert names == ["i_single", "p_att", "p_att+", "s_mid", "d_notcocotv"]
     assert subsets(coco=True, group="d_") == ["d_cocotv"]
-    ranks = ev.frequency_ranks({"cat": [["cup", 9], ["mug", 9], ["cup", 1]], "att": []})
+    ranks = phrasecut.frequency_ranks({"cat": [["cup", 9], ["mug", 9], ["cup", 1]], "att": []})
     assert ranks["cat"] == {"cup": 0, "mug": 1}  # a word's first position, as list.index gives
 
 
 def test_summarize_tasks_layout():
     tasks = [(1, 2, ["i_single", "p_name", "s_small"]), (9, 10, ["i_multi", "p_att", "s_small"])]
-    r = ev.summarize_tasks(tasks)
-    assert r["n"] == 2 and list(r["subsets"]) == list(ev.SUBSETS) and "note" not in r
-    assert r["subsets"]["s_small"] == ev.summarize([1, 9], [2, 10])
+    r = metrics.summarize_tasks(tasks, phrasecut.subset_names())
+    assert r["n"] == 2 and list(r["subsets"]) == list(phrasecut.SUBSETS) and "note" not in r
+    assert r["subsets"]["s_small"] == metrics.summarize([1, 9], [2, 10])
     assert r["subsets"]["i_single"]["mIoU"] == 0.5
     assert r["subsets"]["s_large"]["n"] == 0 and r["subsets"]["s_large"]["mIoU"] is None
     json.dumps(r)
-    assert "i_single" in ev.format_table(r)
-    unranked = ev.summarize_tasks(tasks, ranked=False)
-    assert list(unranked["subsets"]) == [n for n in ev.SUBSETS if n not in ev.RANK_SUBSETS]
-    assert "name_att_rel_count.json" in unranked["note"] and unranked["note"] in ev.format_table(unranked)
+    assert "i_single" in metrics.format_table(r)
+    assert list(metrics.summarize_tasks(tasks)["subsets"]) == ["i_single", "p_name", "s_small", "i_multi", "p_att"]
+    unranked = metrics.summarize_tasks(tasks, phrasecut.subset_names(ranked=False), phrasecut.NO_RANKS_NOTE)
+    assert list(unranked["subsets"]) == [n for n in phrasecut.SUBSETS if n not in phrasecut.RANK_SUBSETS]
+    assert "name_att_rel_count.json" in unranked["note"] and unranked["note"] in metrics.format_table(unranked)
 
 
 # --------------------------------------------------------------------------- mask files
@@ -182,37 +189,37 @@ def test_summarize_tasks_layout():
                                  "x..y", "C:evil", 7])
 def test_unsafe_task_ids_are_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="task id"):
-        ev.mask_path(tmp_path, bad)
+        files.mask_path(tmp_path, bad)
 
 
 def test_mask_round_trip_non_square(tmp_path):
     mask = np.zeros((5, 9), bool)
     mask[1:3, 2:8] = True
-    path = ev.mask_path(tmp_path, "2412359__1373393")
+    path = files.mask_path(tmp_path, "2412359__1373393")
     assert path == tmp_path / "2412359__1373393.png"
-    ev.save_mask(mask, path)
+    files.save_mask(mask, path)
     from PIL import Image
     with Image.open(path) as im:
         assert im.size == (9, 5) and im.mode == "L" and set(np.unique(np.asarray(im))) == {0, 255}
-    assert np.array_equal(ev.load_mask(path), mask)
+    assert np.array_equal(files.load_mask(path), mask)
 
 
 def test_a_failed_mask_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     from PIL import Image
     old = np.eye(4, dtype=bool)
-    ev.save_mask(old, tmp_path / "t.png")
+    files.save_mask(old, tmp_path / "t.png")
 
     def killed_midway(self, fp, format=None, **params):
         Path(fp).write_bytes(b"\x89PNG half")
         raise OSError("No space left on device")
     monkeypatch.setattr(Image.Image, "save", killed_midway)
     with pytest.raises(OSError, match="No space"):
-        ev.save_mask(~old, tmp_path / "t.png")
+        files.save_mask(~old, tmp_path / "t.png")
     monkeypatch.undo()
-    assert np.array_equal(ev.load_mask(tmp_path / "t.png"), old)
+    assert np.array_equal(files.load_mask(tmp_path / "t.png"), old)
     assert [p.name for p in tmp_path.iterdir()] == ["t.png"]  # no temporary left behind
     with pytest.raises(ValueError, match="t.txt: not an image file name"):
-        ev.save_mask(old, tmp_path / "t.txt")
+        files.save_mask(old, tmp_path / "t.txt")
 
 
 # --------------------------------------------------------------------------- on a tiny synthetic LMDB
@@ -221,11 +228,10 @@ def test_a_failed_mask_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 def run_dir(tmp_path_factory):
     """A run directory as train.py leaves it: test.lmdb (the tasks of 8 non-square synthetic
     images) and a smoke-preset checkpoint with random weights whose data_dir points here."""
-    import data
     import model
     out = tmp_path_factory.mktemp("run")
-    root = data.synthesize(out / "raw", num_images=8, seed=1, size=80)
-    data.build_lmdb(root, "train", out / "test.lmdb", progress=False)
+    root = synthetic.synthesize(out / "raw", num_images=8, seed=1, size=80)
+    phrasecut.build_lmdb(root, "train", out / "test.lmdb", progress=False)
     torch.manual_seed(0)
     net = model.build_model("smoke")
     torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
@@ -241,8 +247,7 @@ def raw_task_count(run_dir):
 @pytest.fixture(scope="module")
 def smoke(run_dir):
     import data
-    import model
-    net, _ = model.load_checkpoint(run_dir / "best.pth")
+    net, _ = checkpoints.load_checkpoint(run_dir / "best.pth")
     cfg = net.config
     return net, data.PhraseCutLMDB(run_dir / "test.lmdb", input_size=cfg.input_size, word_len=cfg.word_len,
                                    train=False)
@@ -284,12 +289,12 @@ def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, run_
     tasks = []
     for i in range(len(dataset)):
         item = dataset[i]
-        pred = ev.load_mask(tmp_path / f"{item['task_id']}.png")
+        pred = files.load_mask(tmp_path / f"{item['task_id']}.png")
         gt = item["gt_mask"].numpy().astype(bool)
         assert pred.shape == gt.shape
-        inter, union = ev.task_iou(pred, gt)
+        inter, union = metrics.task_iou(pred, gt)
         tasks.append((inter, union, item["subsets"]))
-    assert ev.summarize_tasks(tasks) == result
+    assert metrics.summarize_tasks(tasks, dataset.subset_names, dataset.subset_note) == result
     assert len(list(tmp_path.glob("*.png"))) == raw_task_count(run_dir)
 
 
@@ -314,9 +319,9 @@ def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
     one_json = json.loads((tmp_path / "one.json").read_text())
     assert one_json == json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(expected))
     # every subset, each with n and its metrics; an empty one (no COCO image here) has null metrics
-    assert list(one_json["subsets"]) == list(ev.SUBSETS) and "note" not in one_json
-    assert all(set(m) == set(ev.METRIC_KEYS) for m in one_json["subsets"].values())
-    assert one_json["subsets"]["d_cocotv"] == {**{k: None for k in ev.METRIC_KEYS}, "n": 0}
+    assert list(one_json["subsets"]) == list(phrasecut.SUBSETS) and "note" not in one_json
+    assert all(set(m) == set(metrics.METRIC_KEYS) for m in one_json["subsets"].values())
+    assert one_json["subsets"]["d_cocotv"] == {**{k: None for k in metrics.METRIC_KEYS}, "n": 0}
     assert one_json["subsets"]["d_notcocotv"]["n"] == one_json["n"]
     instances = [one_json["subsets"][k]["n"] for k in ("i_single", "i_multi", "i_many")]
     assert sum(instances) == one_json["n"]  # disjoint and complete
@@ -328,12 +333,12 @@ def test_without_the_count_file_rank_subsets_are_left_out_with_a_note(run_dir, t
     import data
     root = Path(shutil.copytree(run_dir / "raw", tmp_path / "raw"))
     (root / "name_att_rel_count.json").unlink()
-    data.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
     dataset = data.PhraseCutLMDB(tmp_path / "t.lmdb", input_size=64, word_len=10, train=False)
     assert dataset.header["name_att_rel_count"] is None and dataset.ranks is None
     result = ev.evaluate(Oracle(dataset), dataset, batch_size=4, device="cpu", progress=False)
-    assert list(result["subsets"]) == [n for n in ev.SUBSETS if n not in ev.RANK_SUBSETS]
-    assert result["note"] == ev.NO_RANKS_NOTE and "c20" not in ev.format_table(result)
+    assert list(result["subsets"]) == [n for n in phrasecut.SUBSETS if n not in phrasecut.RANK_SUBSETS]
+    assert result["note"] == phrasecut.NO_RANKS_NOTE and "c20" not in metrics.format_table(result)
 
 
 def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
@@ -355,11 +360,9 @@ def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
 
 
 def test_bad_outputs_and_devices_are_refused_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
-    import model
-
     def fail(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the mistake was reported")
-    monkeypatch.setattr(model, "load_checkpoint", fail)
+    monkeypatch.setattr(ev, "load_checkpoint", fail)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "a_file").write_text("keep")
     ckpt = tmp_path / "best.pth"
@@ -423,7 +426,7 @@ def test_per_task_ious_make_the_summary_and_the_grid_shows_median_and_worst(smok
     fake = [{"index": 0, "iou": 0.1, "subsets": ["p_name"]}, {"index": 1, "iou": 0.5, "subsets": ["p_name"]},
             {"index": 2, "iou": 0.9, "subsets": ["p_name"]}, {"index": 3, "iou": 0.0, "subsets": ["p_att+"]},
             {"index": 4, "iou": 0.05, "subsets": []}, {"index": 5, "iou": 0.3, "subsets": []}]
-    chosen = ev.prediction_grid(net, dataset, fake, tmp_path / "grid.png", failures=2)
+    chosen = visualize.prediction_grid(net, dataset, fake, tmp_path / "grid.png", failures=2)
     assert [(label.split(",")[0], index) for label, index, _ in chosen] == [
         ("name", 1), ("attribute", 3), ("failure 1", 4), ("failure 2", 0)]
     for _, index, score in chosen:  # the drawn IoU is the task's own

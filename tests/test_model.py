@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import model as model_module
+from checkpoints import load_checkpoint
 from loss import RAFLoss
 from model import (PRESETS, EnhancementBlock, SegVLMConfig, attention_pool_tokens, build_model,
-                   dense_attention_pool, load_checkpoint, parameter_counts)
+                   dense_attention_pool, parameter_counts)
 
 PHRASES = ["cap", "the black baseball cap on the wooden table by the window"]
 
@@ -266,7 +268,7 @@ def test_text_encoder_matches_clip(length):
 
 def test_every_tensor_moves_with_the_model():
     """No tensor the forward reads may stay behind on the CPU after .to(device): on a GPU it
-    would be copied over on every forward, and CUDA-graph capture (predict.FastSegVLM) fails on
+    would be copied over on every forward, and CUDA-graph capture (inference.FastSegVLM) fails on
     that copy. CLIP's text blocks keep their causal mask as a plain attribute; the backbone makes
     it a buffer, outside the state dict, with CLIP's values."""
     m = build_model("smoke")
@@ -414,7 +416,7 @@ def test_config_fragments_and_misfitting_weights_are_summarised(tmp_path, smoke,
 
     def build(cfg):
         raise AssertionError("a model was built from a fragment of a config")
-    monkeypatch.setattr(model_module, "SegVLM", build)
+    monkeypatch.setattr(checkpoints, "SegVLM", build)
     with pytest.raises(ValueError, match=r"fragment.pt is not a SegVLM checkpoint: bad config: 20 of .* "
                                          r"fields missing: \['embed_dim', 'image_resolution'") as error:
         load_checkpoint(tmp_path / "fragment.pt")

@@ -17,6 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import inference  # noqa: E402
 import predict  # noqa: E402
 
 
@@ -47,17 +48,17 @@ def test_predict_returns_a_mask_at_the_image_size(files):
     image = predict.open_image(files / "photo.jpg")
     mask = predict.predict(model, image, "red circle")
     assert mask.dtype == bool and mask.shape == (37, 53)
-    prob = predict.predict_proba(model, image, "red circle")
+    prob = inference.predict_proba(model, image, "red circle")
     assert prob.shape == (37, 53) and 0 <= prob.min() <= prob.max() <= 1
-    assert np.array_equal(mask, prob > predict.DEFAULT_THRESHOLD)
-    assert predict.overlay(image, mask, "red circle").size == (53, 37)
+    assert np.array_equal(mask, prob > inference.DEFAULT_THRESHOLD)
+    assert inference.overlay(image, mask, "red circle").size == (53, 37)
 
 
 def test_overlay_tints_the_mask_alone():
     image = Image.new("RGB", (6, 4), (0, 0, 255))
     mask = np.zeros((4, 6), bool)
     mask[1:3, 2:5] = True
-    out = np.asarray(predict.overlay(image, mask)).astype(int)  # no phrase: no text box
+    out = np.asarray(inference.overlay(image, mask)).astype(int)  # no phrase: no text box
     assert (out[~mask] == (0, 0, 255)).all()
     blend = 0.45 * np.array([0, 0, 255]) + 0.55 * np.array([230, 30, 30])  # (1 - alpha) image + alpha red
     assert np.abs(out[mask] - blend).max() < 1  # rounded to uint8
@@ -201,7 +202,7 @@ def test_fast_model_on_the_cpu_is_the_eager_model_and_rejects_what_it_rejects():
     torch.manual_seed(0)
     net = model.build_model("smoke").eval()
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
-        fast = predict.FastSegVLM(net, cuda_graphs=True)  # asked for explicitly on a CPU: said once
+        fast = inference.FastSegVLM(net, cuda_graphs=True)  # asked for explicitly on a CPU: said once
     with torch.no_grad():
         for batch, size in [(2, 64), (3, 96), (2, 64)]:
             image, tokens = _smoke_inputs(batch, size)
@@ -222,7 +223,7 @@ def test_cuda_graphs_follow_every_shape_and_never_return_a_stale_result():
     import model
     torch.manual_seed(0)
     net = model.build_model("smoke").cuda().eval()
-    fast = predict.FastSegVLM(net)
+    fast = inference.FastSegVLM(net)
     with torch.no_grad():
         for batch, size in [(2, 64), (2, 64), (2, 64), (3, 64), (3, 64), (2, 96), (2, 96), (2, 64)]:
             image, tokens = (t.cuda() for t in _smoke_inputs(batch, size, phrase=f"shape {batch} {size}"))

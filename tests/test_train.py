@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import train
-from model import build_model, load_checkpoint
+import data  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
+import train_config  # noqa: E402
+import transforms  # noqa: E402
+import visualize  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from model import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +100,8 @@ def test_an_out_holding_a_run_is_refused_and_path_flags_say_what_they_are(tmp_pa
 
 def fake_checkpoint(path, **args):
     """A checkpoint.pth as resumed_config reads it: a smoke run's settings with `args` changed, after epoch 1."""
-    cfg = dataclasses.replace(train.preset_defaults("smoke"), **args)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "args": dataclasses.asdict(cfg), "epoch": 0,
+    cfg = dataclasses.replace(train_config.preset_defaults("smoke"), **args)
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "args": dataclasses.asdict(cfg), "epoch": 0,
                 "config": build_model("smoke", deform=cfg.deform, se=cfg.se).config.to_dict()}, path)
     return str(path)
 
@@ -125,7 +130,7 @@ def test_resume_of_a_checkpoint_older_than_a_setting_keeps_how_it_ran(tmp_path, 
     saved = torch.load(ckpt, weights_only=True)
     del saved["args"]["freeze_token_embedding"]
     torch.save(saved, ckpt)
-    assert train.preset_defaults("demo").freeze_token_embedding  # what a new demo run gets
+    assert train_config.preset_defaults("demo").freeze_token_embedding  # what a new demo run gets
     cfg = train.parse_args(["--resume", ckpt])
     assert cfg.preset == "demo" and not cfg.freeze_token_embedding
     with pytest.raises(SystemExit) as exc:  # its Adam state holds the table: freezing it now contradicts the run
@@ -196,26 +201,26 @@ def test_help_shows_every_flag_with_its_help_and_the_presets_default(capsys, mon
             entries[flag] = line
         else:
             entries[flag] += " " + line.strip()
-    paper = train.preset_defaults("paper")
+    paper = train_config.preset_defaults("paper")
     assert paper.clip_weights == "RN101" and paper.num_workers == 4  # the recipe's, not TrainConfig's
-    for f in dataclasses.fields(train.TrainConfig):
+    for f in dataclasses.fields(train_config.TrainConfig):
         entry = entries.pop("--" + f.name.replace("_", "-"))
         assert f.metadata["help"] in entry and entry.endswith(f"(default: {getattr(paper, f.name)})"), entry
     assert list(entries) == ["-h"]  # and nothing else
 
 
 def test_flags_override_the_preset():
-    paper = train.preset_defaults("paper")
+    paper = train_config.preset_defaults("paper")
     assert (paper.epochs, paper.batch_size, paper.lr, paper.milestones) == (50, 64, 1e-4, [15, 30])
     assert paper.backbone_lr_scale == 0.1 and paper.clip_grad == 0.0 and paper.clip_weights == "RN101"
     cfg = train.parse_args(["--preset", "smoke", "--lr", "3e-4", "--no-se", "--milestones", "10", "20"])
     assert cfg.lr == 3e-4 and cfg.se is False and cfg.deform is True and cfg.milestones == [10, 20]
-    assert cfg.epochs == train.preset_defaults("smoke").epochs
+    assert cfg.epochs == train_config.preset_defaults("smoke").epochs
 
 
 def test_backbone_starts_at_its_own_rate():
     """The CRIS slip: the backbone's reduced rate must be the rate of the very first step."""
-    cfg = train.preset_defaults("paper")
+    cfg = train_config.preset_defaults("paper")
     model = build_model("smoke")
     optimizer, scheduler = train.make_optimizer(model, cfg)
     rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -296,7 +301,7 @@ def test_smoke_run_one_process(tmp_path, cache):
     for key in ("loss", "bce", "focal", "dice", "lr", "val_mIoU", "val_oIoU", "val_prec@0.5", "seconds"):
         assert all(isinstance(l[key], float) for l in lines), key
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["format"] == train.CHECKPOINT_FORMAT
+    assert ckpt["epoch"] == 1 and ckpt["format"] == runs.CHECKPOINT_FORMAT
     model, best = load_checkpoint(out / "best.pth")
     assert model.config.to_dict() == ckpt["config"]
     assert Path(best["data_dir"], "test.lmdb").exists()
@@ -306,7 +311,6 @@ def test_smoke_run_one_process(tmp_path, cache):
     ceiling = test["ceiling"]
     assert ceiling["n"] == test["n"] and 0.3 < ceiling["mIoU"] < 1
     assert f"ceiling at 64 px (a perfect 4x4 decoder map): mIoU {ceiling['mIoU']:.4f}" in proc.stdout
-    import data
     import evaluate
     test_set = data.PhraseCutLMDB(Path(best["data_dir"], "test.lmdb"), input_size=64, word_len=10, train=False)
     assert evaluate.decoder_grid_ceiling(test_set)["mIoU"] == pytest.approx(ceiling["mIoU"])
@@ -320,7 +324,7 @@ def test_channels_last_on_the_cpu_changes_the_layout_not_the_logits(flags, layou
     torch.manual_seed(0)
     model = build_model("smoke").eval()
     image = torch.randn(2, 3, 64, 64)
-    tokens = data.tokenize(["red circle", "all stars"], model.config.word_len)
+    tokens = transforms.tokenize(["red circle", "all stars"], model.config.word_len)
     with torch.no_grad():
         want = model(image, tokens)
         net = train.wrap_model(model, cfg, torch.device("cpu"))  # one process: the model itself
@@ -350,7 +354,7 @@ def test_freeze_token_embedding_keeps_the_table_and_trains_the_rest(flags, tmp_p
     assert torch.equal(after["backbone.token_embedding.weight"], before["backbone.token_embedding.weight"]) is frozen
     assert not torch.equal(after["backbone.transformer.resblocks.0.attn.in_proj_weight"],
                            before["backbone.transformer.resblocks.0.attn.in_proj_weight"])
-    assert train.preset_defaults("demo").freeze_token_embedding and not train.preset_defaults("paper").freeze_token_embedding
+    assert train_config.preset_defaults("demo").freeze_token_embedding and not train_config.preset_defaults("paper").freeze_token_embedding
 
 
 def smoke_parts(cfg):
@@ -452,19 +456,19 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
 
 def test_resume_from_a_truncated_or_weights_only_checkpoint_is_a_clear_error(tmp_path, cache):
     bad = tmp_path / "checkpoint.pth"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, bad)
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}}, bad)
     with pytest.raises(ValueError, match="not a checkpoint.pth written by train.py.*use --init-from"):
-        train.read_resume(str(bad))  # a best.pth: weights, no optimizer
+        runs.read_resume(str(bad))  # a best.pth: weights, no optimizer
     bad.write_bytes(bad.read_bytes()[:200])
     cfg = train.parse_args(smoke_args(tmp_path, cache, "--resume", str(bad)))
     with pytest.raises(ValueError, match="--resume: checkpoint .* cannot be read"):
         train.train(cfg)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "optimizer": {}, "config": {"vision_width": 8}}, bad)
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "optimizer": {}, "config": {"vision_width": 8}}, bad)
     with pytest.raises(ValueError, match="its model config is not SegVLM's"):
-        train.read_resume(str(bad))  # a fragment: refused before any model is built
-    torch.save({"format": train.CHECKPOINT_FORMAT, "optimizer": Path("/")}, bad)
+        runs.read_resume(str(bad))  # a fragment: refused before any model is built
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "optimizer": Path("/")}, bad)
     with pytest.raises(ValueError, match="is refused: loading it needs .*could run code") as exc:
-        train.read_resume(str(bad))
+        runs.read_resume(str(bad))
     assert "weights_only" not in str(exc.value)
 
 
@@ -564,6 +568,6 @@ def test_plot_curves_leaves_the_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     row = {"epoch": 1, "loss": 1.0, "bce": 0.5, "focal": 0.2, "dice": 0.3,
            "val_mIoU": 0.1, "val_oIoU": 0.2, "val_prec@0.5": 0.0}
-    train.plot_curves([row, {**row, "epoch": 2}], tmp_path / "curves.png")
+    visualize.plot_curves([row, {**row, "epoch": 2}], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == before

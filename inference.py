@@ -1,0 +1,239 @@
+"""Running a trained model: load it, feed it a photo and a phrase, get the mask back.
+
+    from inference import load_model, open_image, predict
+    model = load_model("best.pth")
+    mask = predict(model, open_image("dog.jpg"), "black dog")   # (H, W) bool at the image's size
+
+The pipeline is the evaluation's: `transforms.letterbox` to the checkpoint's input size,
+`transforms.tokenize` to its word length, the model, a sigmoid, then `transforms.unletterbox` back
+to the original size and the threshold (0.35, CRIS's, metrics.DEFAULT_THRESHOLD). `open_image`
+applies the photo's EXIF orientation first, so the mask fits the image as viewers display it.
+
+On CUDA, `FastSegVLM` replays CUDA graphs of the model's forward (load_model's default there).
+"""
+import contextlib
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+import distributed
+import transforms
+from checkpoints import load_checkpoint
+from metrics import DEFAULT_THRESHOLD
+
+def load_model(ckpt_path, device=None, fast=None):
+    """Rebuild the model from a checkpoint (checkpoints.load_checkpoint), in eval mode on `device`.
+
+    device: default this process's GPU if there is one, else the CPU. fast: wrap it in
+    `FastSegVLM` (CUDA graphs + bf16 autocast); default on for CUDA, off on the
+    CPU. Errors for missing, truncated or foreign files are load_checkpoint's.
+    """
+    net, _ = load_checkpoint(ckpt_path, map_location="cpu")
+    net = net.to(device or distributed.info().device).eval()
+    if fast is None:
+        fast = net_device(net).type == "cuda"
+    return FastSegVLM(net) if fast else net
+
+
+
+def net_device(model):
+    return next(model.parameters()).device
+
+
+
+class FastSegVLM(torch.nn.Module):
+    """Inference through CUDA graphs: SegVLM's forward captured once per input shape, then replayed.
+
+    At batch 1 a forward pass is hundreds of small kernels, and launching them
+    costs more than running them; a replayed graph launches them all at once.
+    Use it like the model: `FastSegVLM(model)(image, tokens) -> logits`.
+
+    - The inputs are checked first with `SegVLM.check_inputs`: the same errors as
+      the eager model. The graph then runs `SegVLM.segment`.
+    - A shape (batch, image size, token length) is captured on its second call
+      (its first runs eagerly, so the odd last batch of an evaluation costs no
+      capture) and kept; at most `max_graphs` shapes, the oldest dropped. A new
+      shape never reuses another shape's graph, and the output is copied out
+      of the graph's memory, so no result is stale or wrong-shaped.
+    - amp: bf16 autocast (fp16 where the GPU lacks bf16), default on for CUDA.
+    - On the CPU, in train mode, or if a capture fails (with one warning), it
+      runs the eager model instead.
+    """
+
+    def __init__(self, model, amp=None, cuda_graphs=True, max_graphs=4):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        cuda = net_device(model).type == "cuda"
+        amp = cuda if amp is None else amp
+        self.dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        if cuda_graphs and not cuda:
+            warnings.warn("CUDA graphs need a CUDA device; running the model eagerly", stacklevel=2)
+        self.cuda_graphs = cuda_graphs and cuda
+        self.max_graphs = max_graphs
+        self.graphs = {}  # shape key -> (graph, static image, static tokens, static logits)
+        self.seen = set()
+
+    def _eager(self, image, tokens):
+        with torch.autocast(image.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model.segment(image, tokens)
+
+    def forward(self, image, tokens):
+        self.model.check_inputs(image, tokens)
+        key = (tuple(image.shape), image.dtype, tuple(tokens.shape), image.device)
+        if not (self.cuda_graphs and image.is_cuda and not self.model.training and not torch.is_grad_enabled()):
+            return self._eager(image, tokens)
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self._eager(image, tokens)
+            try:
+                self._capture(key, image, tokens)
+            except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on, said once
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly")
+                self.cuda_graphs = False
+                self.graphs.clear()
+                return self._eager(image, tokens)
+        graph, static_image, static_tokens, static_out = self.graphs[key]
+        static_image.copy_(image)
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, key, image, tokens):
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))  # the oldest shape; its memory goes with it
+        static_image, static_tokens = image.clone(), tokens.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up passes on a side stream, as torch.cuda.graph requires
+            for _ in range(2):
+                self._eager(static_image, static_tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=self.dtype or torch.float32,
+                                                      enabled=self.dtype is not None, cache_enabled=False):
+            static_out = self.model.segment(static_image, static_tokens)
+        self.graphs[key] = (graph, static_image, static_tokens, static_out)
+
+
+
+def unwrap(model):
+    # DDP's forward may talk to the other ranks (buffer broadcast), and shards
+    # differ in length by one batch: run the plain module instead.
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+
+@contextlib.contextmanager
+def eval_mode(model, device=None):
+    """(the plain module, the device to run on: `device` or its parameters'), in eval mode inside the
+    block; the module's own train/eval mode is restored after it."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net, torch.device(device) if device is not None else next(net.parameters()).device
+    finally:
+        net.train(was_training)
+
+
+
+def open_image(path):
+    """Open and fully decode an image file as RGB, upright; a clear ValueError when that is unsafe or impossible.
+
+    The EXIF orientation is applied (ImageOps.exif_transpose): a phone photo stored sideways comes
+    out upright, so the mask fits the photo as viewers show it. (The dataset does not: PhraseCut's
+    polygons are on the stored pixels.)
+    Refused: a missing path (FileNotFoundError), a directory, a URL, a file PIL cannot identify,
+    a truncated/corrupt file, and an image larger than PIL's decompression-bomb
+    limit (Image.MAX_IMAGE_PIXELS; its warning is treated as an error too).
+    """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise ValueError(f"{path}: URLs are not supported, download it first")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now, so a truncated file fails here and not later
+                # upright as displayed; 16-bit and float images scaled, as in the dataset
+                return transforms.to_rgb(ImageOps.exif_transpose(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: image too large to decode safely ({e})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # SyntaxError: some malformed headers; ValueError: bad EXIF
+        raise ValueError(f"{path}: cannot decode the image ({e})") from None
+
+
+
+def _check_phrase(phrase):
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError(f"the phrase is empty: {phrase!r}")
+    return phrase.strip()
+
+
+
+@torch.no_grad()
+def predict_proba(model, image, phrase):
+    """Foreground probability for `phrase` on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
+
+    model: a SegVLM (its config gives input_size and word_len); image: PIL image.
+    """
+    phrase = _check_phrase(phrase)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    cfg = model.config
+    with warnings.catch_warnings():  # on every call (Python's default filter says a repeated warning once)
+        warnings.simplefilter("always")
+        transforms.warn_if_cut(phrase, cfg.word_len)  # which words the model sees of a long phrase
+    device = net_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        pixels, _ = transforms.letterbox(image, cfg.input_size)  # (3, S, S) normalised
+        tokens = transforms.tokenize([phrase], cfg.word_len)  # (1, L)
+        logits = model(pixels[None].to(device), tokens.to(device))  # (1, 1, S/4, S/4)
+        prob = transforms.unletterbox(logits.float().sigmoid()[0, 0], image.height, image.width,
+                                input_size=cfg.input_size)  # (S/4, S/4) -> (H, W)
+    finally:
+        model.train(was_training)
+    return prob.cpu().numpy().astype(np.float32)
+
+
+
+def predict(model, image, phrase, threshold=DEFAULT_THRESHOLD):
+    """The mask `phrase` refers to in `image`: numpy bool (H, W) at the image's size."""
+    return predict_proba(model, image, phrase) > threshold
+
+
+
+def tint(rgb, mask, color, alpha=0.55):
+    """rgb (H, W, 3) float numpy with the pixels of mask (H, W) bool blended towards color (same scale)."""
+    rgb, mask = rgb.copy(), np.asarray(mask, dtype=bool)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color, dtype=rgb.dtype)
+    return rgb
+
+
+
+def overlay(image, mask, phrase=None, color=(230, 30, 30), alpha=0.55):
+    """The image with the mask tinted in `color` and the phrase written in the corner (PIL RGB image)."""
+    base = tint(np.asarray(image.convert("RGB"), dtype=np.float32), mask, color, alpha)
+    out = Image.fromarray(base.round().astype(np.uint8))
+    if phrase:
+        draw = ImageDraw.Draw(out)
+        box = draw.textbbox((4, 4), phrase)
+        draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+        draw.text((4, 4), phrase, fill=(255, 255, 255))
+    return out

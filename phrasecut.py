@@ -1,0 +1,389 @@
+"""PhraseCut's files and rules: reading and checking VGPhraseCut_v0, its subsets, its LMDB converter.
+
+    python data.py build --root VGPhraseCut_v0 --split val --out val.lmdb --skip-missing
+
+A PhraseCut directory holds images/<image_id>.jpg, image_data_split.json (per image: image_id,
+width, height, split, coco_id, ...), refer_{train,val,test,miniv}.json (one record per task) and
+name_att_rel_count.json. `build_lmdb` converts one split to the project's LMDB (lmdb_store): each
+task record is PhraseCut's fields + the image file's width and height + "image_info", the width,
+height and coco_id that image_data_split.json records. Masks are rasterised from the polygons at
+load time (transforms.polygons_to_mask). Images stream in one at a time (the refer JSON is loaded
+whole). Its size is close to the split's JPEG + annotation bytes (docs/measurements.md).
+
+Input checks (`build`): every task record is validated (its fields, types, [x, y] points of finite
+numbers, a non-empty phrase) and an error names the refer file, the task and the field; image paths
+must resolve inside <root>/images/ (no ../, absolute ids or symlinks out; the folder itself may be a
+symlink); images over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) are refused as
+predict.py refuses them, and skipped with --skip-missing like missing or unreadable ones. --out must
+not be, or be inside, one of --root's inputs, and an existing --out must be an LMDB this tool wrote
+(it is replaced; anything else is refused before any work: delete it first).
+
+The mask and letterbox use the image file's own size. PhraseCut's subsets (`phrasecut_subsets`) use
+image_data_split.json (required): its width x height divides the region's area, its coco_id decides
+d_cocotv; the builder counts size disagreements in the header. name_att_rel_count.json is optional:
+without it the header's name_att_rel_count is null and evaluation leaves the c*/a* subsets out.
+"""
+import json
+import os
+import warnings
+from pathlib import Path
+
+import lmdb
+from PIL import Image
+from tqdm import tqdm
+
+from files import _JSON_TYPES, _short, atomic_path, read_json
+from lmdb_store import LMDB_FORMAT, LMDB_VERSION, read_record, reader
+from transforms import decode_image
+
+SPLITS = ("train", "val", "test", "miniv")
+
+TASK_FIELDS = ("task_id", "image_id", "phrase", "instance_boxes", "Polygons")
+
+INPUT_FILES = ("image_data_split.json", "image_data_split3000.json", "name_att_rel_count.json",
+               *(f"refer_{s}.json" for s in SPLITS))
+
+
+
+# The official evaluator's subsets (PhraseCut's utils/subset.py), in groups: instances, phrase
+# structure, size, name and attribute frequency rank, COCO images. Its c_coco, t_stuff/t_obj and
+# attribute kinds (a_color, ...) rely on word lists in its code and are not reproduced here.
+RANK_SUBSETS = ("c20", "c100", "c500", "c21-100", "c101-500", "c500+",
+                "a20", "a100", "a200", "a21-100", "a101-200", "a200+")
+
+SUBSETS = ("i_single", "i_multi", "i_many",
+           "p_name", "p_att", "p_att+", "p_rel", "p_rel+", "p_verbose", "p_attm", "p_relm", "p_att_rel",
+           "s_small", "s_mid", "s_large") + RANK_SUBSETS + ("d_cocotv", "d_notcocotv")
+
+NO_RANKS_NOTE = ("c*/a* subsets left out: the data was converted without name_att_rel_count.json, "
+                 "which ranks the names and attributes")
+
+SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
+
+
+
+# ----------------------------------------------------------------------------- the files
+
+def _is_id(value):
+    return type(value) is int or (type(value) is str and value != "")
+
+
+
+def _is_point(p):  # [x, y], numbers within 10 million pixels (comparisons also refuse NaN and inf)
+    return (type(p) is list and len(p) == 2 and type(p[0]) in (int, float) and type(p[1]) in (int, float)
+            and -1e7 < p[0] < 1e7 and -1e7 < p[1] < 1e7)
+
+
+
+def _check_task(task, file, index):
+    """A refer record's fields, types and points, checked; a ValueError names the file, task and field."""
+    if not isinstance(task, dict):
+        raise ValueError(f"{file}: record #{index} is a JSON {_JSON_TYPES.get(type(task))}, expected an object")
+    missing = [k for k in TASK_FIELDS if k not in task]
+    if missing:
+        raise ValueError(f"{file}: task {task.get('task_id', f'#{index}')!r} lacks fields {missing}")
+    where = f"{file}: task {task['task_id']!r}"
+
+    def fail(field, value, expected):
+        raise ValueError(f"{where}: {field} is {_short(value)}, expected {expected}")
+    ps = task.get("phrase_structure")
+    for field, value, ok, expected in (
+            ("task_id", task["task_id"], _is_id, "a string or an integer"),
+            ("image_id", task["image_id"], _is_id, "an integer or a string"),
+            ("phrase", task["phrase"], lambda v: isinstance(v, str) and v.strip(), "a non-empty string"),
+            ("instance_boxes", task["instance_boxes"], lambda v: isinstance(v, list), "a list"),
+            ("phrase_structure", ps, lambda v: v is None or isinstance(v, dict), "an object or null")):
+        if not ok(value):
+            fail(field, value, expected)
+    for key, expected in (("name", str), ("type", str), ("attributes", list), ("relation_descriptions", list)):
+        value = (ps or {}).get(key)
+        if not (value is None or isinstance(value, expected)) or \
+                (key == "attributes" and not all(isinstance(a, str) for a in value or [])):
+            fail(f"phrase_structure.{key}", value, "a list of strings" if key == "attributes" else
+                 f"a JSON {_JSON_TYPES[expected]} or null")
+    if not isinstance(task["Polygons"], list):
+        fail("Polygons", task["Polygons"], "a list of instances, each a list of polygons of [x, y] points")
+    for i, instance in enumerate(task["Polygons"]):
+        if not isinstance(instance, list):
+            fail(f"Polygons[{i}]", instance, "a list of polygons (an instance)")
+        for j, polygon in enumerate(instance):
+            if not isinstance(polygon, list):
+                fail(f"Polygons[{i}][{j}]", polygon, "a list of [x, y] points")
+            for k, point in enumerate(polygon):
+                if not _is_point(point):
+                    fail(f"Polygons[{i}][{j}][{k}]", point, "[x, y], two finite numbers (pixels)")
+
+
+
+def load_tasks(root, split):
+    """refer_<split>.json's tasks, every record checked (_check_task)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    refer = Path(root) / f"refer_{split}.json"
+    if not refer.is_file():
+        raise FileNotFoundError(f"{refer} not found: is --root a PhraseCut directory?")
+    tasks = read_json(refer, list)
+    for i, task in enumerate(tasks):
+        _check_task(task, refer, i)
+    return tasks
+
+
+
+def read_image_info(root):
+    """{image_id as str: its record} from the root's image_data_split.json (the name PhraseCut's
+    downloader gives it; image_data_split3000.json, its name on PhraseCut's drive, is accepted too)."""
+    for name in ("image_data_split.json", "image_data_split3000.json"):
+        path = Path(root) / name
+        if path.is_file():
+            infos = {}
+            for i, d in enumerate(read_json(path, list)):
+                if not (isinstance(d, dict) and _is_id(d.get("image_id"))
+                        and all(type(d.get(k)) is int and d[k] > 0 for k in ("width", "height"))):
+                    raise ValueError(f"{path}: record #{i} is {_short(d)}, expected an object with image_id, "
+                                     "and width and height as positive integers")
+                infos[str(d["image_id"])] = d
+            return infos
+    raise FileNotFoundError(f"{Path(root) / 'image_data_split.json'} not found: PhraseCut's list of images "
+                            "(width, height, coco_id) is needed for its subsets")
+
+
+
+def read_counts(root):
+    """name_att_rel_count.json's "cat" and "att" lists ([word, count], most frequent first), or None
+    when the root has no such file."""
+    path = Path(root) / "name_att_rel_count.json"
+    if not path.is_file():
+        return None
+    counts = read_json(path, dict)
+    for key in ("cat", "att"):
+        pairs = counts.get(key)
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                for p in pairs)):
+            raise ValueError(f"{path}: {key!r} is {_short(pairs)}, expected a list of [word, count] pairs")
+    return {"cat": counts["cat"], "att": counts["att"]}
+
+
+
+def image_path(images, task):
+    """`images`/<image_id>.jpg resolved, for a task; `images` is the resolved images folder. A ValueError
+    when it leads outside that folder: an image_id such as ../../x or /x, or a symlink that leaves it."""
+    path = (images / f"{task['image_id']}.jpg").resolve()
+    if not path.is_relative_to(images):
+        raise ValueError(f"task {task['task_id']}: image_id {task['image_id']!r} leads outside {images}/ "
+                         f"(to {path}); refused")
+    return path
+
+
+
+def _image_info(infos, task):
+    """What the subsets need from the task's image record: width, height, coco_id."""
+    info = infos.get(str(task["image_id"]))
+    if info is None:
+        raise ValueError(f"task {task['task_id']}: image {task['image_id']} is not in image_data_split.json")
+    return {"width": info["width"], "height": info["height"], "coco_id": info.get("coco_id")}
+
+
+
+# ----------------------------------------------------------------------------- the subsets
+
+def frequency_ranks(counts):
+    """{"cat": {name: rank}, "att": {attribute: rank}} from name_att_rel_count.json's content.
+
+    A word's rank is its 0-based position in the file's list (sorted by count, high to low),
+    as the official evaluator takes it (list.index: the first occurrence).
+    """
+    ranks = {}
+    for key in ("cat", "att"):
+        ranks[key] = {}
+        for rank, (word, _count) in enumerate(counts[key]):
+            ranks[key].setdefault(word, rank)
+    return ranks
+
+
+
+def _rank_subsets(prefix, rank, cuts):
+    """The c* subsets of a 0-based rank for prefix "c", cuts (20, 100, 500) (a* likewise): the nested
+    top-k sets that hold it (c20, c100, c500) and its band, c21-100, c101-500 or c500+ (below 20 the
+    band is c20 itself)."""
+    first, mid, last = cuts
+    names = {f"{prefix}{k}" for k in cuts if rank < k}
+    if first <= rank < mid:
+        names.add(f"{prefix}{first + 1}-{mid}")
+    elif mid <= rank < last:
+        names.add(f"{prefix}{mid + 1}-{last}")
+    elif rank >= last:
+        names.add(f"{prefix}{last}+")
+    return names
+
+
+
+def phrasecut_subsets(phrase_structure, num_instances, rel_area, coco, ranks=None):
+    """Names of the PhraseCut subsets one task belongs to, in SUBSETS order.
+
+    The official evaluator's definitions (PhraseCut's utils/subset.py, get_subset, as revised in
+    October 2019):
+    - instances, num_instances = len(task["instance_boxes"]): i_single exactly 1, i_multi 2 to 4,
+      i_many 5 or more; the three are disjoint.
+    - phrase, from phrase_structure: p_att at least one attribute, p_attm more than one; p_rel at
+      least one entry in "relation_descriptions", p_relm more than one ("relation_ids" do not
+      count); p_att_rel both an attribute and a relation description; p_name / p_att+ / p_rel+ /
+      p_verbose when "type" is name / attribute / relation / verbose.
+    - size, rel_area = region pixels (the task's polygons rasterised at the width x height that
+      image_data_split.json records) / (that width x height): s_small below 0.02, s_large above
+      0.2, s_mid otherwise (both boundaries are s_mid).
+    - name rank: the name's position in name_att_rel_count.json's "cat" list, 501 when absent:
+      c20 / c100 / c500 below 20 / 100 / 500, and c20, c21-100, c101-500 or c500+ by band.
+      attribute rank: the best (lowest) over the attributes in the "att" list, 201 when none is:
+      a20 / a100 / a200 and a20, a21-100, a101-200 or a200+ likewise. ranks comes from
+      `frequency_ranks`; with ranks None the c* and a* subsets are left out.
+    - d_cocotv when coco (the image's image_data_split.json record has a non-empty coco_id),
+      else d_notcocotv.
+    """
+    ps = phrase_structure or {}
+    atts, rels = ps.get("attributes") or [], ps.get("relation_descriptions") or []
+    names = {"d_cocotv" if coco else "d_notcocotv"}
+    if num_instances == 1:
+        names.add("i_single")
+    elif 2 <= num_instances <= 4:
+        names.add("i_multi")
+    elif num_instances >= 5:
+        names.add("i_many")
+    for condition, name in ((len(atts) > 0, "p_att"), (len(atts) > 1, "p_attm"), (len(rels) > 0, "p_rel"),
+                            (len(rels) > 1, "p_relm"), (atts and rels, "p_att_rel")):
+        if condition:
+            names.add(name)
+    type_subset = {"name": "p_name", "attribute": "p_att+", "relation": "p_rel+",
+                   "verbose": "p_verbose"}.get(ps.get("type"))
+    if type_subset:
+        names.add(type_subset)
+    if rel_area < SMALL_AREA:
+        names.add("s_small")
+    elif rel_area > LARGE_AREA:
+        names.add("s_large")
+    else:
+        names.add("s_mid")
+    if ranks is not None:
+        name_rank = ranks["cat"].get(ps.get("name"), 501)
+        att_rank = min([201] + [ranks["att"][a] for a in atts if a in ranks["att"]])
+        names |= _rank_subsets("c", name_rank, (20, 100, 500)) | _rank_subsets("a", att_rank, (20, 100, 200))
+    return [name for name in SUBSETS if name in names]
+
+
+
+def subset_names(ranked=True) -> list:
+    """The subsets `phrasecut_subsets` can name, in SUBSETS order; without frequency ranks (no
+    name_att_rel_count.json) the c* and a* subsets are left out."""
+    return [name for name in SUBSETS if ranked or name not in RANK_SUBSETS]
+
+
+# ----------------------------------------------------------------------------- PhraseCut -> LMDB
+
+def _check_out(root, out, split):
+    """Refuse an `out` that is, or is inside, one of `root`'s inputs, or that exists and is not an LMDB
+    written by build_lmdb (one that is gets replaced); called before any work."""
+    target, images = out.resolve(), (root / "images").resolve()
+    if target == root.resolve() or target.is_relative_to(images) or \
+            target in {(root / name).resolve() for name in INPUT_FILES}:
+        raise ValueError(f"--out {out} is one of --root's inputs ({target}); write the LMDB elsewhere")
+    if target.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the LMDB file's name, e.g. {out / f'{split}.lmdb'}")
+    if out.exists():
+        try:
+            if not out.is_file():
+                raise ValueError("not a regular file")
+            with reader(out).begin() as txn:
+                header = read_record(out, b"__header__", txn.get(b"__header__"))
+            if header.get("format") != LMDB_FORMAT:
+                raise ValueError(f"its header's format is {header.get('format')!r}")
+        except ValueError as err:
+            raise ValueError(f"--out {out} exists and is not an LMDB written by `data.py build` ({err}); "
+                             "delete it first if it should be replaced") from None
+
+
+
+def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
+    """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
+
+    Layout (no pickle: JSON and raw bytes):
+      b"__header__"     JSON {format, version, split, num_tasks, num_images, skipped_tasks, ...,
+                        name_att_rel_count: read_counts(root), null without that file}
+      b"img/<image_id>" the image file's own bytes, once per image
+      b"task/<i:08d>"   JSON task record: PhraseCut's fields + width, height of the image file +
+                        image_info {width, height, coco_id} from image_data_split.json
+    Written under a temporary name and renamed when complete; on any error the temporary is removed.
+    Checked first (errors name the file, task and field): `out` (_check_out), every task (_check_task),
+    image paths (image_path), and each image's decode, with PIL's decompression-bomb limit; with
+    skip_missing, missing, unreadable and too large images are skipped with their tasks and counted.
+    Images whose size differs from image_data_split.json's are counted, with examples, in the header.
+    """
+    root, out = Path(root), Path(out)
+    _check_out(root, out, split)
+    tasks = load_tasks(root, split)
+    images, paths = (root / "images").resolve(), {}
+    for task in tasks:
+        if str(task["image_id"]) not in paths:
+            paths[str(task["image_id"])] = image_path(images, task)
+    refer_bytes = (root / f"refer_{split}.json").stat().st_size
+    infos = read_image_info(root)
+    image_info = {str(t["image_id"]): _image_info(infos, t) for t in tasks}
+    counts = read_counts(root)
+    image_ids = sorted(paths, key=str.encode)  # byte order: append
+    out.parent.mkdir(parents=True, exist_ok=True)
+    map_size = 2 * refer_bytes + (1 << 30)
+    for path in paths.values():
+        map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
+    with atomic_path(out) as tmp:
+        env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
+        try:
+            sizes, bad, image_bytes, mismatches = {}, [], 0, []
+            txn = env.begin(write=True)
+            for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
+                path = paths[image_id]
+                try:
+                    if not path.is_file():
+                        raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
+                    data = path.read_bytes()
+                    with warnings.catch_warnings():  # over PIL's limit is an error, as in predict.open_image
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        _, (h, w) = decode_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
+                except (OSError, ValueError):
+                    if not skip_missing:
+                        raise
+                    bad.append(image_id)
+                    continue
+                txn.put(b"img/" + image_id.encode(), data, append=True)
+                sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
+                listed = (image_info[image_id]["width"], image_info[image_id]["height"])
+                if listed != (w, h):
+                    mismatches.append(f"{image_id}: file {w}x{h}, listed {listed[0]}x{listed[1]}")
+                if (k + 1) % commit_every == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            n = 0
+            for task in tasks:
+                image_id = str(task["image_id"])
+                if image_id not in sizes:
+                    continue
+                w, h = sizes[image_id]
+                record = json.dumps({**task, "width": w, "height": h, "image_info": image_info[image_id]},
+                                    separators=(",", ":"))
+                txn.put(b"task/%08d" % n, record.encode(), append=True)
+                n += 1
+                if n % (20 * commit_every) == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            if n == 0:
+                raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
+            header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
+                      "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
+                      "skipped_images": len(bad), "skipped_image_ids": bad[:20],
+                      "size_mismatches": len(mismatches), "size_mismatch_examples": mismatches[:20],
+                      "source": str(root.resolve()), "name_att_rel_count": counts}
+            txn.put(b"__header__", json.dumps(header).encode())
+            txn.commit()
+            env.sync(True)
+        finally:
+            env.close()
+    lmdb_bytes = os.path.getsize(out)
+    return {**header, "lmdb_bytes": lmdb_bytes, "image_bytes": image_bytes,
+            "annotation_bytes": refer_bytes, "ratio": lmdb_bytes / (image_bytes + refer_bytes)}

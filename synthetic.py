@@ -1,0 +1,284 @@
+"""A synthetic referring dataset in exactly PhraseCut's layout, made on a CPU in seconds.
+
+    python data.py synth --out data/synth --images 1600 --seed 0 --size 192 --aspect 1
+
+`synthesize` writes images/<image_id>.jpg, image_data_split.json, refer_{train,val,test,miniv}.json
+and name_att_rel_count.json, so the converter, loader, training and evaluation run the same way on
+it and on the real VGPhraseCut_v0. `ensure_synthetic` makes it once in a cache, with its LMDBs.
+
+Splits: 80/10/10 train/validation/test by image; miniv is a fifth of the validation images. As in
+PhraseCut, those say split "miniv" in image_data_split.json and their tasks are in refer_miniv.json
+only, not in refer_val.json (official tools load both with split="val_miniv"). `synth` refuses an
+--out that exists and is not an empty folder.
+"""
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from files import atomic_path
+from lmdb_store import LMDB_VERSION
+from phrasecut import SPLITS, build_lmdb
+
+DEMO_NUM_IMAGES = 1600  # synthetic images for the demo: 1280 train, 128 val, 32 miniv, 160 test
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
+           "yellow": (235, 205, 45), "purple": (145, 60, 195), "white": (245, 245, 245)}
+
+# Shape radius as a fraction of the image's longer side. At the demo's 192 px a small shape's radius
+# is 23 px, about one and a half cells of the model's stride-16 grid; smaller shapes (0.08) made the
+# 10-minute demo mostly a test of boundary resolution rather than of grounding.
+SIZES = {"small": 0.12, "large": 0.21}
+
+SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cache directory
+
+RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+
+
+
+def _outline(kind, cx, cy, r):
+    """Polygon [[x, y], ...] (ints) of one shape of radius r centred at (cx, cy)."""
+    if kind == "circle":
+        angles, radii = np.linspace(0, 2 * np.pi, 32, endpoint=False), [r] * 32
+    elif kind == "square":
+        angles, radii = np.pi / 4 + np.arange(4) * np.pi / 2, [1.25 * r] * 4
+    elif kind == "triangle":
+        angles, radii = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3, [1.2 * r] * 3
+    elif kind == "star":
+        angles, radii = -np.pi / 2 + np.arange(10) * np.pi / 5, [1.2 * r, 0.5 * r] * 5
+    elif kind == "hexagon":
+        angles, radii = np.arange(6) * np.pi / 3, [1.05 * r] * 6
+    else:  # diamond: a rhombus taller than wide, so it never looks like a square
+        return [[round(cx + dx * r), round(cy + dy * r)]
+                for dx, dy in ((0, -1.2), (0.75, 0), (0, 1.2), (-0.75, 0))]
+    return [[round(cx + q * np.cos(a)), round(cy + q * np.sin(a))] for a, q in zip(angles, radii)]
+
+
+
+def _scene(rng, width, height):
+    """Random shapes: dicts with kind, colour, size, r, cx, cy. One image in five has a group of
+    5-6 small shapes sharing a kind, a colour or the size, so "all ..." phrases reach i_many."""
+    longer, shapes = max(width, height), []
+    group = str(rng.choice(["kind", "colour", "size"])) if rng.random() < 0.2 else None
+    trait = {"kind": str(rng.choice(SHAPES)), "colour": str(rng.choice(list(COLOURS))),
+             "size": "small", None: None}[group]
+    n_group = int(rng.integers(5, 7)) if group else 0
+    n_other = int(rng.integers(0, 3)) if group else int(rng.integers(3, 7))
+    overlap = rng.random() < 0.25
+    for k in range(n_group + n_other):
+        in_group = k < n_group
+        kinds = [x for x in SHAPES if group != "kind" or (x == trait) == in_group]
+        colours = [x for x in COLOURS if group != "colour" or (x == trait) == in_group]
+        sizes = ["small"] if in_group else ["large"] if group == "size" else list(SIZES)
+        kind, colour, size = str(rng.choice(kinds)), str(rng.choice(colours)), str(rng.choice(sizes))
+        if shapes and rng.random() < 0.6:  # a distractor: same kind or same colour as an earlier shape
+            ref = shapes[int(rng.integers(len(shapes)))]
+            if rng.random() < 0.5:
+                kind = ref["kind"] if ref["kind"] in kinds else kind
+            else:
+                colour = ref["colour"] if ref["colour"] in colours else colour
+        r = SIZES[size] * longer
+        for _ in range(60):  # rejection sampling; a shape that finds no room is dropped
+            cx, cy = rng.uniform(1.25 * r, width - 1.25 * r), rng.uniform(1.25 * r, height - 1.25 * r)
+            gap = 0.7 if overlap and rng.random() < 0.3 else 1.1  # sometimes overlapping
+            if all(np.hypot(cx - s["cx"], cy - s["cy"]) >= gap * (r + s["r"]) for s in shapes):
+                shapes.append({"kind": kind, "colour": colour, "size": size, "r": r,
+                               "cx": float(cx), "cy": float(cy)})
+                break
+    return shapes
+
+
+
+def _describe(size, colour, kind, count):
+    noun = (kind or "shape") + ("s" if count > 1 else "")
+    words = [w for w in (size, colour) if w] + [noun]
+    return ("all " if count > 1 else "") + " ".join(words), noun, [w for w in (size, colour) if w]
+
+
+
+def _phrases(shapes, width, height):
+    """Candidate (phrase, phrase_structure, referred shape indices); every phrase refers to exactly
+    its shapes. Name/attribute phrases are minimal: dropping any word would refer to more shapes,
+    so a distractor (same kind in another colour, same colour in another kind, ...) makes each
+    word necessary. Relation phrases disambiguate a kind that occurs 2+ times, with a clear margin."""
+    def match(size, colour, kind):
+        return frozenset(i for i, s in enumerate(shapes) if size in (None, s["size"])
+                         and colour in (None, s["colour"]) and kind in (None, s["kind"]))
+    descs = {}  # (size, colour, kind) -> referred shapes, every description that refers to some
+    for size in (None, *SIZES):
+        for colour in (None, *COLOURS):
+            for kind in (None, *SHAPES):
+                ids = match(size, colour, kind)
+                if ids and (size, colour, kind) != (None, None, None):
+                    descs[(size, colour, kind)] = ids
+    cands = []
+    for (size, colour, kind), ids in descs.items():
+        drops = [(None, colour, kind) if size else None, (size, None, kind) if colour else None,
+                 (size, colour, None) if kind else None]
+        if all(match(*d) != ids for d in drops if d and any(d)):  # any(d): not the empty phrase
+            text, noun, atts = _describe(size, colour, kind, len(ids))
+            cands.append((text, {"name": noun, "attributes": atts, "relation_ids": [],
+                                 "relation_descriptions": [], "type": "attribute" if atts else "name"}, ids))
+    margin = 0.1 * max(width, height)
+    objects = [(d, next(iter(ids))) for d, ids in descs.items() if len(ids) == 1 and d[2] and not d[0]]
+    for (size, colour, kind), ids in descs.items():
+        for (_, ocolour, okind), obj in objects:  # objects: "circle", "blue circle"
+            subjects = ids - {obj}
+            if kind is None or len(subjects) < 2:
+                continue
+            for predicate, (axis, sign) in RELATIONS.items():
+                key = ("cx", "cy")[axis]
+                offset = {i: sign * (shapes[obj][key] - shapes[i][key]) for i in subjects}
+                if any(abs(v) < margin for v in offset.values()):
+                    continue  # too close to call
+                referred = frozenset(i for i, v in offset.items() if v > 0)
+                if referred and referred != subjects:
+                    text, noun, atts = _describe(size, colour, kind, len(referred))
+                    obj_text = _describe(None, ocolour, okind, 1)[0]
+                    cands.append((f"{text} {predicate} the {obj_text}",
+                                  {"name": noun, "attributes": atts, "relation_ids": [len(cands)],
+                                   "relation_descriptions": [[predicate, okind]], "type": "relation"},
+                                  referred))
+    return cands
+
+
+
+def _render(rng, shapes, width, height):
+    """Noisy textured background, then the shapes, then sensor-like noise -> RGB PIL image."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    base = rng.uniform(75, 165) + rng.uniform(-18, 18, size=3)
+    field = (rng.uniform(-30, 30) * xx + rng.uniform(-30, 30) * yy
+             + 12 * np.sin(2 * np.pi * (rng.uniform(2, 6) * xx + rng.random()))
+             * np.sin(2 * np.pi * (rng.uniform(2, 6) * yy + rng.random())))
+    bg = base + field[..., None] + rng.normal(0, 7, size=(height, width, 3))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for s in shapes:
+        fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[s["colour"]])
+        draw.polygon([tuple(p) for p in s["polygon"]], fill=fill, outline=fill)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 5, size=(height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+
+def count_words(tasks):
+    """name_att_rel_count.json's content for `tasks`: {"cat", "att", "rel"}, each a list of [word, count]
+    sorted by count from high to low (ties alphabetically), counting each phrase's name, its attributes
+    and the predicates of its relation_descriptions ([predicate, object name] pairs)."""
+    counters = {"cat": Counter(), "att": Counter(), "rel": Counter()}
+    for task in tasks:
+        ps = task["phrase_structure"]
+        counters["cat"][ps["name"]] += 1
+        counters["att"].update(ps["attributes"])
+        counters["rel"].update(predicate for predicate, _ in ps["relation_descriptions"])
+    return {key: sorted(([word, n] for word, n in c.items()), key=lambda p: (-p[1], p[0]))
+            for key, c in counters.items()}
+
+
+
+def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect=0.75):
+    """Write a synthetic referring dataset in PhraseCut's layout under out_dir; same seed, same bytes.
+
+    Each image (longer side `size`, the shorter `aspect` times it: 4:3 by default, landscape or
+    portrait; aspect 1 makes square images) holds 3-8 shapes of 6 kinds, 6 colours
+    and 2 sizes; about 4-5 phrases per image of each PhraseCut type (name, attribute, relation), for
+    one shape or several ("all green shapes"). Splits by image: 10 % validation (at least 2), of which
+    a fifth is miniv, 10 % test, the rest train; each image's tasks are in the refer file of its split
+    only. image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
+    images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits.
+    out_dir must be new or an empty folder; the JSON files, written last, are each whole or absent."""
+    if num_images < 4:
+        raise ValueError("synthesize needs at least 4 images (train, val, miniv and test)")
+    if not 0.5 <= aspect <= 1:
+        raise ValueError(f"aspect must be between 0.5 and 1 (shorter side / longer side), got {aspect}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one or delete it first")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_images)
+    n_val, n_test = max(2, round(0.1 * num_images)), max(1, round(0.1 * num_images))  # n_val with miniv
+    n_miniv = max(1, n_val // 5)
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[int(i) + 1] = ("miniv" if rank < n_miniv else "val" if rank < n_val
+                                else "test" if rank < n_val + n_test else "train")
+    images, refer = [], {s: [] for s in SPLITS}
+    for image_id in tqdm(range(1, num_images + 1), desc="synth", disable=not progress):
+        short = round(size * aspect)
+        width, height = (size, short) if rng.random() < 0.6 else (short, size)
+        shapes = _scene(rng, width, height)
+        for s in shapes:
+            s["polygon"] = _outline(s["kind"], s["cx"], s["cy"], s["r"])
+        _render(rng, shapes, width, height).save(out / "images" / f"{image_id}.jpg", "JPEG", quality=90)
+        split = split_of[image_id]
+        images.append({"image_id": image_id, "width": width, "height": height, "split": split, "url": "",
+                       "coco_id": None, "flickr_id": None})
+        cands = _phrases(shapes, width, height)
+        group = [c for c in cands if len(c[2]) >= 5]  # always ask for the big group: i_many
+        chosen, used = group[:1], {group[0][0]} if group else set()
+        weights = {"name": 1.0, "attribute": 2.0, "relation": 1.5}  # per type, uniform within it
+        target = int(rng.integers(4, 6))
+        while len(chosen) < target:
+            left = [c for c in cands if c[0] not in used]
+            if not left:
+                break
+            p = np.array([weights[c[1]["type"]] / sum(c[1]["type"] == d[1]["type"] for d in left)
+                          for c in left])
+            pick = left[int(rng.choice(len(left), p=p / p.sum()))]
+            chosen.append(pick)
+            used.add(pick[0])
+        for j, (phrase, structure, ids) in enumerate(chosen):
+            ids = sorted(ids)
+            boxes = []
+            for i in ids:
+                xs, ys = [p[0] for p in shapes[i]["polygon"]], [p[1] for p in shapes[i]["polygon"]]
+                boxes.append([min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1])
+            task = {"task_id": f"{image_id}__{j}", "image_id": image_id,
+                    "ann_ids": [image_id * 100 + i for i in ids], "instance_boxes": boxes,
+                    "Polygons": [[shapes[i]["polygon"]] for i in ids], "phrase": phrase,
+                    "phrase_structure": structure}
+            refer[split].append(task)
+    counts = count_words([t for s in SPLITS for t in refer[s]])
+    for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts)]
+                      + [(f"refer_{s}", refer[s]) for s in SPLITS]):
+        with atomic_path(out / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    return out
+
+
+
+def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False, aspect=0.75):
+    """Make (once) and return a directory with train.lmdb, val.lmdb, test.lmdb and the raw
+    synthetic PhraseCut under VGPhraseCut_v0/. Built in a temporary directory and renamed when
+    finished, so a half-made cache is never taken for a finished one; if two processes race, the
+    first rename wins and the other discards its copy."""
+    cache_dir = Path(cache_dir)
+    shape = f"px{size}" if aspect == 0.75 else f"px{size}x{round(size * aspect)}"
+    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_{shape}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
+    if (final / "COMPLETE").is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    try:
+        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress, aspect=aspect)
+        for split in ("train", "val", "test"):
+            build_lmdb(tmp / "VGPhraseCut_v0", split, tmp / f"{split}.lmdb", progress=progress)
+        (tmp / "COMPLETE").write_text(json.dumps({"num_images": num_images, "seed": seed, "size": size,
+                                                  "aspect": aspect}))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "COMPLETE").is_file():
+                raise RuntimeError(f"{final} exists but is incomplete; remove it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,181 @@
+"""The model's inputs and outputs: CLIP tokens, images, masks, the letterbox and back.
+
+    image (H, W) --letterbox--> (3, S, S) CLIP-normalised --model--> logits (1, S/4, S/4)
+          --sigmoid, unletterbox--> probability (H, W) at the original size
+
+Choices where PhraseCut and the paper are silent (all deliberate, all tested):
+- Letterbox: scale = S / max(W, H), content resized (PIL bilinear) to round(W*scale) x round(H*scale)
+  and *centred* (CRIS-like); padding is CLIP's mean, i.e. exactly 0 after normalisation.
+- Mask: the official rule (PhraseCut utils/data_transfer.polygons_to_mask): points truncated with
+  int(), ImageDraw.polygon(points, outline=1, fill=1) on an 'L' image at the original size, union of
+  all polygons of all instances, polygons of fewer than 2 points skipped. Instances without polygons
+  add nothing. The letterboxed mask is that mask resized with nearest-neighbour and padded with 0.
+- Images are decoded in stored pixel order, as PhraseCut does: its polygons are on the stored pixels,
+  so the EXIF orientation is deliberately not applied here (inference.open_image, whose input is a
+  photo as it displays, applies it).
+  JPEGs at least 2x larger than their letterboxed size are decoded at a reduced DCT scale first
+  (PIL's Image.draft), then resized as usual.
+  Modes: alpha is dropped, palettes expanded, CMYK converted by PIL; 16-bit images are scaled
+  from 0..65535 to 0..255; float images are clipped to 0..255.
+- Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
+  with the end token kept; the datasets warn once per process with the words kept (kept_words).
+"""
+import functools
+import io
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # 0-1 scale, RGB
+
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+
+_STD = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+
+def tokenize(phrases, word_len=22):
+    """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token (what is
+    kept: kept_words)."""
+    import clip  # imported here: clip imports pkg_resources, slow and noisy at module import
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
+
+
+
+@functools.lru_cache(maxsize=16384)
+def _tokens(phrase, word_len):
+    """tokenize(phrase, word_len)[0], kept per process: datasets repeat phrases, and CLIP's BPE runs in Python."""
+    return tokenize(phrase, word_len)[0]
+
+
+
+def kept_words(phrase, word_len=22):
+    """What tokenize keeps of a phrase longer than word_len tokens (its first word_len - 2 tokens, as
+    text: the start and end tokens take two), or None when the whole phrase fits."""
+    from clip.clip import _tokenizer
+    ids = _tokenizer.encode(phrase)
+    return None if len(ids) <= word_len - 2 else _tokenizer.decode(ids[:word_len - 2]).strip()
+
+
+
+def warn_if_cut(phrase, word_len, context="", note=""):
+    """Warn, naming the words kept, when `phrase` is longer than word_len tokens; returns whether it was."""
+    kept = kept_words(phrase, word_len)
+    if kept is not None:
+        warnings.warn(f"{context}phrase {phrase!r} is longer than {word_len} tokens (word_len) and is cut: "
+                      f"the model sees only {kept!r}{note}", stacklevel=2)
+    return kept is not None
+
+
+
+# ----------------------------------------------------------------------------- images and masks
+
+def to_rgb(img):
+    """Any PIL mode -> 'RGB' (see the module docstring for the rule per mode)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img).astype(np.float32)
+        if img.mode != "F":
+            arr = arr / 257.0  # 16-bit range -> 8-bit range
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+
+def decode_image(data, name, fit=None):
+    """Decode image bytes -> (RGB PIL image, (H, W) of the stored image); errors name `name`.
+
+    fit=S: a JPEG at least twice the size of its letterboxed content is decoded at a reduced DCT
+    scale (PIL's draft: 1/2, 1/4 or 1/8, never below the content size), which is much faster."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if fit and img.format == "JPEG":
+            nh, nw, _, _ = letterbox_geometry(h, w, fit)
+            if w >= 2 * nw and h >= 2 * nh:
+                img.draft(None, (nw, nh))
+        img.load()
+        return to_rgb(img), (h, w)
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"cannot read image {name}: not an image file PIL can identify") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+
+def polygons_to_mask(polygons, width, height):
+    """Official PhraseCut rule. polygons: instances -> polygons -> [x, y]. -> (H, W) uint8 in {0, 1}."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for instance in polygons:
+        for polygon in instance:
+            if len(polygon) < 2:
+                continue
+            draw.polygon([(int(x), int(y)) for x, y in polygon], outline=1, fill=1)
+    return np.asarray(canvas)
+
+
+
+def letterbox_geometry(height, width, size):
+    """Where an (height, width) image lands on the size x size canvas: (nh, nw, top, left)."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+
+def letterbox(image, size, orig_size=None):
+    """PIL image -> ((3, size, size) float CLIP-normalised, meta). Padding normalises to exactly 0.
+
+    orig_size=(H, W) when `image` was decoded smaller (draft) than the stored image, so that the
+    geometry matches the mask's. meta: orig_size (H, W) and content (top, left, nh, nw)."""
+    h, w = orig_size or (image.height, image.width)
+    nh, nw, top, left = letterbox_geometry(h, w, size)
+    content = np.asarray(to_rgb(image).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+    content = torch.from_numpy(content).permute(2, 0, 1)  # HWC -> CHW
+    canvas = torch.zeros(3, size, size)
+    canvas[:, top:top + nh, left:left + nw] = (content / 255.0 - _MEAN) / _STD
+    return canvas, {"orig_size": (h, w), "content": (top, left, nh, nw)}
+
+
+
+def unnormalize(pixels):
+    """Undo letterbox's CLIP normalisation: (3, h, w) -> (3, h, w) RGB in [0, 1], for display."""
+    return (pixels * _STD + _MEAN).clamp(0, 1)
+
+
+
+def letterbox_mask(mask, size):
+    """(H, W) {0,1} array -> (1, size, size) float, nearest-neighbour, padding 0."""
+    h, w = mask.shape
+    nh, nw, top, left = letterbox_geometry(h, w, size)
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((nw, nh), Image.NEAREST))
+    canvas = torch.zeros(1, size, size)
+    canvas[0, top:top + nh, left:left + nw] = torch.from_numpy(small.astype(np.float32))
+    return canvas
+
+
+
+def unletterbox(prob, orig_h, orig_w, input_size=None):
+    """(..., s, s) map over the letterboxed canvas -> (..., orig_h, orig_w), bilinear.
+
+    The content box is found with letterbox_geometry at resolution s, which is exact for s equal to
+    the input size. For a coarser map (the model's S/4 logits) pass input_size=S: the map is first
+    upsampled to S (CRIS's protocol), so rounding matches the letterbox exactly."""
+    lead, s = prob.shape[:-2], prob.shape[-1]
+    x = prob.reshape(-1, 1, s, s).float()
+    if input_size is not None and input_size != s:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+        s = input_size
+    nh, nw, top, left = letterbox_geometry(orig_h, orig_w, s)
+    x = x[..., top:top + nh, left:left + nw]
+    x = F.interpolate(x, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, orig_h, orig_w)
