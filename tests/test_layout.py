@@ -99,6 +99,22 @@ def test_files_stay_small(path):
     assert lines <= MAX_LINES, f"{path.name} has {lines} lines (at most {MAX_LINES}): split it by idea"
 
 
+def test_public_names_keep_their_import_paths():
+    """Names users import from earlier versions still import from there (README and notebooks use them)."""
+    import data
+    import datasets
+    import evaluate
+    import inference
+    import predict
+    from checkpoints import load_checkpoint
+    from loss import RAFLoss
+    from model import build_model
+    assert data.PhraseCutLMDB is datasets.PhraseCutLMDB
+    assert (predict.load_model, predict.open_image, predict.predict) == \
+        (inference.load_model, inference.open_image, inference.predict)
+    assert callable(evaluate.evaluate) and callable(load_checkpoint) and callable(build_model) and callable(RAFLoss)
+
+
 # The checker itself, on hand-made graphs and files: it must see what it is there to see.
 
 def test_find_cycle_sees_a_circle_and_only_a_circle():
