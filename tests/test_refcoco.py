@@ -169,3 +169,32 @@ def test_evaluate_scores_saved_masks_against_the_lmdb(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--data", ds.path, "--pred-masks", str(preds), "--no-progress"])
     assert "2 of 3 masks are missing, e.g. 101.png, 102.png" in str(exit_info.value.code)
+
+
+def test_cris_recipes_are_presets():
+    import train_config
+    for preset, word_len in (("cris-refcoco", 17), ("cris-refcocog", 22)):
+        cfg, model = train_config.preset_defaults(preset), __import__("model").get_preset(preset).model
+        assert (model.input_size, model.word_len, model.deform, model.se) == (416, word_len, False, False)
+        assert (cfg.epochs, cfg.lr, cfg.milestones, cfg.lr_gamma, cfg.backbone_lr_scale, cfg.batch_size, cfg.loss,
+                cfg.clip_weights) == (50, 1e-4, [35], 0.1, 0.1, 64, "bce", "RN101")
+
+
+def test_train_and_evaluate_run_on_a_refcoco_lmdb_folder(tmp_path):
+    import train
+    root = refer_root(tmp_path)
+    lmdbs = tmp_path / "refcoco_unc"
+    for split, name in (("train", "train"), ("testA", "val")):  # 3 tasks each
+        refcoco.build_refcoco(root, "refcoco", "unc", split, lmdbs / f"{name}.lmdb", progress=False)
+    run = tmp_path / "run"
+    train.main(["--preset", "smoke", "--data", str(lmdbs), "--out", str(run), "--epochs", "1", "--batch-size", "2",
+                "--num-workers", "0", "--no-eval-test"])
+    evaluate.main(["--ckpt", str(run / "best.pth"), "--data", str(lmdbs / "val.lmdb"), "--json",
+                   str(tmp_path / "m.json"), "--no-progress", "--save-masks", str(tmp_path / "masks")])
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["n"] == 3 and result["subsets"] == {} and sorted(p.stem for p in (tmp_path / "masks").iterdir()) == \
+        ["104", "105", "107"]
+    evaluate.main(["--data", str(lmdbs / "val.lmdb"), "--pred-masks", str(tmp_path / "masks"), "--json",
+                   str(tmp_path / "again.json"), "--no-progress"])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert (again["mIoU"], again["oIoU"]) == (result["mIoU"], result["oIoU"])  # the saved masks score the same
