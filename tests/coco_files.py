@@ -94,13 +94,15 @@ def refer_root(tmp_path, image_dir="images/mscoco/images/train2014"):
 
 
 def coco_folder(tmp_path):
-    """instances_val2017.json and val2017/ holding the same three images and five annotations."""
+    """COCO's layout, coco/annotations/instances_val2017.json and coco/val2017/, holding the same three
+    images and five annotations; returns (the instances file, the images folder)."""
     folder = tmp_path / "coco"
     (folder / "val2017").mkdir(parents=True)
+    (folder / "annotations").mkdir()
     for i, (w, h) in SIZES.items():
         Image.new("RGB", (w, h), (30 * i, 90, 150)).save(folder / "val2017" / file_name(i))
-    (folder / "instances_val2017.json").write_text(json.dumps(instances()))
-    return folder / "instances_val2017.json", folder / "val2017"
+    (folder / "annotations" / "instances_val2017.json").write_text(json.dumps(instances()))
+    return folder / "annotations" / "instances_val2017.json", folder / "val2017"
 
 
 def voc_labels():
