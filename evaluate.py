@@ -165,12 +165,14 @@ def evaluate_masks(dataset, pred_dir, progress=True):
     for i in tqdm(range(len(dataset)), desc="score", disable=not progress, leave=False):
         _, gt, ignore, subsets = dataset.targets(i)
         try:
+            with Image.open(paths[i]) as im:  # the size from the header, before any pixel is decoded
+                size = im.size
+            if size != (gt.shape[1], gt.shape[0]):
+                raise ValueError(f"{paths[i]} is {size[0]}x{size[1]}, but its image is {gt.shape[1]}x{gt.shape[0]}: "
+                                 "masks are scored at the original size")
             pred = load_mask(paths[i])
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"{paths[i]}: not a readable mask image ({err})") from None
-        if pred.shape != gt.shape:
-            raise ValueError(f"{paths[i]} is {pred.shape[1]}x{pred.shape[0]}, but its image is "
-                             f"{gt.shape[1]}x{gt.shape[0]}: masks are scored at the original size")
         tasks.append((*task_iou(pred, gt, ignore), subsets))
     return summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names)
 

@@ -43,6 +43,8 @@ DATASETS = ("phrasecut", "refcoco", "coco", "voc")
 
 MAX_SIZE_RATIO = 2  # a listed width or height more than 2x (or under 1/2) the file's is refused as absurd
 
+MAX_IMAGE_BYTES = 1 << 30  # an image file larger than any real photo is refused before it is read whole
+
 
 
 _READERS = {}  # (st_dev, st_ino) -> (owner, lmdb.Environment); py-lmdb allows one per file per process
@@ -204,6 +206,9 @@ def _read_image(path, listed, exact_size, image_id):
     """(bytes, (w, h), frames) of one image file; an error naming it and its record when it cannot be used."""
     if not path.is_file():
         raise FileNotFoundError(f"image {path} is missing (image id {image_id}; --skip-missing converts without it)")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"image {path} (image id {image_id}) is {path.stat().st_size:,} bytes, over the "
+                         f"{MAX_IMAGE_BYTES:,} this tool reads for one image; --skip-missing converts without it")
     data = path.read_bytes()
     try:
         with warnings.catch_warnings():  # over PIL's limit is an error, as in predict.open_image

@@ -137,3 +137,27 @@ def test_voc_refuses_a_png_that_is_not_a_palette_image(tmp_path):
     with pytest.raises(ValueError, match="one of --root's inputs"):
         voc.build_voc(root, "val", root / "SegmentationClass" / "x.lmdb", progress=False)
     assert not (tmp_path / "v.lmdb").exists()
+
+
+def test_pred_masks_of_the_wrong_size_or_unreadable_are_named(tmp_path, capsys):
+    root = voc_root(tmp_path)
+    voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    files.save_mask(np.ones((30, 40), bool), preds / "2007_000032_11.png")
+    files.save_mask(np.ones((300, 400), bool), preds / "2007_000032_15.png")
+    argv = ["--data", str(tmp_path / "v.lmdb"), "--pred-masks", str(preds), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert "2007_000032_15.png is 400x300, but its image is 40x30" in str(exit_info.value.code)
+    (preds / "2007_000032_15.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert "2007_000032_15.png: not a readable mask image" in str(exit_info.value.code)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.main(argv + ["--vis", str(tmp_path / "vis")])
+    assert "--vis need a model (--ckpt)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--pred-masks", str(preds)])
+    assert "--pred-masks needs --data" in capsys.readouterr().err

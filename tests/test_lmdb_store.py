@@ -145,3 +145,14 @@ def test_rle_strings_are_read_as_pycocotools_writes_them():
 def test_a_hostile_segmentation_is_refused_before_pycocotools_decodes_it(seg, message):
     with pytest.raises(ValueError, match=message):
         transforms.coco_mask([seg], 4, 4)
+
+
+def test_an_image_file_beyond_any_real_image_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    root = tiny_root(tmp_path, [good_task(), good_task(task_id="2__0", image_id=2)], sizes=[(40, 30), (40, 30)])
+    size = (root / "images" / "1.jpg").stat().st_size
+    monkeypatch.setattr(lmdb_store, "MAX_IMAGE_BYTES", size - 1)  # as a 2 GB file against the real limit
+    read = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or b"")
+    with pytest.raises(ValueError, match=f"images/1.jpg \\(image id 1\\) is {size:,} bytes, over the {size - 1:,}"):
+        phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    assert "1.jpg" not in read
