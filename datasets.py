@@ -5,7 +5,7 @@
     ImageGroupedSampler, collate      batches that hold each image's phrases together
 
 Eval items carry `subsets`, the task's official subsets (phrasecut_subsets) or, for COCO and VOC,
-its instance count and category; and `ignore_mask` where the data has an ignore region (VOC).
+its instance count and category; and `ignore_mask`, the pixels left out of the score (VOC's void) or None.
 """
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from phrasecut import _image_info, frequency_ranks, image_path, load_tasks, phra
 from transforms import _tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
 
 INSTANCE_SUBSETS = ("i_single", "i_multi", "i_many")  # by the number of instance boxes (phrasecut_subsets)
+
+
 
 class _PhraseCutItems(Dataset):
     """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
