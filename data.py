@@ -3,6 +3,10 @@
     python data.py synth --out data/synth --images 1600 --seed 0 --size 192 --aspect 1
     python data.py build --root data/synth --split train --out data/train.lmdb
     python data.py build --root VGPhraseCut_v0 --split val --out val.lmdb --skip-missing
+    python data.py build --source refcoco --root refer/data --dataset refcoco --split-by unc --split val \
+        --out refcoco/val.lmdb
+    python data.py build --source coco --annotations instances_val2017.json --images val2017/ --out coco.lmdb
+    python data.py build --source voc --root VOCdevkit/VOC2012 --split val --out voc_val.lmdb
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
 
 Where each part lives (the data layer, bottom to top):
@@ -10,6 +14,9 @@ Where each part lives (the data layer, bottom to top):
     transforms.py   CLIP tokens, images, masks, the letterbox and back
     lmdb_store.py   the one LMDB format every source is converted to
     phrasecut.py    PhraseCut's files, their checks, its subsets and its converter (`build`)
+    coco.py         COCO instances files; category prompts on COCO (`build --source coco`)
+    refcoco.py      RefCOCO/+/g in the refer API's layout, its splits, a safe pickle reader (`--source refcoco`)
+    voc.py          PASCAL VOC 2012's class PNGs, category prompts with its void rule (`--source voc`)
     synthetic.py    a synthetic PhraseCut (`synth`), made once for the demo
     datasets.py      PhraseCutLMDB / PhraseCutFolder items, the image-grouped sampler, collate
 
@@ -24,9 +31,16 @@ import lmdb
 import torch
 
 from cli import positive_int
+from coco import build_coco
 from datasets import PhraseCutFolder, PhraseCutLMDB
-from phrasecut import SPLITS, build_lmdb
+from phrasecut import build_lmdb
+from refcoco import build_refcoco
 from synthetic import synthesize
+from voc import build_voc
+
+# build's flags each source takes (besides --out and --skip-missing), the first ones required
+SOURCE_FLAGS = {"phrasecut": (("root", "split"), ()), "refcoco": (("root", "dataset", "split_by", "split"), ("images",)),
+                "coco": (("annotations", "images"), ("template",)), "voc": (("root", "split"), ())}
 
 __all__ = ["PhraseCutLMDB", "main"]
 
@@ -52,6 +66,51 @@ def bench(path, root=None, n=300, input_size=416):
 
 
 
+def build(args, parser):
+    """`data.py build`: the source's converter with its flags; a flag another source takes is refused."""
+    required, optional = SOURCE_FLAGS[args.source]
+    missing = [f"--{f.replace('_', '-')}" for f in required if getattr(args, f) is None]
+    if missing:
+        parser.error(f"build --source {args.source} needs {' and '.join(missing)}")
+    foreign = [f"--{f.replace('_', '-')}" for f in ("root", "split", "dataset", "split_by", "images", "annotations",
+                                                   "template") if getattr(args, f) is not None
+               and f not in required + optional]
+    if foreign:
+        parser.error(f"build --source {args.source} does not take {', '.join(foreign)}")
+    common = dict(out=args.out, skip_missing=args.skip_missing)
+    if args.source == "refcoco":
+        return build_refcoco(args.root, args.dataset, args.split_by, args.split, images=args.images, **common)
+    if args.source == "coco":
+        return build_coco(args.annotations, args.images, template=args.template or "{}", **common)
+    if args.source == "voc":
+        return build_voc(args.root, args.split, **common)
+    return build_lmdb(args.root, args.split, **common)
+
+
+
+def print_build(out, s):
+    """What a build wrote, and each thing it counted that a user should know."""
+    for note in s["stale_temporaries"]:
+        print(f"note: {note}")
+    print(f"{out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
+          f"tasks ({s['skipped_images']} missing, unreadable or too large images"
+          f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
+    for key, examples, what in (
+            ("size_mismatches", "size_mismatch_examples", "images differ in size from image_data_split.json (masks "
+             "use the file's size, the size subsets the listed one)"),
+            ("empty_tasks", "empty_task_ids", "tasks have an empty ground truth (every prediction scores IoU 0 on them)"),
+            ("multi_frame_images", "multi_frame_examples", "images have several frames (GIF, TIFF); the first was used"),
+            ("missing_masks", "missing_mask_names", "images listed have no class PNG (skipped)")):
+        if s.get(key):
+            print(f"warning: {s[key]} {what}, e.g. {'; '.join(map(str, s[examples][:5]))}")
+    if "annotation_bytes" in s:
+        print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
+              f"annotations {s['annotation_bytes']:,})")
+    else:
+        print(f"size {s['lmdb_bytes']:,} bytes (images {s['image_bytes']:,})")
+
+
+
 def main(argv=None):
     """The CLI; a user mistake (a bad flag, file or record) prints `data.py: error: ...` and exits 2."""
     parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
@@ -65,8 +124,16 @@ def main(argv=None):
     p.add_argument("--aspect", type=float, default=0.75,
                    help="shorter side / longer side, 0.5 to 1 (default 0.75: 4:3; 1: square)")
     p = sub.add_parser("build", help="convert one split to LMDB")
-    p.add_argument("--root", required=True)
-    p.add_argument("--split", required=True, choices=SPLITS)
+    p.add_argument("--source", default="phrasecut", choices=sorted(SOURCE_FLAGS),
+                   help="phrasecut (default), refcoco (RefCOCO/+/g), coco (category prompts) or voc")
+    p.add_argument("--root", help="PhraseCut's folder, the refer API's data folder, or VOCdevkit/VOC2012")
+    p.add_argument("--split", help="phrasecut: train, val, test, miniv; refcoco: train, val, testA, testB, test "
+                                   "(as the dataset has them); voc: train, val")
+    p.add_argument("--dataset", help="refcoco: refcoco, refcoco+ or refcocog")
+    p.add_argument("--split-by", help="refcoco: unc or google (refcoco), unc (refcoco+), google or umd (refcocog)")
+    p.add_argument("--images", help="coco: the images folder; refcoco: COCO train2014, when not under --root")
+    p.add_argument("--annotations", help="coco: an instances file, e.g. instances_val2017.json")
+    p.add_argument("--template", help='coco: the phrase around the category name, e.g. "a photo of a {}"')
     p.add_argument("--out", required=True, help="the LMDB file: new, or one this tool wrote (replaced)")
     p.add_argument("--skip-missing", action="store_true",
                    help="skip tasks whose image is missing, unreadable or over PIL's decompression-bomb limit")
@@ -81,16 +148,7 @@ def main(argv=None):
             out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect)
             print(f"wrote {args.images} images to {out}")
         elif args.command == "build":
-            s = build_lmdb(args.root, args.split, args.out, skip_missing=args.skip_missing)
-            print(f"{args.out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
-                  f"tasks ({s['skipped_images']} missing, unreadable or too large images"
-                  f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
-            if s["size_mismatches"]:
-                print(f"warning: {s['size_mismatches']} images differ in size from image_data_split.json (masks "
-                      f"use the file's size, the size subsets the listed one), e.g. "
-                      f"{'; '.join(s['size_mismatch_examples'][:5])}")
-            print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
-                  f"annotations {s['annotation_bytes']:,})")
+            print_build(args.out, build(args, parser))
         else:
             if hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core

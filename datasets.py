@@ -4,7 +4,8 @@
     PhraseCutFolder(root, split)      the same items straight from a PhraseCut directory
     ImageGroupedSampler, collate      batches that hold each image's phrases together
 
-Eval items carry `subsets`, the task's official subsets (phrasecut_subsets).
+Eval items carry `subsets`, the task's official subsets (phrasecut_subsets) or, for COCO and VOC,
+its instance count and category; and `ignore_mask`, the pixels left out of the score (VOC's void) or None.
 """
 from pathlib import Path
 
@@ -12,15 +13,21 @@ import torch
 from torch.utils.data import Dataset
 
 import phrasecut
-from lmdb_store import LMDB_FORMAT, LMDB_VERSION, read_record, reader
+from lmdb_store import read_header, read_record, reader, task_masks
 from phrasecut import _image_info, frequency_ranks, image_path, load_tasks, phrasecut_subsets, read_counts, \
     read_image_info
 from transforms import _tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
+
+INSTANCE_SUBSETS = ("i_single", "i_multi", "i_many")  # by the number of instance boxes (phrasecut_subsets)
+
+
 
 class _PhraseCutItems(Dataset):
     """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
 
     ranks = None  # frequency_ranks of name_att_rel_count.json, when the data has one
+    dataset = "phrasecut"  # the LMDB header's "dataset": phrasecut, refcoco, coco or voc
+    category_names = None  # COCO's or VOC's categories, for per-category scores; None elsewhere
     said_cut = False  # a phrase longer than word_len was reported (once per process, for all datasets)
 
     def __init__(self, input_size=416, word_len=22, train=True):
@@ -32,13 +39,32 @@ class _PhraseCutItems(Dataset):
 
     @property
     def subset_names(self) -> list:
-        """The subsets evaluation reports for this data, in order (phrasecut.subset_names)."""
-        return phrasecut.subset_names(self.ranks is not None)
+        """The subsets evaluation reports for this data, in order: PhraseCut's (phrasecut.subset_names),
+        the instance-count ones for COCO's categories, none for RefCOCO/+/g and VOC."""
+        if self.dataset == "phrasecut":
+            return phrasecut.subset_names(self.ranks is not None)
+        return list(INSTANCE_SUBSETS) if self.dataset == "coco" else []
 
     @property
     def subset_note(self):
         """Why some subsets are missing, or None."""
-        return None if self.ranks is not None else phrasecut.NO_RANKS_NOTE
+        return None if self.ranks is not None or self.dataset != "phrasecut" else phrasecut.NO_RANKS_NOTE
+
+    def _subsets(self, task, gt):
+        """The task's subset names (and its category, for COCO and VOC)."""
+        if self.dataset != "phrasecut":
+            n = len(task.get("instance_boxes", []))  # PhraseCut's rule: 1, 2 to 4, 5 or more
+            names = [INSTANCE_SUBSETS[0 if n == 1 else 1 if n <= 4 else 2]] if self.dataset == "coco" and n else []
+            return names + ([task["category"]] if "category" in task else [])
+        ps = task.get("phrase_structure") or {}
+        info = task["image_info"]  # width, height, coco_id from image_data_split.json
+        iw, ih, (h, w) = info["width"], info["height"], gt.shape
+        if gt.shape == (ih, iw) or iw * ih > 4 * w * h:  # an absurd listing (old files) allocates nothing
+            region = gt
+        else:
+            region = polygons_to_mask(task["Polygons"], iw, ih)
+        rel_area = int(region.sum()) / region.size  # the official relative size, exact in float64
+        return phrasecut_subsets(ps, len(task["instance_boxes"]), rel_area, bool(info.get("coco_id")), self.ranks)
 
     def __getitem__(self, index):
         if index < 0:
@@ -47,7 +73,7 @@ class _PhraseCutItems(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} tasks")
         task, data = self._read(index)
         size = self.input_size
-        name = f"images/{task['image_id']}.jpg"
+        name = f"images/{task['image_id']}{'.jpg' if self.dataset == 'phrasecut' else ''}"
         # An image's phrases are read one after another (ImageGroupedSampler, evaluation in task order), so
         # the last image decoded is kept: a DataLoader worker then decodes each image about once a batch.
         if self._last_image is None or self._last_image[0] != (name, size):
@@ -55,7 +81,7 @@ class _PhraseCutItems(Dataset):
             self._last_image = ((name, size), letterbox(img, size, orig_size=(h, w))[0], (h, w))
         _, image, (h, w) = self._last_image
         image = image.clone()  # each item its own tensor
-        gt = polygons_to_mask(task["Polygons"], w, h)
+        gt, ignore = task_masks({**task, "width": w, "height": h})
         tokens = _tokens(task["phrase"], self.word_len).clone()
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
@@ -63,65 +89,67 @@ class _PhraseCutItems(Dataset):
         item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"])}
         if not self.train:
             ps = task.get("phrase_structure") or {}
-            info = task["image_info"]  # width, height, coco_id from image_data_split.json
-            iw, ih = info["width"], info["height"]
-            region = gt if gt.shape == (ih, iw) else polygons_to_mask(task["Polygons"], iw, ih)
-            rel_area = int(region.sum()) / (iw * ih)  # the official relative size, exact in float64
             item.update(
                 task_id=str(task["task_id"]), phrase=task["phrase"],
                 orig_size=torch.tensor([h, w], dtype=torch.long), gt_mask=torch.from_numpy(gt.copy()),
-                num_instances=len(task["instance_boxes"]), phrase_type=ps.get("type", "verbose"),
-                subsets=phrasecut_subsets(ps, len(task["instance_boxes"]), rel_area,
-                                                   bool(info.get("coco_id")), self.ranks))
+                ignore_mask=None if ignore is None else torch.from_numpy(ignore),
+                num_instances=len(task.get("instance_boxes", [])), phrase_type=ps.get("type", "verbose"),
+                subsets=self._subsets(task, gt))
         return item
 
 
 
 class PhraseCutLMDB(_PhraseCutItems):
-    """PhraseCut tasks from one split's LMDB made by build_lmdb.
+    """Tasks from one split's LMDB, any source (phrasecut, refcoco, coco, voc: lmdb_store's format).
 
     Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}, image_id
     (a string: images with several phrases recur, see ImageGroupedSampler). With
     train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
-    num_instances, phrase_type, subsets (names, phrasecut_subsets; its size subsets divide
-    the region's area by the image's as image_data_split.json records it).
+    ignore_mask (H,W) bool (VOC's void pixels, left out of the score) or None, num_instances,
+    phrase_type, subsets (names: phrasecut_subsets for PhraseCut, whose size subsets divide the
+    region's area by the image's as image_data_split.json records it; i_single/i_multi/i_many and the
+    category for COCO; the category for VOC).
     The LMDB is opened lazily per process (see reader), so DataLoader workers (fork or spawn) each
-    get their own; the length comes from the header record, whose format version is checked."""
+    get their own; the length comes from the header record, checked against the records (read_header)."""
 
     def __init__(self, path, input_size=416, word_len=22, train=True):
         super().__init__(input_size, word_len, train)
         self.path = str(path)
-        with reader(self.path).begin() as txn:
-            raw = txn.get(b"__header__")
-            self.header = read_record(self.path, b"__header__", raw) if raw else {}
-            found = (self.header.get("format"), self.header.get("version"))
-            if found != (LMDB_FORMAT, LMDB_VERSION):
-                raise ValueError(f"{self.path}: found LMDB format {found[0]!r} version {found[1]!r}, "
-                                 f"expected {LMDB_FORMAT!r} version {LMDB_VERSION}; rebuild it with "
-                                 f"`python data.py build`")
-            n, counts = self.header.get("num_tasks"), self.header.get("name_att_rel_count")
-            if type(n) is not int or n < 1 or "name_att_rel_count" not in self.header:
-                raise ValueError(f"{self.path}: record __header__ is corrupt (num_tasks {n!r}); rebuild it")
-            if txn.get(b"task/%08d" % (n - 1)) is None:
-                raise ValueError(f"{self.path}: the header counts {n} tasks but record task/{n - 1:08d} is "
-                                 "missing; rebuild it with `python data.py build`")
-        self.num_tasks = n
+        self.header = read_header(self.path)
+        self.num_tasks = self.header["num_tasks"]
+        self.dataset = self.header["dataset"]
+        counts = self.header.get("name_att_rel_count")
         self.ranks = frequency_ranks(counts) if counts is not None else None
+        self.category_names = self.header.get("categories")
 
     def __len__(self):
         return self.num_tasks
 
+    def targets(self, index):
+        """What scoring a saved mask needs, without decoding the image: (task_id, gt (H, W) uint8,
+        ignore (H, W) bool or None, subset names), at the image file's size."""
+        task, _ = self._read(index, image=False)
+        gt, ignore = task_masks(task)
+        return str(task["task_id"]), gt, ignore, self._subsets(task, gt)
+
     def image_ids(self) -> list:
         """Each task's image_id as a string, in task order (read from every task record)."""
+        return self._field("image_id")
+
+    def task_ids(self) -> list:
+        """Each task's task_id as a string, in task order."""
+        return self._field("task_id")
+
+    def _field(self, name):
         with reader(self.path).begin() as txn:
             keys = (b"task/%08d" % i for i in range(self.num_tasks))
-            return [str(read_record(self.path, k, txn.get(k))["image_id"]) for k in keys]
+            return [str(read_record(self.path, k, txn.get(k))[name]) for k in keys]
 
-    def _read(self, index):
+    def _read(self, index, image=True):
         key = b"task/%08d" % index
         with reader(self.path).begin() as txn:
             task = read_record(self.path, key, txn.get(key))
-            data = txn.get(b"img/" + str(task["image_id"]).encode())
+            data = txn.get(b"img/" + str(task["image_id"]).encode()) if image else b""
         if data is None:
             raise ValueError(f"{self.path}: record img/{task['image_id']} (for {key.decode()}) is missing")
         return task, data
@@ -207,7 +235,7 @@ def collate(batch):
     for key in batch[0]:
         values = [item[key] for item in batch]
         first = values[0]
-        if key == "gt_mask" or isinstance(first, str):
+        if key in ("gt_mask", "ignore_mask") or isinstance(first, str):
             out[key] = values
         elif isinstance(first, torch.Tensor) and all(v.shape == first.shape for v in values):
             out[key] = torch.stack(values)

@@ -7,6 +7,12 @@ Run (one process, or one process per GPU with torchrun; the numbers are identica
     python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb # CRIS's released weights (cris.py)
     python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
     torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
+    python evaluate.py --data refcoco/val.lmdb --pred-masks preds/ --json val.json  # saved masks, no model
+
+Any LMDB that `data.py build` writes is scored the same way: PhraseCut, RefCOCO/+/g, and category
+prompts on COCO and VOC (whose per-category scores are reported under "categories", and whose VOC
+"void" pixels count in neither I nor U). --pred-masks scores a folder of <task_id>.png masks at
+each image's size (non-zero = foreground: what --save-masks writes, or another model's output).
 
 Metrics (PhraseCut's official evaluator). Every task is scored at the
 *original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
@@ -47,6 +53,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -55,9 +62,9 @@ import transforms
 from checkpoints import load_checkpoint
 from cli import make_dir, parse_device, parse_threshold, same_file
 from datasets import PhraseCutLMDB, collate, unique_images
-from files import atomic_path, mask_path, save_mask
+from files import atomic_path, load_mask, mask_path, save_mask
 from inference import FastSegVLM, eval_mode
-from metrics import DEFAULT_THRESHOLD, gather_tasks, iou, summarize, summarize_tasks, task_iou, format_table
+from metrics import DEFINITIONS, DEFAULT_THRESHOLD, gather_tasks, iou, summarize, summarize_tasks, task_iou, format_table
 from model import SegVLM
 from visualize import save_overlays
 
@@ -120,7 +127,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                 h, w = gt.shape
                 # (S/4, S/4) -> up to (S, S) -> content box -> (H, W), CRIS's protocol
                 pred = transforms.unletterbox(prob[i, 0], h, w, input_size=size) > threshold
-                inter, union = task_iou(pred, gt)
+                ignore = batch.get("ignore_mask", [None] * len(batch["task_id"]))[i]  # VOC's void, or None
+                inter, union = task_iou(pred, gt, ignore)
                 # the item's subsets, decided by phrasecut_subsets from its PhraseCut records
                 tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i]))  # loader keeps shard order
                 if save_masks is not None:
@@ -131,7 +139,7 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
 
     tasks = gather_tasks(tasks)
     result = summarize_tasks([t[1:] for t in tasks], getattr(dataset, "subset_names", None),
-                             getattr(dataset, "subset_note", None))
+                             getattr(dataset, "subset_note", None), getattr(dataset, "category_names", None))
     if per_task:
         result["per_task"] = [{"index": i, "iou": iou(inter, union), "subsets": list(names)}
                               for i, inter, union, names in tasks]
@@ -139,6 +147,34 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
         ceiling_tasks = gather_tasks(ceiling_tasks)
         result["ceiling"] = summarize([t[1] for t in ceiling_tasks], [t[2] for t in ceiling_tasks])
     return result
+
+
+def evaluate_masks(dataset, pred_dir, progress=True):
+    """Score saved masks, pred_dir/<task_id>.png at each image's size (non-zero = foreground), against
+    an LMDB's ground truth (PhraseCutLMDB.targets), with evaluate's metrics, subsets and categories.
+    Every file is looked for first: missing ones are a ValueError counting them and naming a few."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise ValueError(f"--pred-masks {pred_dir} is not a folder of <task_id>.png masks")
+    paths = [mask_path(pred_dir, task_id) for task_id in dataset.task_ids()]
+    missing = [p.stem for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"--pred-masks {pred_dir}: {len(missing)} of {len(paths)} masks are missing, e.g. "
+                         f"{', '.join(m + '.png' for m in missing[:5])} (one <task_id>.png per task of --data)")
+    tasks = []
+    for i in tqdm(range(len(dataset)), desc="score", disable=not progress, leave=False):
+        _, gt, ignore, subsets = dataset.targets(i)
+        try:
+            with Image.open(paths[i]) as im:  # the size from the header, before any pixel is decoded
+                size = im.size
+            if size != (gt.shape[1], gt.shape[0]):
+                raise ValueError(f"{paths[i]} is {size[0]}x{size[1]}, but its image is {gt.shape[1]}x{gt.shape[0]}: "
+                                 "masks are scored at the original size")
+            pred = load_mask(paths[i])
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"{paths[i]}: not a readable mask image ({err})") from None
+        tasks.append((*task_iou(pred, gt, ignore), subsets))
+    return summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names)
 
 
 def resolve_data_path(ckpt, data_arg=None):
@@ -198,6 +234,8 @@ def parse_args(argv=None):
                                 description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
     p.add_argument("--ckpt", help="checkpoint written by train.py, or CRIS's released best_model.pth; "
                                   "the model is rebuilt from it alone")
+    p.add_argument("--pred-masks", metavar="DIR", help="score these saved <task_id>.png masks instead of a model "
+                                                       "(needs --data)")
     p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
     p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
                    help=f"cut on the sigmoid probability (default {DEFAULT_THRESHOLD}, CRIS's)")
@@ -216,8 +254,15 @@ def parse_args(argv=None):
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA graphs on CUDA (inference.FastSegVLM); no effect on the CPU (default on)")
     args = p.parse_args(argv)
-    if not args.ckpt:
-        p.error("--ckpt is required")
+    if bool(args.ckpt) == bool(args.pred_masks):
+        p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")
+    if args.pred_masks:
+        if not args.data:
+            p.error("--pred-masks needs --data, the LMDB whose tasks the masks answer")
+        model_only = [f for f in ("--save-masks", "--vis", "--ceiling", "--amp")
+                      if getattr(args, f[2:].replace("-", "_"))]
+        if model_only:
+            p.error(f"{', '.join(model_only)} need a model (--ckpt); --pred-masks only scores saved masks")
     for name, least in (("batch_size", 1), ("num", 1), ("workers", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}")
@@ -240,6 +285,8 @@ def check_outputs(args):
         path = Path(args.json)
         if path.is_dir():
             raise ValueError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
+        if getattr(args, "pred_masks", None) and same_file(path.parent, args.pred_masks) and path.suffix == ".png":
+            raise ValueError(f"--json {path} is inside --pred-masks, where it would replace a mask; name another file")
         for flag, given in (("--ckpt", args.ckpt), ("--data", args.data)):
             if given and same_file(path, given):
                 raise ValueError(f"--json {path} is the {flag} file; writing the metrics there would destroy it")
@@ -249,6 +296,8 @@ def check_outputs(args):
 def run(args):
     """The CLI's work; raises ValueError / OSError for the user's mistakes (parse_args checked the flags)."""
 
+    if args.pred_masks:
+        return run_pred_masks(args)
     rank, world, device = distributed.init()
     device = args.device or device  # already checked by parse_device
 
@@ -270,7 +319,7 @@ def run(args):
         print(format_table(result))
         if args.json:
             with atomic_path(args.json) as tmp:
-                tmp.write_text(json.dumps(result, indent=2) + "\n")
+                tmp.write_text(json.dumps({**result, "definitions": DEFINITIONS}, indent=2) + "\n")
         if args.vis:
             save_overlays(net, dataset, args.vis, num=args.num, threshold=args.threshold, device=device)
         print(f"{args.ckpt} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
@@ -281,6 +330,19 @@ def run(args):
             print(f"ceiling: a perfect {cfg.input_size // 16}x{cfg.input_size // 16} decoder map (stride 16 at "
                   f"{cfg.input_size} px) upsampled to the logits would score mIoU {100 * c['mIoU']:.2f}  "
                   f"oIoU {100 * c['oIoU']:.2f}  P@0.5 {100 * c['prec@0.5']:.2f}  P@0.9 {100 * c['prec@0.9']:.2f}")
+    return result
+
+
+def run_pred_masks(args):
+    """--pred-masks: score a folder of saved masks against --data, print the table, write --json."""
+    path = resolve_data_path({}, args.data)
+    result = evaluate_masks(PhraseCutLMDB(str(path), train=False), args.pred_masks, progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({**result, "definitions": DEFINITIONS}, indent=2) + "\n")
+    print(f"{args.pred_masks} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
+          f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks)")
     return result
 
 

@@ -60,17 +60,19 @@ def atomic_path(path):
 _SAFE_TASK_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 
-def mask_path(out_dir, task_id):
-    """out_dir / f"{task_id}.png", refusing any task id that could leave out_dir.
-
-    Allowed: letters, digits, '_', '-', '.', not starting with '.', no '..',
-    at most 200 characters (PhraseCut ids look like "2412359__1373393").
-    Anything else (path separators, '..', absolute paths, NUL, empty) is a ValueError.
-    """
+def check_task_id(task_id):
+    """A ValueError unless `task_id` makes a safe file name (mask_path's rule): a string of letters,
+    digits, '_', '-', '.', not starting with '.', no '..', at most 200 characters (PhraseCut ids look
+    like "2412359__1373393"). Path separators, '..', absolute paths, NUL or empty are refused."""
     if not isinstance(task_id, str) or len(task_id) > 200 or ".." in task_id \
             or not _SAFE_TASK_ID.fullmatch(task_id):
-        raise ValueError(f"unsafe task id for a file name: {task_id!r} (allowed: letters, digits, '_', '-', "
+        raise ValueError(f"unsafe task id for a file name: {_short(task_id)} (allowed: letters, digits, '_', '-', "
                          "'.', no leading '.', no '..')")
+
+
+def mask_path(out_dir, task_id):
+    """out_dir / f"{task_id}.png", refusing any task id that could leave out_dir (check_task_id)."""
+    check_task_id(task_id)
     out_dir = Path(out_dir)
     path = out_dir / f"{task_id}.png"
     if path.resolve().parent != out_dir.resolve():  # belt and braces against symlink tricks in the name

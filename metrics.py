@@ -7,7 +7,8 @@ Per task, at the original image size: I = |G and P|, U = |G or P|, IoU = 0 when 
 - prec@k    fraction of tasks with IoU strictly greater than k, k in 0.5 ... 0.9
 
 Every number is a fraction in [0, 1]; `format_table` prints percentages. Which subsets a task
-belongs to is the data's business (phrasecut.phrasecut_subsets); `summarize_tasks` scores each.
+belongs to is the data's business (phrasecut.phrasecut_subsets, a category for COCO and VOC);
+`summarize_tasks` scores each. Pixels of an ignore region (VOC's "void") count in neither I nor U.
 """
 import math
 
@@ -20,22 +21,40 @@ DEFAULT_THRESHOLD = 0.35  # CRIS's cut on the sigmoid; see the module docstring
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
+DEFINITIONS = {  # what each key of the JSON is, as the field names it
+    "mIoU": "mean over tasks (expressions) of the per-task IoU; CRIS's 'IoU', the paper's 'mean IoU'",
+    "oIoU": "overall (cumulative) IoU, sum of intersections / sum of unions over tasks; LAVT's 'oIoU'",
+    "prec@k": "fraction of tasks whose IoU is strictly above k",
+    "size": "every mask at its image's original size; ignored pixels (VOC's void) in neither I nor U"}
+
 METRIC_KEYS = ("mIoU", "oIoU") + tuple(f"prec@{k}" for k in PREC_THRESHOLDS) + ("n",)
 
 
-def task_iou(pred, gt):
+def task_iou(pred, gt, ignore=None):
     """Intersection and union of one task's binary masks, as Python ints.
 
     pred, gt: (H, W) bool (or 0/1) numpy arrays or torch tensors of the same
-    shape, at the original image size. Returns (I, U) = (|G and P|, |G or P|).
+    shape, at the original image size. ignore: None, or an (H, W) bool mask of
+    pixels that count in neither (VOC's 255 "void" border, as VOC's own scoring
+    leaves it out). Returns (I, U) = (|G and P and not V|, |(G or P) and not V|).
     """
-    if tuple(pred.shape) != tuple(gt.shape):
-        raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+    if tuple(pred.shape) != tuple(gt.shape) or (ignore is not None and tuple(ignore.shape) != tuple(gt.shape)):
+        raise ValueError(f"prediction {tuple(pred.shape)}, ground truth {tuple(gt.shape)}"
+                         f"{'' if ignore is None else f' and ignore mask {tuple(ignore.shape)}'} differ in shape")
     if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
-        pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool().to(torch.as_tensor(pred).device)
-        return int((pred & gt).sum()), int((pred | gt).sum())
+        pred = torch.as_tensor(pred).bool()
+        gt = torch.as_tensor(gt).bool().to(pred.device)
+        keep = None if ignore is None else ~torch.as_tensor(ignore).bool().to(pred.device)
+        inter, union = pred & gt, pred | gt
+        if keep is not None:
+            inter, union = inter & keep, union & keep
+        return int(inter.sum()), int(union.sum())
     pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
-    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+    inter, union = np.logical_and(pred, gt), np.logical_or(pred, gt)
+    if ignore is not None:
+        keep = ~np.asarray(ignore).astype(bool)
+        inter, union = inter & keep, union & keep
+    return int(inter.sum()), int(union.sum())
 
 
 def iou(intersection, union):
@@ -77,33 +96,39 @@ def summarize(intersections, unions):
     return out
 
 
-def summarize_tasks(tasks, names=None, note=None):
+def summarize_tasks(tasks, names=None, note=None, categories=None):
     """The JSON layout from per-task records [(I, U, subset names), ...].
 
     Returns {metric keys of `summarize` for all tasks, "subsets": {name: same keys}}, with a "note"
     when one is given. names: the subsets to report, in order, each present even when empty (n = 0);
     the data decides them (e.g. phrasecut.subset_names). None: every name the tasks carry, in order of
-    first appearance.
+    first appearance. categories: COCO's or VOC's category names, each reported under "categories"
+    (a task's names hold its category); None: no such key.
     """
     result = summarize([t[0] for t in tasks], [t[1] for t in tasks])
     if names is None:
-        names = list(dict.fromkeys(name for t in tasks for name in t[2]))
-    result["subsets"] = {}
-    for name in names:
-        members = [t for t in tasks if name in t[2]]
-        result["subsets"][name] = summarize([t[0] for t in members], [t[1] for t in members])
+        names = list(dict.fromkeys(name for t in tasks for name in t[2] if name not in (categories or ())))
+    for key, group in (("subsets", names), ("categories", categories)):
+        if group is None:
+            continue
+        result[key] = {}
+        for name in group:
+            members = [t for t in tasks if name in t[2]]
+            result[key][name] = summarize([t[0] for t in members], [t[1] for t in members])
     if note:
         result["note"] = note
     return result
 
 
 def format_table(result):
-    """The metrics as a text table in percent, one row for all tasks and one per subset."""
-    header = f"{'subset':<10} {'n':>7} {'mIoU':>7} {'oIoU':>7}" + "".join(f" {'P@' + str(k):>7}" for k in PREC_THRESHOLDS)
+    """The metrics as a text table in percent, one row for all tasks, one per subset, one per category."""
+    named = list(result.get("subsets", {}).items()) + list(result.get("categories", {}).items())
+    width = max([10] + [len(name) for name, _ in named])
+    header = f"{'subset':<{width}} {'n':>7} {'mIoU':>7} {'oIoU':>7}" + "".join(f" {'P@' + str(k):>7}" for k in PREC_THRESHOLDS)
     rows = [header, "-" * len(header)]
-    for name, m in [("all", result)] + list(result.get("subsets", {}).items()):
+    for name, m in [("all", result)] + named:
         cells = [m["mIoU"], m["oIoU"]] + [m[f"prec@{k}"] for k in PREC_THRESHOLDS]
-        rows.append(f"{name:<10} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
+        rows.append(f"{name:<{width}} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
     if result.get("note"):
         rows.append(f"note: {result['note']}")
     return "\n".join(rows)

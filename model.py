@@ -148,6 +148,16 @@ PRESETS = {
             proj_dim=32, se_reduction=8, input_size=192, word_len=16, decoder_dropout=0.0),
         recipe=dict(epochs=8, batch_size=16, lr=1e-3, backbone_lr_scale=1.0, milestones=[7.5], num_workers=1,
                     group_by_image=True, freeze_token_embedding=True)),
+    # CRIS's own recipe on RefCOCO/RefCOCO+ (its config/refcoco*/cris_r101.yaml): CLIP RN101 at 416 px,
+    # word length 17, 50 epochs, lr 1e-4 x 0.1 at epoch 35, backbone at 0.1x, batch 64, BCE, and CRIS's
+    # model (no deformable conv, no SE). `--deform --se --loss raf` trains SegVLM by the same recipe.
+    "cris-refcoco": Preset(SegVLMConfig(word_len=17, deform=False, se=False),
+                           recipe=dict(clip_weights="RN101", num_workers=4, milestones=[35], loss="bce",
+                                       deform=False, se=False)),
+    # The same for RefCOCOg (G-Ref), whose expressions are longer: word length 22.
+    "cris-refcocog": Preset(SegVLMConfig(word_len=22, deform=False, se=False),
+                            recipe=dict(clip_weights="RN101", num_workers=4, milestones=[35], loss="bce",
+                                        deform=False, se=False)),
     # The smallest that still exercises every part, for tests.
     "smoke": Preset(
         SegVLMConfig(

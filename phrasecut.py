@@ -23,18 +23,10 @@ image_data_split.json (required): its width x height divides the region's area, 
 d_cocotv; the builder counts size disagreements in the header. name_att_rel_count.json is optional:
 without it the header's name_att_rel_count is null and evaluation leaves the c*/a* subsets out.
 """
-import json
-import os
-import warnings
 from pathlib import Path
 
-import lmdb
-from PIL import Image
-from tqdm import tqdm
-
-from files import _JSON_TYPES, _short, atomic_path, read_json
-from lmdb_store import LMDB_FORMAT, LMDB_VERSION, read_record, reader
-from transforms import decode_image
+from files import _JSON_TYPES, _short, read_json
+from lmdb_store import check_out, write_lmdb
 
 SPLITS = ("train", "val", "test", "miniv")
 
@@ -278,29 +270,6 @@ def subset_names(ranked=True) -> list:
 
 # ----------------------------------------------------------------------------- PhraseCut -> LMDB
 
-def _check_out(root, out, split):
-    """Refuse an `out` that is, or is inside, one of `root`'s inputs, or that exists and is not an LMDB
-    written by build_lmdb (one that is gets replaced); called before any work."""
-    target, images = out.resolve(), (root / "images").resolve()
-    if target == root.resolve() or target.is_relative_to(images) or \
-            target in {(root / name).resolve() for name in INPUT_FILES}:
-        raise ValueError(f"--out {out} is one of --root's inputs ({target}); write the LMDB elsewhere")
-    if target.is_dir():
-        raise ValueError(f"--out {out} is a directory; give the LMDB file's name, e.g. {out / f'{split}.lmdb'}")
-    if out.exists():
-        try:
-            if not out.is_file():
-                raise ValueError("not a regular file")
-            with reader(out).begin() as txn:
-                header = read_record(out, b"__header__", txn.get(b"__header__"))
-            if header.get("format") != LMDB_FORMAT:
-                raise ValueError(f"its header's format is {header.get('format')!r}")
-        except ValueError as err:
-            raise ValueError(f"--out {out} exists and is not an LMDB written by `data.py build` ({err}); "
-                             "delete it first if it should be replaced") from None
-
-
-
 def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every=1000):
     """Convert one split of a PhraseCut directory to a single-file LMDB at `out`; returns stats.
 
@@ -311,13 +280,15 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
       b"task/<i:08d>"   JSON task record: PhraseCut's fields + width, height of the image file +
                         image_info {width, height, coco_id} from image_data_split.json
     Written under a temporary name and renamed when complete; on any error the temporary is removed.
-    Checked first (errors name the file, task and field): `out` (_check_out), every task (_check_task),
+    Checked first (errors name the file, task and field): `out` (lmdb_store.check_out), every task (_check_task),
     image paths (image_path), and each image's decode, with PIL's decompression-bomb limit; with
     skip_missing, missing, unreadable and too large images are skipped with their tasks and counted.
-    Images whose size differs from image_data_split.json's are counted, with examples, in the header.
+    Images whose size differs from image_data_split.json's are counted, with examples, in the header;
+    one more than 2x apart is refused as another image's record (lmdb_store.write_lmdb, whose other
+    checks apply too).
     """
     root, out = Path(root), Path(out)
-    _check_out(root, out, split)
+    check_out(out, [root, *(root / name for name in INPUT_FILES)], folders=[root / "images"])
     tasks = load_tasks(root, split)
     images, paths = (root / "images").resolve(), {}
     for task in tasks:
@@ -326,64 +297,12 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
     refer_bytes = (root / f"refer_{split}.json").stat().st_size
     infos = read_image_info(root)
     image_info = {str(t["image_id"]): _image_info(infos, t) for t in tasks}
-    counts = read_counts(root)
-    image_ids = sorted(paths, key=str.encode)  # byte order: append
-    out.parent.mkdir(parents=True, exist_ok=True)
-    map_size = 2 * refer_bytes + (1 << 30)
-    for path in paths.values():
-        map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
-    with atomic_path(out) as tmp:
-        env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
-        try:
-            sizes, bad, image_bytes, mismatches = {}, [], 0, []
-            txn = env.begin(write=True)
-            for k, image_id in enumerate(tqdm(image_ids, desc=f"images {split}", disable=not progress)):
-                path = paths[image_id]
-                try:
-                    if not path.is_file():
-                        raise FileNotFoundError(f"image {path} is missing (--skip-missing converts without it)")
-                    data = path.read_bytes()
-                    with warnings.catch_warnings():  # over PIL's limit is an error, as in predict.open_image
-                        warnings.simplefilter("error", Image.DecompressionBombWarning)
-                        _, (h, w) = decode_image(data, str(path), fit=64)  # a full (if reduced) decode checks it
-                except (OSError, ValueError):
-                    if not skip_missing:
-                        raise
-                    bad.append(image_id)
-                    continue
-                txn.put(b"img/" + image_id.encode(), data, append=True)
-                sizes[image_id], image_bytes = (w, h), image_bytes + len(data)
-                listed = (image_info[image_id]["width"], image_info[image_id]["height"])
-                if listed != (w, h):
-                    mismatches.append(f"{image_id}: file {w}x{h}, listed {listed[0]}x{listed[1]}")
-                if (k + 1) % commit_every == 0:
-                    txn.commit()
-                    txn = env.begin(write=True)
-            n = 0
-            for task in tasks:
-                image_id = str(task["image_id"])
-                if image_id not in sizes:
-                    continue
-                w, h = sizes[image_id]
-                record = json.dumps({**task, "width": w, "height": h, "image_info": image_info[image_id]},
-                                    separators=(",", ":"))
-                txn.put(b"task/%08d" % n, record.encode(), append=True)
-                n += 1
-                if n % (20 * commit_every) == 0:
-                    txn.commit()
-                    txn = env.begin(write=True)
-            if n == 0:
-                raise ValueError(f"no tasks left in {split} after skipping {len(bad)} images")
-            header = {"format": LMDB_FORMAT, "version": LMDB_VERSION, "split": split,
-                      "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
-                      "skipped_images": len(bad), "skipped_image_ids": bad[:20],
-                      "size_mismatches": len(mismatches), "size_mismatch_examples": mismatches[:20],
-                      "source": str(root.resolve()), "name_att_rel_count": counts}
-            txn.put(b"__header__", json.dumps(header).encode())
-            txn.commit()
-            env.sync(True)
-        finally:
-            env.close()
-    lmdb_bytes = os.path.getsize(out)
-    return {**header, "lmdb_bytes": lmdb_bytes, "image_bytes": image_bytes,
-            "annotation_bytes": refer_bytes, "ratio": lmdb_bytes / (image_bytes + refer_bytes)}
+    listed = {i: (info["width"], info["height"]) for i, info in image_info.items()}
+    stats = write_lmdb(out, {"dataset": "phrasecut", "split": split, "source": str(root.resolve()),
+                             "name_att_rel_count": read_counts(root)},
+                       {i: (path, listed[i]) for i, path in paths.items()},
+                       [{**t, "image_info": image_info[str(t["image_id"])]} for t in tasks],
+                       where=root / f"refer_{split}.json", skip_missing=skip_missing, progress=progress,
+                       commit_every=commit_every)
+    return {**stats, "annotation_bytes": refer_bytes,
+            "ratio": stats["lmdb_bytes"] / (stats["image_bytes"] + refer_bytes)}

@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
         last = history[-1] if history else {}
         if cfg.eval_test and (data_dir / "test.lmdb").exists():
             test = test_best(model, data_dir / "test.lmdb", out, cfg, loader.batch_size)
-            last = {**last, **{f"test_{k}": v for k, v in test.items() if k != "subsets"}}
+            last = {**last, **{f"test_{k}": v for k, v in test.items() if k not in ("subsets", "categories")}}
         return last
     finally:
         distributed.destroy()

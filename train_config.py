@@ -232,8 +232,9 @@ def validate(cfg: TrainConfig) -> None:
             if not path.exists():
                 raise ValueError(f"--data {cfg.data}: missing {path} "
                                  f"(make it with: python data.py build --split {split} --out {path})")
-    elif cfg.preset == "paper":
-        raise ValueError("--preset paper needs --data DIR holding PhraseCut's train.lmdb and val.lmdb")
+    elif cfg.preset == "paper" or cfg.preset.startswith("cris-"):
+        raise ValueError(f"--preset {cfg.preset} needs --data DIR holding train.lmdb and val.lmdb "
+                         f"({'PhraseCut' if cfg.preset == 'paper' else 'RefCOCO/+/g'}'s, made by data.py build)")
     else:  # the synthetic set
         if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
             raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")

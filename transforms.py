@@ -179,3 +179,86 @@ def unletterbox(prob, orig_h, orig_w, input_size=None):
     x = x[..., top:top + nh, left:left + nw]
     x = F.interpolate(x, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
     return x.reshape(*lead, orig_h, orig_w)
+
+
+
+# ----------------------------------------------------------------------------- COCO masks (polygons, RLE)
+
+def rle_counts(text):
+    """The run lengths a compressed COCO RLE string encodes (pycocotools' rleFrString, restated), so that
+    a record is checked before pycocotools, which does not bound-check, decodes it into memory."""
+    counts, p = [], 0
+    while p < len(text):
+        x = k = 0
+        more = True
+        while more:
+            if p >= len(text) or not 48 <= ord(text[p]) < 112:
+                raise ValueError("its counts string is not a COCO RLE (a character outside '0'-'o', or cut short)")
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << 5 * k
+            more, p, k = c & 0x20, p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << 5 * k
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+
+def check_segmentation(seg, height, width):
+    """A ValueError saying what is wrong unless `seg` is a COCO segmentation that fits a height x width
+    image: polygons (lists of an even number, at least 4, of finite coordinates within one image size
+    of the image: pycocotools allocates by the polygon's extent) or an RLE {size: [height, width],
+    counts: run lengths (a list, "uncompressed") or COCO's compressed string} covering every pixel once."""
+    if isinstance(seg, list):
+        for j, poly in enumerate(seg):
+            if not (isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
+                    and all(type(v) in (int, float) for v in poly)):
+                raise ValueError(f"polygon {j} is not an even number (at least 4) of coordinates")
+            xs, ys = poly[0::2], poly[1::2]
+            if not all(-width <= x <= 2 * width for x in xs) or not all(-height <= y <= 2 * height for y in ys):
+                raise ValueError(f"polygon {j} has points far outside the {width}x{height} image")
+        return
+    if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        raise ValueError("expected polygons (a list) or an RLE ({size, counts})")
+    if seg["size"] != [height, width]:
+        raise ValueError(f"its RLE size is {seg['size']!r}, but the image is [height, width] = [{height}, {width}]")
+    counts = seg["counts"]
+    if isinstance(counts, str):
+        counts = rle_counts(counts)
+    elif not (isinstance(counts, list) and all(type(c) is int for c in counts)):
+        raise ValueError("its RLE counts are neither a list of integers nor a string")
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        raise ValueError(f"its RLE run lengths cover {sum(counts)} pixels (some negative?), not {height} x {width}")
+
+
+
+def coco_mask(segmentations, height, width):
+    """COCO segmentations -> their union, (H, W) uint8 {0, 1}, as the refer API's getMask makes a mask:
+    polygons through pycocotools' frPyObjects(seg, height, width), an uncompressed RLE (a crowd region)
+    through frPyObjects as well, a compressed RLE as it is; decoded, the parts summed, > 0 is foreground.
+    Each segmentation is checked first (check_segmentation): the caller names the record."""
+    from pycocotools import mask as coco_rle  # imported here: only the COCO sources need it
+    out = np.zeros((height, width), np.uint8)
+    for seg in segmentations:
+        check_segmentation(seg, height, width)
+        if isinstance(seg, list):
+            if not seg:
+                continue
+            rle = coco_rle.frPyObjects(seg, height, width)
+        elif isinstance(seg["counts"], list):
+            rle = coco_rle.frPyObjects(seg, height, width)
+        else:
+            rle = {"size": [height, width], "counts": seg["counts"].encode("ascii")}
+        m = coco_rle.decode(rle)
+        out |= (m.sum(axis=2) if m.ndim == 3 else m) > 0
+    return out
+
+
+
+def mask_to_rle(mask):
+    """(H, W) bool or {0,1} -> COCO's compressed RLE {size, counts: str} (JSON-able; coco_mask reads it)."""
+    from pycocotools import mask as coco_rle
+    rle = coco_rle.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}

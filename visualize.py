@@ -57,7 +57,7 @@ def _draw_example(axes, net, item, threshold, device) -> float:
         ax.imshow(image if mask is None else image * (0.2 + 0.8 * mask.numpy()[..., None]))
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    return iou(*task_iou(pred, gt))
+    return iou(*task_iou(pred, gt, item.get("ignore_mask")))  # VOC's void counts in neither
 
 
 

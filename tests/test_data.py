@@ -269,7 +269,7 @@ def test_ensure_synthetic_is_made_once(tmp_path):
     assert (first / "train.lmdb").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no half-made copies left
     square = synthetic.ensure_synthetic(tmp_path, num_images=6, seed=1, size=64, aspect=1.0)
-    assert square != first and square.name.endswith("px64x64_gen3_lmdb2")
+    assert square != first and square.name.endswith(f"px64x64_gen3_lmdb{lmdb_store.LMDB_VERSION}")
 
 
 def test_square_synthetic_images_and_the_aspect_range(tmp_path):

@@ -18,7 +18,8 @@ LAYERS = {
     # 0: building blocks, no knowledge of data, model or tools
     "layers": 0, "loss": 0, "distributed": 0, "files": 0, "cli": 0, "metrics": 0,
     # 1: the data layer: model inputs, the LMDB format, each source, the datasets, its command line
-    "transforms": 1, "lmdb_store": 1, "phrasecut": 1, "synthetic": 1, "datasets": 1, "data": 1,
+    "transforms": 1, "lmdb_store": 1, "phrasecut": 1, "coco": 1, "refcoco": 1, "voc": 1, "synthetic": 1,
+    "datasets": 1, "data": 1,
     # 2: the model
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, pictures, a run's settings and files

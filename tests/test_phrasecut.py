@@ -203,11 +203,22 @@ def test_build_validates_every_task_record(tmp_path):
 
 
 def test_build_reports_images_whose_size_differs_from_the_annotations(tmp_path, capsys):
-    root = tiny_root(tmp_path, sizes=[(1, 1)], listed=[(40, 30)])  # a 1x1 file for a 40x30 image
+    root = tiny_root(tmp_path, sizes=[(30, 20)], listed=[(40, 30)])  # a 30x20 file for a 40x30 image
     data.main(["build", "--root", str(root), "--split", "train", "--out", str(tmp_path / "t.lmdb")])
     out = capsys.readouterr().out
-    assert "warning: 1 images differ in size from image_data_split.json" in out and "1: file 1x1, listed 40x30" in out
-    assert data.PhraseCutLMDB(tmp_path / "t.lmdb").header["size_mismatch_examples"] == ["1: file 1x1, listed 40x30"]
+    assert "warning: 1 images differ in size from image_data_split.json" in out and "1: file 30x20, listed 40x30" in out
+    assert data.PhraseCutLMDB(tmp_path / "t.lmdb").header["size_mismatch_examples"] == ["1: file 30x20, listed 40x30"]
+
+
+def test_build_refuses_a_listed_size_absurd_beside_the_image(tmp_path):
+    """A 40x30 file listed as 100000x100000: its subsets would rasterise 10 GB at the listed size."""
+    root = tiny_root(tmp_path, [good_task(), good_task(task_id="2__0", image_id=2)], sizes=[(40, 30), (40, 30)],
+                     listed=[(100_000, 100_000), (40, 30)])
+    with pytest.raises(ValueError, match=r"images/1.jpg is 40x30 but its record \(image id 1\) lists 100000x100000"):
+        phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    assert not (tmp_path / "t.lmdb").exists()
+    stats = phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", skip_missing=True, progress=False)
+    assert (stats["skipped_image_ids"], stats["num_tasks"]) == (["1"], 1)
 
 
 def test_build_applies_the_decompression_bomb_limit(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from coco_files import coco_folder, refer_root, voc_root  # noqa: E402
 from cris_files import write_cris_checkpoint  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -40,6 +41,8 @@ def smoke_size(block: str) -> str:
     py = sys.executable
     subs = [
         (r"--preset (paper|demo)\b", "--preset smoke"),
+        (r"--preset cris-refcocog?\b", "--preset smoke --batch-size 2"),  # the fixture's 3 training sentences
+        (r"--word-len \d+", "--word-len 10"),  # the smoke model's CLIP context is 12
         (r"--nproc_per_node=4", "--nproc_per_node=2"),
         (r"--nnodes=\d+", "--nnodes=1"),
         (r"--master_addr=\S+", "--master_addr=127.0.0.1"),
@@ -87,6 +90,9 @@ def test_every_readme_command_runs_at_smoke_size(tmp_path):
             env["CKPT"] = str(ckpt)
         if "best_model.pth" in script:  # CRIS's released file: here one in its format, from a smoke-sized model
             write_cris_checkpoint(build_model("smoke", deform=False, se=False), tmp_path / "best_model.pth")
+        for folder, make in (("data/refer", refer_root), ("data/coco", coco_folder), ("data/VOCdevkit", voc_root)):
+            if folder in script and not (tmp_path / folder).exists():  # tiny sets in each official layout
+                make(tmp_path / "data")
         if "photo.jpg" in script:
             (tmp_path / "photo.jpg").write_bytes((tmp_path / "data/synth/images/1.jpg").read_bytes())
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
