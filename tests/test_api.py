@@ -119,3 +119,21 @@ def test_overlay_gives_each_phrase_its_colour_and_a_legend():
         inference.overlay(image, [a, b], ["one"])
     with pytest.raises(ValueError, match="mask of shape"):
         inference.overlay(image, np.zeros((4, 4), bool))
+
+
+def test_readme_three_lines_run(tmp_path, photo, monkeypatch):
+    """README's Python API block, as written, on a smoke checkpoint and a picture at its paths."""
+    import re
+
+    import model
+    block = re.search(r"## Try it in a browser.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) == 3
+    net = model.build_model("smoke")
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
+                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, tmp_path / "runs" / "demo" / "best.pth")
+    Image.open(photo).convert("RGB").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(block, scope)
+    assert [m.shape for m in scope["masks"]] == [(37, 53)] * 2 and all(m.dtype == bool for m in scope["masks"])

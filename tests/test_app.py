@@ -114,7 +114,8 @@ def result_src(driver):
 
 def upload(driver, path):
     from selenium.webdriver.common.by import By
-    driver.find_element(By.CSS_SELECTOR, "#picture input[type=file]").send_keys(str(path))
+    wait(lambda: driver.find_element(By.CSS_SELECTOR, "#picture input[type=file]"),
+         what="the picture's upload field").send_keys(str(path))
     wait(lambda: driver.execute_script("return document.querySelector('#picture img') !== null"),
          what="the uploaded picture's preview")
 
@@ -313,13 +314,14 @@ def main(argv=None):
             return
         print(f"{args.ckpt}: {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; {image}")
         src = None
+        pool = list(dict.fromkeys(p for _, t in examples for p in t.splitlines()))  # the examples' phrases
         for n in (1, 5):
-            words = (phrases * 5)[:n]
             times = []
-            for _ in range(args.repeat + 1):  # the first press warms up, not counted
+            for k in range(args.repeat + 1):  # the first press warms up, not counted
+                words = (pool[k:] + pool[:k])[:n]  # each press other phrases: a new picture, a new src to wait for
                 src, seconds = segment(driver, words, previous=src)
                 times.append(seconds)
-            print(f"{n} phrase{'s' * (n > 1)} {words}: median {np.median(times[1:]):.3f} s, min {min(times[1:]):.3f} s "
+            print(f"{n} phrase{'s' * (n > 1)}, e.g. {words}: median {np.median(times[1:]):.3f} s, min {min(times[1:]):.3f} s "
                   f"over {args.repeat} presses (first press {times[0]:.3f} s)")
     finally:
         driver.quit()
