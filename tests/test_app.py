@@ -215,6 +215,10 @@ def test_client_gets_predicts_masks_and_messages(server, tmp_path, monkeypatch):
             client.predict(handle_file(str(image)), text, 0.35, "masks", api_name="/segment")
         assert "Traceback" not in str(error.value) and str(tmp_path) not in str(error.value)
     monkeypatch.undo()
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(21 * 2**20)  # past app.MAX_UPLOAD (20 MB), which the page tells its clients
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        client.predict(handle_file(str(tmp_path / "huge.png")), "x", 0.35, "masks", api_name="/segment")
     assert client.predict(handle_file(str(photo)), "red circle", 0.35, "masks", api_name="/segment")[2]
 
 
