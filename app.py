@@ -135,7 +135,7 @@ def build_app(model, examples=(), title="SegVLM"):
             raise gr.Error("The model failed on this input; the server's log has the details.",
                            print_exception=False) from None
 
-    with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title=title, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(f"## {html.escape(title)}\nUpload a picture, type what to segment (one phrase per line, "
                     f"up to {MAX_PHRASES}) and press **Segment**.")
         with gr.Row():
@@ -190,6 +190,12 @@ def synthetic_examples(ckpt, num=NUM_EXAMPLES):
             if (root / "images" / f"{image_id}.jpg").is_file()]
 
 
+def port_number(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(prog="app.py", description="A web page to try a SegVLM checkpoint on any picture.")
@@ -197,7 +203,7 @@ def main(argv=None):
                                   "default: the newest runs/demo-*/best.pth")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
-    p.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
+    p.add_argument("--port", type=port_number, help="port (default 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     args = p.parse_args(argv)
@@ -211,7 +217,11 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"app.py: error: {e}")
     print(f"app.py: {ckpt} on {next(model.parameters()).device}", flush=True)
-    launch(build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}"), args.host, args.port, args.share)
+    demo = build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}")
+    try:
+        launch(demo, args.host, args.port, args.share)
+    except OSError as e:  # the port is taken, the host is not this machine's, ...
+        sys.exit(f"app.py: error: cannot serve on {args.host}:{args.port or 'default port'}: {e}")
 
 
 if __name__ == "__main__":

@@ -245,16 +245,25 @@ def test_requests_queue_and_the_model_runs_one_at_a_time(server, monkeypatch):
     assert most[0] == 1
 
 
-def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch, ckpt):
+def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch, ckpt, tmp_path, capsys):
+    from cris_files import write_cris_checkpoint
+    import model
     _, url, _ = server
     assert url.startswith("http://127.0.0.1:")
     seen = {}
-    monkeypatch.setattr(app, "load_model", lambda path, device: inference.load_model(path, "cpu"))
     monkeypatch.setattr(app, "launch", lambda demo, host, port, share: seen.update(host=host, port=port, share=share))
-    app.main(["--ckpt", str(ckpt[0])])
+    app.main(["--ckpt", str(ckpt[0]), "--device", "cpu"])
     assert seen == {"host": "127.0.0.1", "port": None, "share": False}
-    app.main(["--ckpt", str(ckpt[0]), "--host", "0.0.0.0", "--port", "8123", "--share"])
+    app.main(["--ckpt", str(ckpt[0]), "--device", "cpu", "--host", "0.0.0.0", "--port", "8123", "--share"])
     assert seen == {"host": "0.0.0.0", "port": 8123, "share": True}
+    write_cris_checkpoint(model.build_model("smoke", deform=False, se=False), tmp_path / "best_model.pth")
+    app.main(["--ckpt", str(tmp_path / "best_model.pth"), "--device", "cpu"])  # CRIS's released format
+    assert "best_model.pth on cpu" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="app.py: error: .*missing.pth"):
+        app.main(["--ckpt", str(tmp_path / "missing.pth"), "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        app.main(["--ckpt", str(ckpt[0]), "--port", "70000"])
+    assert "expected a port number from 1 to 65535" in capsys.readouterr().err
 
 
 def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch):
