@@ -25,6 +25,7 @@ failed, so no traceback reaches the page. Uploads and results are deleted from G
 after an hour.
 """
 import argparse
+import atexit
 import html
 import logging
 import shutil
@@ -97,6 +98,11 @@ def segment(model, image, text, threshold=DEFAULT_THRESHOLD, view="masks", out_d
     return picture, legend, [str(p) for p in paths]
 
 
+def message(text):
+    """A gr.Error message: Gradio renders it as HTML, and it may hold a phrase or a file name the user typed."""
+    return html.escape(text, quote=False)
+
+
 def build_app(model, examples=(), title="SegVLM"):
     """The Gradio page around `model` (a SegVLM or FastSegVLM): a gr.Blocks, queued, not launched.
     examples: [(image path, phrases text)] shown under the inputs."""
@@ -114,9 +120,10 @@ def build_app(model, examples=(), title="SegVLM"):
             try:
                 return open_image(payload.path)
             except (ValueError, OSError) as e:
-                raise gr.Error(str(e).replace(str(payload.path), name), print_exception=False) from None
+                raise gr.Error(message(str(e).replace(str(payload.path), name)), print_exception=False) from None
 
     work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))  # this process's mask PNGs, one folder per request
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     state = {"request": 0}
 
     def run(image, text, threshold, view):
@@ -125,11 +132,9 @@ def build_app(model, examples=(), title="SegVLM"):
         shutil.rmtree(previous, ignore_errors=True)  # Gradio has copied its files into its cache by now
         out_dir.mkdir()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a too-long phrase was refused above; nothing to say twice
-                return segment(model, image, text, threshold, view, out_dir)
+            return segment(model, image, text, threshold, view, out_dir)
         except ValueError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise gr.Error(message(str(e)), print_exception=False) from None
         except Exception:  # noqa: BLE001 - logged here in full; the page gets one line, no traceback
             log.exception("segmenting failed")
             raise gr.Error("The model failed on this input; the server's log has the details.",

@@ -209,6 +209,7 @@ def test_client_gets_predicts_masks_and_messages(server, tmp_path, monkeypatch):
              (tmp_path / "big.png", "x", "big.png: image too large to decode safely"),
              (photo, " \n \n", "Type a phrase"),
              (photo, too_long, "is longer than this model reads"),
+             (photo, "<img src=x onerror=alert(1)> " * 5, '"&lt;img src=x onerror=alert\\(1\\)&gt;'),  # shown as text
              (photo, "\n".join(f"shape {k}" for k in range(app.MAX_PHRASES + 1)), f"at most {app.MAX_PHRASES}")]
     for image, text, message in cases:
         with pytest.raises(AppError, match=message) as error:
