@@ -187,6 +187,7 @@ def synthetic_examples(ckpt, num=NUM_EXAMPLES):
                  if (d / "VGPhraseCut_v0" / "refer_test.json").is_file()), None)
     if not str(data_dir) or root is None:
         return []
+    root = root.resolve()  # the examples' paths must not depend on the folder the page was started from
     phrases = {}
     for task in read_json(root / "refer_test.json", list):
         if task["image_id"] in phrases or len(phrases) < num:

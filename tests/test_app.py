@@ -295,7 +295,8 @@ def test_the_newest_demo_run_and_its_test_images_are_the_default(tmp_path, monke
     assert [(Path(p).name, text) for p, text in examples] == [
         (f"{i}.jpg", f"shape {i}.0\nshape {i}.1") for i in (7, 3, 9, 4)]
     monkeypatch.chdir(ROOT)  # the data_dir is then found beside the run's folder
-    assert app.synthetic_examples(tmp_path / newest) == [(str(data / "VGPhraseCut_v0" / "images" / Path(p).name), t)
+    assert all(Path(p).is_absolute() for p, _ in examples)
+    assert app.synthetic_examples(tmp_path / newest) == [(str(data.resolve() / "VGPhraseCut_v0" / "images" / Path(p).name), t)
                                                          for p, t in examples]
     assert app.synthetic_examples(tmp_path / "elsewhere" / "best.pth") == []
 
