@@ -108,19 +108,18 @@ def build_app(model, examples=(), title="SegVLM"):
     examples: [(image path, phrases text)] shown under the inputs."""
     import gradio as gr  # here, so that `python app.py --help` and a missing run answer at once
 
-    class Picture(gr.Image):
-        """gr.Image whose upload is decoded by inference.open_image: a file that is not an image, or a
-        decompression bomb, becomes a message instead of Gradio's own failure."""
-        is_template = True  # the page draws it as a gr.Image
-
-        def preprocess(self, payload):
-            if payload is None or not payload.path:
-                return None
-            name = Path(payload.orig_name or "the upload").name
-            try:
-                return open_image(payload.path)
-            except (ValueError, OSError) as e:
-                raise gr.Error(message(str(e).replace(str(payload.path), name)), print_exception=False) from None
+    def decode_upload(payload):
+        """The picture's upload decoded by inference.open_image: a file that is not an image, or a
+        decompression bomb, becomes a message instead of Gradio's own failure. (It replaces the
+        gr.Image's preprocess on the one instance: a subclass would make Gradio write a .pyi stub
+        beside this file.)"""
+        if payload is None or not payload.path:
+            return None
+        name = Path(payload.orig_name or "the upload").name
+        try:
+            return open_image(payload.path)
+        except (ValueError, OSError) as e:
+            raise gr.Error(message(str(e).replace(str(payload.path), name)), print_exception=False) from None
 
     work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))  # this process's mask PNGs, one folder per request
     atexit.register(shutil.rmtree, work, ignore_errors=True)
@@ -145,7 +144,8 @@ def build_app(model, examples=(), title="SegVLM"):
                     f"up to {MAX_PHRASES}) and press **Segment**.")
         with gr.Row():
             with gr.Column():
-                picture = Picture(label="picture", type="pil", sources=["upload", "clipboard"], elem_id="picture")
+                picture = gr.Image(label="picture", type="pil", sources=["upload", "clipboard"], elem_id="picture")
+                picture.preprocess = decode_upload
                 text = gr.Textbox(label="phrases, one per line", lines=3, max_lines=MAX_PHRASES,
                                   placeholder="small red square\ntriangle left of the blue circle", elem_id="phrases")
                 threshold = gr.Slider(0.01, 0.99, value=DEFAULT_THRESHOLD, step=0.01, label="threshold",

@@ -255,6 +255,7 @@ def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch,
     monkeypatch.setattr(app, "launch", lambda demo, host, port, share: seen.update(host=host, port=port, share=share))
     app.main(["--ckpt", str(ckpt[0]), "--device", "cpu"])
     assert seen == {"host": "127.0.0.1", "port": None, "share": False}
+    assert not (ROOT / "app.pyi").exists()  # building the page writes nothing into the repository
     app.main(["--ckpt", str(ckpt[0]), "--device", "cpu", "--host", "0.0.0.0", "--port", "8123", "--share"])
     assert seen == {"host": "0.0.0.0", "port": 8123, "share": True}
     write_cris_checkpoint(model.build_model("smoke", deform=False, se=False), tmp_path / "best_model.pth")
