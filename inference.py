@@ -1,8 +1,11 @@
 """Running a trained model: load it, feed it a photo and a phrase, get the mask back.
 
-    from inference import load_model, open_image, predict
+    from inference import load_model, predict
     model = load_model("best.pth")
-    mask = predict(model, open_image("dog.jpg"), "black dog")   # (H, W) bool at the image's size
+    mask = predict(model, "dog.jpg", "black dog")                # (H, W) bool at the image's size
+    masks = predict(model, "dog.jpg", ["black dog", "the ball"])  # a list: the image encoded once
+
+The image may be a path, a PIL image or an (H, W, 3) uint8 numpy array (`as_image`).
 
 The pipeline is the evaluation's: `transforms.letterbox` to the checkpoint's input size,
 `transforms.tokenize` to its word length, the model, a sigmoid, then `transforms.unletterbox` back
@@ -50,11 +53,11 @@ class FastSegVLM(torch.nn.Module):
 
     At batch 1 a forward pass is hundreds of small kernels, and launching them
     costs more than running them; a replayed graph launches them all at once.
-    Use it like the model: `FastSegVLM(model)(image, tokens) -> logits`.
+    Use it like the model: `FastSegVLM(model)(image, tokens, image_index=None) -> logits`.
 
     - The inputs are checked first with `SegVLM.check_inputs`: the same errors as
       the eager model. The graph then runs `SegVLM.segment`.
-    - A shape (batch, image size, token length) is captured on its second call
+    - A shape (images, image size, phrases, token length) is captured on its second call
       (its first runs eagerly, so the odd last batch of an evaluation costs no
       capture) and kept; at most `max_graphs` shapes, the oldest dropped. A new
       shape never reuses another shape's graph, and the output is copied out
@@ -75,51 +78,54 @@ class FastSegVLM(torch.nn.Module):
             warnings.warn("CUDA graphs need a CUDA device; running the model eagerly", stacklevel=2)
         self.cuda_graphs = cuda_graphs and cuda
         self.max_graphs = max_graphs
-        self.graphs = {}  # shape key -> (graph, static image, static tokens, static logits)
+        self.graphs = {}  # shape key -> (graph, static image, static tokens, static index, static logits)
         self.seen = set()
 
-    def _eager(self, image, tokens):
+    def _eager(self, image, tokens, image_index=None):
         with torch.autocast(image.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.model.segment(image, tokens)
+            return self.model.segment(image, tokens, image_index)
 
-    def forward(self, image, tokens):
-        self.model.check_inputs(image, tokens)
-        key = (tuple(image.shape), image.dtype, tuple(tokens.shape), image.device)
+    def forward(self, image, tokens, image_index=None):
+        self.model.check_inputs(image, tokens, image_index)
+        key = (tuple(image.shape), image.dtype, tuple(tokens.shape), image.device, image_index is None)
         if not (self.cuda_graphs and image.is_cuda and not self.model.training and not torch.is_grad_enabled()):
-            return self._eager(image, tokens)
+            return self._eager(image, tokens, image_index)
         if key not in self.graphs:
             if key not in self.seen:
                 self.seen.add(key)
-                return self._eager(image, tokens)
+                return self._eager(image, tokens, image_index)
             try:
-                self._capture(key, image, tokens)
+                self._capture(key, image, tokens, image_index)
             except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on, said once
                 warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly")
                 self.cuda_graphs = False
                 self.graphs.clear()
-                return self._eager(image, tokens)
-        graph, static_image, static_tokens, static_out = self.graphs[key]
+                return self._eager(image, tokens, image_index)
+        graph, static_image, static_tokens, static_index, static_out = self.graphs[key]
         static_image.copy_(image)
         static_tokens.copy_(tokens)
+        if image_index is not None:
+            static_index.copy_(image_index)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, key, image, tokens):
+    def _capture(self, key, image, tokens, image_index=None):
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))  # the oldest shape; its memory goes with it
         static_image, static_tokens = image.clone(), tokens.clone()
+        static_index = None if image_index is None else image_index.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up passes on a side stream, as torch.cuda.graph requires
             for _ in range(2):
-                self._eager(static_image, static_tokens)
+                self._eager(static_image, static_tokens, static_index)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
         with torch.cuda.graph(graph), torch.autocast("cuda", dtype=self.dtype or torch.float32,
                                                       enabled=self.dtype is not None, cache_enabled=False):
-            static_out = self.model.segment(static_image, static_tokens)
-        self.graphs[key] = (graph, static_image, static_tokens, static_out)
+            static_out = self.model.segment(static_image, static_tokens, static_index)
+        self.graphs[key] = (graph, static_image, static_tokens, static_index, static_out)
 
 
 
@@ -184,56 +190,140 @@ def _check_phrase(phrase):
 
 
 
-@torch.no_grad()
-def predict_proba(model, image, phrase):
-    """Foreground probability for `phrase` on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
+def as_image(image):
+    """A path (str or Path, read by open_image), a PIL image or an (H, W, 3) uint8 numpy array -> RGB PIL image.
 
-    model: a SegVLM (its config gives input_size and word_len); image: PIL image.
+    Anything else is refused with a ValueError that says what was expected: a float array, say, would
+    be silently misread as 0-255 pixels (CRIS.pytorch issue #11 is users passing arrays to the model)."""
+    if isinstance(image, (str, Path)):
+        return open_image(image)
+    if isinstance(image, Image.Image):
+        return transforms.to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"a numpy image must be (H, W, 3) uint8 RGB, got {image.dtype} of shape {image.shape}")
+        if 0 in image.shape:
+            raise ValueError(f"the image is empty: shape {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")
+    raise ValueError(f"image must be a file path, a PIL image or an (H, W, 3) uint8 numpy array, "
+                     f"got {type(image).__name__}")
+
+
+
+def _phrase_list(phrases):
+    """(the phrases, checked and stripped, as a list; whether one bare string was given)."""
+    if isinstance(phrases, str):
+        return [_check_phrase(phrases)], True
+    if not isinstance(phrases, (list, tuple)):
+        raise ValueError(f"phrases must be a string or a list of strings, got {type(phrases).__name__}")
+    if not phrases:
+        raise ValueError("no phrase given: pass a string or a non-empty list of strings")
+    return [_check_phrase(p) for p in phrases], False
+
+
+
+@torch.no_grad()
+def predict_proba(model, image, phrases):
+    """Foreground probability of each phrase on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
+
+    image: a path, a PIL image or an (H, W, 3) uint8 numpy array (as_image). phrases: one string ->
+    one map; a list -> a list of maps, in order. A list is one forward pass: the image is
+    letterboxed and encoded once, and every phrase is decoded against it (SegVLM's image_index),
+    so N phrases cost one image encoding, not N. model: a SegVLM or FastSegVLM (its config gives
+    input_size and word_len).
     """
-    phrase = _check_phrase(phrase)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
-    image = image.convert("RGB")
+    phrases, single = _phrase_list(phrases)
+    image = as_image(image)
     cfg = model.config
     with warnings.catch_warnings():  # on every call (Python's default filter says a repeated warning once)
         warnings.simplefilter("always")
-        transforms.warn_if_cut(phrase, cfg.word_len)  # which words the model sees of a long phrase
+        for phrase in phrases:
+            transforms.warn_if_cut(phrase, cfg.word_len)  # which words the model sees of a long phrase
     device = net_device(model)
     was_training = model.training
     model.eval()
     try:
         pixels, _ = transforms.letterbox(image, cfg.input_size)  # (3, S, S) normalised
-        tokens = transforms.tokenize([phrase], cfg.word_len)  # (1, L)
-        logits = model(pixels[None].to(device), tokens.to(device))  # (1, 1, S/4, S/4)
-        prob = transforms.unletterbox(logits.float().sigmoid()[0, 0], image.height, image.width,
-                                input_size=cfg.input_size)  # (S/4, S/4) -> (H, W)
+        tokens = transforms.tokenize(phrases, cfg.word_len).to(device)  # (N, L)
+        if len(phrases) == 1:
+            logits = model(pixels[None].to(device), tokens)  # (1, 1, S/4, S/4)
+        else:  # one image, N phrases: phrase i is about image 0
+            index = torch.zeros(len(phrases), dtype=torch.long, device=device)
+            logits = model(pixels[None].to(device), tokens, image_index=index)  # (N, 1, S/4, S/4)
+        probs = [transforms.unletterbox(p[0], image.height, image.width, input_size=cfg.input_size)
+                 .cpu().numpy().astype(np.float32) for p in logits.float().sigmoid()]  # (S/4, S/4) -> (H, W)
     finally:
         model.train(was_training)
-    return prob.cpu().numpy().astype(np.float32)
+    return probs[0] if single else probs
 
 
 
-def predict(model, image, phrase, threshold=DEFAULT_THRESHOLD):
-    """The mask `phrase` refers to in `image`: numpy bool (H, W) at the image's size."""
-    return predict_proba(model, image, phrase) > threshold
+def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
+    """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size.
+
+        masks = predict(model, "dog.jpg", ["black dog", "the ball"])   # a list in, a list out
+
+    image: a path, a PIL image or an (H, W, 3) uint8 numpy array; phrases: one string (one mask) or
+    a list (a list of masks, the image encoded once); predict_proba says more."""
+    probs = predict_proba(model, image, phrases)
+    return probs > threshold if isinstance(probs, np.ndarray) else [p > threshold for p in probs]
+
+
+
+# Each phrase's colour in an overlay, in order: distinct hues that stay readable over a photo.
+PALETTE = ((230, 30, 30), (30, 110, 240), (40, 190, 60), (250, 170, 0), (170, 50, 220),
+           (0, 200, 200), (240, 80, 180), (140, 90, 30), (250, 250, 250), (20, 20, 20))
 
 
 
 def tint(rgb, mask, color, alpha=0.55):
-    """rgb (H, W, 3) float numpy with the pixels of mask (H, W) bool blended towards color (same scale)."""
-    rgb, mask = rgb.copy(), np.asarray(mask, dtype=bool)
+    """rgb (H, W, 3) float numpy with the pixels of mask (H, W) blended towards color (same scale).
+
+    A bool mask blends its pixels by alpha; a float mask in [0, 1] (a probability map) blends each
+    pixel by alpha times its value."""
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        weight = alpha * np.clip(mask.astype(np.float32), 0, 1)[..., None]
+        return (1 - weight) * rgb + weight * np.array(color, dtype=rgb.dtype)
+    rgb = rgb.copy()
     rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color, dtype=rgb.dtype)
     return rgb
 
 
 
-def overlay(image, mask, phrase=None, color=(230, 30, 30), alpha=0.55):
-    """The image with the mask tinted in `color` and the phrase written in the corner (PIL RGB image)."""
-    base = tint(np.asarray(image.convert("RGB"), dtype=np.float32), mask, color, alpha)
+def overlay(image, masks, phrases=None, color=None, alpha=0.55):
+    """The image with each mask tinted in its colour, and its phrase in the corner (PIL RGB image).
+
+    masks: one (H, W) mask, or a list; bool masks are tinted where true, float maps (probabilities)
+    by their value (tint). phrases: None, one string, or one per mask, written top left on a colour
+    swatch as a legend. color: one colour for a single mask (default red), or a list; default
+    PALETTE in order, so the first phrase is red. One mask and its phrase give predict.py's picture.
+    """
+    single = not isinstance(masks, (list, tuple))
+    masks = [masks] if single else list(masks)
+    phrases = [phrases] if isinstance(phrases, str) or phrases is None else list(phrases)
+    if phrases == [None]:
+        phrases = [None] * len(masks)
+    if len(phrases) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(phrases)} phrases")
+    colors = [color or PALETTE[0]] if single else list(color or PALETTE)
+    if len(colors) < len(masks):
+        raise ValueError(f"{len(masks)} masks but only {len(colors)} colours")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for mask, c in zip(masks, colors):
+        if np.shape(mask) != base.shape[:2]:
+            raise ValueError(f"mask of shape {np.shape(mask)} on an image of {base.shape[1]}x{base.shape[0]} (W x H)")
+        base = tint(base, mask, c, alpha)
     out = Image.fromarray(base.round().astype(np.uint8))
-    if phrase:
-        draw = ImageDraw.Draw(out)
-        box = draw.textbbox((4, 4), phrase)
-        draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
-        draw.text((4, 4), phrase, fill=(255, 255, 255))
+    draw, y = ImageDraw.Draw(out), 4
+    for phrase, c in zip(phrases, colors):
+        if not phrase:
+            continue
+        swatch = 0 if single else 12  # one phrase: the text alone, as predict.py has always written it
+        box = draw.textbbox((4 + swatch, y), phrase)
+        draw.rectangle((box[0] - 3 - swatch, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+        if swatch:
+            draw.rectangle((4, box[1], 4 + swatch - 4, box[3]), fill=tuple(c))
+        draw.text((4 + swatch, y), phrase, fill=(255, 255, 255))
+        y = box[3] + 6
     return out

@@ -12,9 +12,9 @@ On CUDA the model runs through `FastSegVLM` (CUDA graphs, bf16 autocast) unless
 
 From Python, load the checkpoint once and call `predict` as often as needed:
 
-    from predict import load_model, open_image, predict
+    from predict import load_model, predict
     model = load_model("best.pth")
-    mask = predict(model, open_image("dog.jpg"), "black dog")   # (H, W) bool at the image's size
+    masks = predict(model, "dog.jpg", ["black dog", "the ball"])   # (H, W) bool each, the image encoded once
 
 The pipeline is the evaluation's: `transforms.letterbox` to the checkpoint's input
 size, `transforms.tokenize` to its word length, the model, a sigmoid, then

@@ -25,7 +25,7 @@ LAYERS = {
     # 3: what the tools share about a model: checkpoints, inference, pictures, a run's settings and files
     "checkpoints": 3, "inference": 3, "visualize": 3, "train_config": 3, "runs": 3,
     # 4: the tools a user runs
-    "train": 4, "evaluate": 4, "predict": 4, "cris": 4, "benchmark": 4, "ablation": 4,
+    "train": 4, "evaluate": 4, "predict": 4, "cris": 4, "benchmark": 4, "ablation": 4, "app": 4,
 }
 
 
