@@ -113,9 +113,16 @@ class PhraseCutLMDB(_PhraseCutItems):
 
     def image_ids(self) -> list:
         """Each task's image_id as a string, in task order (read from every task record)."""
+        return self._each("image_id")
+
+    def task_ids(self) -> list:
+        """Each task's task_id as a string, in task order (read from every task record)."""
+        return self._each("task_id")
+
+    def _each(self, field) -> list:
         with reader(self.path).begin() as txn:
             keys = (b"task/%08d" % i for i in range(self.num_tasks))
-            return [str(read_record(self.path, k, txn.get(k))["image_id"]) for k in keys]
+            return [str(read_record(self.path, k, txn.get(k))[field]) for k in keys]
 
     def _read(self, index):
         key = b"task/%08d" % index
