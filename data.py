@@ -23,7 +23,7 @@ from pathlib import Path
 import lmdb
 import torch
 
-from cli import positive_int
+from cli import positive_int, run_tool
 from datasets import PhraseCutFolder, PhraseCutLMDB
 from phrasecut import SPLITS, build_lmdb
 from synthetic import synthesize
@@ -103,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("data.py", main)
