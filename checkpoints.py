@@ -424,7 +424,8 @@ def check_finite(state_dict, where, name=str) -> None:
     """A ValueError naming the first floating tensor of `state_dict` that holds a NaN or an infinity: such
     weights give a blank or full mask, or a score of 0, without any other sign. name: how to show a key."""
     for key, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if torch.is_tensor(value) and value.is_floating_point() and not value.is_meta \
+                and not bool(torch.isfinite(value).all()):  # a meta tensor (shapes only) holds no value
             raise ValueError(f"{where}: the weight {name(key)} holds NaN or infinite values (a damaged file, or a "
                              f"run whose training diverged); use another checkpoint")
 
