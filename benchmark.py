@@ -207,7 +207,8 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model preset (default paper)")
     p.add_argument("--ckpt", help="time this checkpoint's architecture instead of a preset")
     p.add_argument("--size", type=int, default=0, help="input side (default: the model's input_size)")
