@@ -388,6 +388,8 @@ def read_checkpoint_file(path, map_location="cpu"):
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a FIFO or a device: torch.load would wait on it, or read forever
+            raise ValueError(f"checkpoint {path} is not a regular file")
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([collections.Counter]):

@@ -147,8 +147,11 @@ def tidy_resumed_run(out: Path, ckpt: dict) -> None:
 def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     """The last epoch's row: appended to metrics.jsonl, drawn into curves.png, printed."""
     last = history[-1]
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(last) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(last) + "\n")
+    except OSError as e:  # a full disk, above all: name the file
+        raise OSError(f"could not append to {out / 'metrics.jsonl'}: {e.strerror or e}") from None
     plot_curves(history, out / "curves.png")
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
           f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "

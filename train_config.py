@@ -176,6 +176,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     each typed flag that contradicts the checkpoint. A file that is no checkpoint is left to read_resume."""
     if "clip_weights" not in given:  # the preset's (paper: RN101) was for the run's start
         cfg = dataclasses.replace(cfg, clip_weights="none")
+    if not Path(cfg.resume).is_file():  # missing, a directory, a FIFO (a read would wait): validate says so
+        return cfg
     try:
         ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
         saved, model_cfg, done = dict(ckpt["args"]), dict(ckpt["config"]), ckpt["epoch"] + 1
@@ -243,7 +245,7 @@ def validate(cfg: TrainConfig) -> None:
             what = "is not a directory" if Path(cfg.data).exists() else "does not exist"
             raise ValueError(f"--data {cfg.data} {what}: give the directory that holds train.lmdb and val.lmdb")
         for split in ("train", "val"):
-            path = Path(cfg.data) / f"{split}.lmdb"
+            path = check_path(Path(cfg.data) / f"{split}.lmdb", f"--data {cfg.data}:")
             if not path.exists():
                 raise ValueError(f"--data {cfg.data}: missing {path} "
                                  f"(make it with: python data.py build --split {split} --out {path})")

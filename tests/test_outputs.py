@@ -291,3 +291,17 @@ def test_no_traceback_from_a_users_mistake(args, message, capsys, monkeypatch):
     monkeypatch.setattr(benchmark, "run", lambda args: pytest.fail("the benchmark ran"))
     last = usage_error({"benchmark.py": benchmark.main, "cris.py": cris.main}[args[0]], args[1:], capsys)
     assert last.startswith(args[0]) and ": error: " in last and message in last, last
+
+
+def test_train_refuses_inputs_that_are_not_regular_files(tmp_path, capsys):
+    import train_config
+    os.mkfifo(tmp_path / "train.lmdb")
+    (tmp_path / "val.lmdb").write_bytes(b"")
+    os.mkfifo(tmp_path / "best.pth")
+    for argv, message in ((["--data", str(tmp_path)], f"{tmp_path / 'train.lmdb'} is not a regular file but a FIFO"),
+                          (["--init-from", str(tmp_path / "best.pth")], "--init-from"),
+                          (["--resume", str(tmp_path / "best.pth")], "--resume")):
+        with pytest.raises(SystemExit) as exc:
+            train_config.parse_args(["--preset", "smoke", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "not a regular file" in err, err
