@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli import run_tool
 from files import atomic_path
 
 VARIANTS = [
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("ablation.py", main)

@@ -34,8 +34,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import transforms
 from cli import parse_device
 from files import read_json, save_mask

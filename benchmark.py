@@ -47,7 +47,9 @@ import synthetic
 import train
 import train_config
 from checkpoints import load_checkpoint
+from cli import check_output, check_path, parse_device, run_tool
 from datasets import PhraseCutLMDB, collate
+from files import atomic_path
 from inference import FastSegVLM
 from model import PRESETS, SegVLM
 
@@ -162,7 +164,7 @@ def loader_rate(size, word_len, workers, batch, n_batches) -> float:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device) if args.device else distributed.info().device
+    device = args.device or distributed.info().device
     if args.ckpt:
         net, _ = load_checkpoint(args.ckpt, map_location="cpu")
         cfg, name = net.config, args.ckpt
@@ -199,12 +201,14 @@ def run(args) -> dict:
               for k, v in result.items()}
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
     return result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model preset (default paper)")
     p.add_argument("--ckpt", help="time this checkpoint's architecture instead of a preset")
     p.add_argument("--size", type=int, default=0, help="input side (default: the model's input_size)")
@@ -217,20 +221,37 @@ def parse_args(argv=None):
     p.add_argument("--deform-impl", default="sampled", choices=layers.DeformableConv2d.IMPLS,
                    help="eq. 1's implementation (layers.DeformableConv2d)")
     p.add_argument("--compile", action="store_true", help="torch.compile the eager and training models")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available, "
+                                                        "else cpu)")
     p.add_argument("--json", help="also write the figures there")
     args = p.parse_args(argv)
-    for name in ("batch", "repeats", "loader_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (("batch", 1), ("repeats", 1), ("loader_batches", 1), ("warmup", 0), ("workers", -1),
+                        ("size", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.size % 32:
         p.error(f"--size must be a multiple of 32, got {args.size}")
+    try:  # before any work: the checkpoint is a file, --json can be written and is not the checkpoint
+        if args.ckpt:
+            check_path(args.ckpt, "--ckpt")
+            if not Path(args.ckpt).is_file():
+                raise ValueError(f"--ckpt {args.ckpt}: {'a directory' if Path(args.ckpt).is_dir() else 'no such file'}"
+                                 f"; name a checkpoint file (.pth)")
+        if args.json:
+            check_output(args.json, "--json", [("--ckpt", args.ckpt)], example="figures.json")
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-if __name__ == "__main__":
+def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    args = parse_args(argv)
     try:
-        run(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+        return run(args)
+    except (ValueError, OSError) as e:  # the checkpoint's content, a write that failed
         sys.exit(f"benchmark.py: error: {e}")
+
+
+if __name__ == "__main__":
+    run_tool("benchmark.py", main)

@@ -272,6 +272,7 @@ def to_segvlm_checkpoint(obj, path, **overrides) -> dict:
                          f"'state_dict' has keys module.backbone.*, module.neck.*, module.decoder.*, module.proj.*")
     source = f"CRIS checkpoint {path}"
     sd = convert_state_dict(cris_sd, source)
+    check_finite(sd, source, cris_name)
     cfg = config_from_state_dict(sd, source, **overrides)
     missing, unexpected, wrong = _fit(sd, cfg)
     if missing or unexpected or wrong:
@@ -365,6 +366,7 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
         if wrong:
             problems.append(f"wrong shape(s) {_listing(wrong)}")
         raise ValueError(f"{path} ({kind}) does not fit the run's model: " + "; ".join(problems))
+    check_finite(ckpt["model"], path)
     model = SegVLM(cfg)
     model.load_state_dict(ckpt["model"], strict=False)  # only the block's tensors are missing, checked above
     what = f"CRIS, backbone {_clip(backbone_name(file_cfg))}" if kind == "CRIS" else "a SegVLM checkpoint"
@@ -386,6 +388,8 @@ def read_checkpoint_file(path, map_location="cpu"):
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a FIFO or a device: torch.load would wait on it, or read forever
+            raise ValueError(f"checkpoint {path} is not a regular file")
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([collections.Counter]):
@@ -415,6 +419,17 @@ def state_dict_misfit(model, state_dict, show=3) -> str:
               if k in state_dict and not (torch.is_tensor(state_dict[k]) and state_dict[k].shape == v.shape)]
     return "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:show])})" for what, keys in
                      (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
+
+
+
+def check_finite(state_dict, where, name=str) -> None:
+    """A ValueError naming the first floating tensor of `state_dict` that holds a NaN or an infinity: such
+    weights give a blank or full mask, or a score of 0, without any other sign. name: how to show a key."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.is_meta \
+                and not bool(torch.isfinite(value).all()):  # a meta tensor (shapes only) holds no value
+            raise ValueError(f"{where}: the weight {name(key)} holds NaN or infinite values (a damaged file, or a "
+                             f"run whose training diverged); use another checkpoint")
 
 
 
@@ -450,6 +465,7 @@ def load_checkpoint(path, map_location="cpu"):
     misfit = state_dict_misfit(model, ckpt["model"])
     if misfit:
         raise ValueError(f"{path}: the weights do not fit the model its config describes: {misfit}")
+    check_finite(ckpt["model"], path)
     model.load_state_dict(ckpt["model"], strict=True)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)

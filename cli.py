@@ -1,13 +1,22 @@
-"""Command-line helpers shared by the tools: flag types and output checks.
+"""Command-line helpers shared by the tools: flag types, path checks, outputs, signals.
 
-Each raises argparse.ArgumentTypeError (a flag's type) or ValueError (an output that cannot be
-written), with a message that names the flag; the tools turn them into one-line errors.
+Each raises argparse.ArgumentTypeError (a flag's type) or ValueError (a path that cannot be read or
+written), with a message that names the flag; the tools turn them into one-line errors. Every tool's
+outputs go through `check_output` / `check_output_dir` before any work, the files it writes into a
+folder through `claim_files`, and its main through `run_tool` (Ctrl-C and SIGTERM end it with one line).
 """
 import argparse
+import errno
 import os
+import signal
+import stat
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
+
+from files import atomic_path
 
 def parse_threshold(text) -> float:
     """A --threshold value (argparse type of evaluate.py, predict.py and train.py): strictly between 0 and 1."""
@@ -53,8 +62,12 @@ def positive_int(text):
 
 def same_file(a, b) -> bool:
     """Whether paths a and b name one file: equal once resolved (symlinks, '..') or hard links to one file."""
-    if Path(a).resolve() == Path(b).resolve():
-        return True
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        if os.path.abspath(a) == os.path.abspath(b):
+            return True
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
@@ -72,3 +85,120 @@ def make_dir(path, what):
     except OSError as e:
         raise ValueError(f"{what}: cannot create the directory {path} ({e.strerror}: {e.filename})") from None
     return path
+
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_path(path, flag) -> Path:
+    """Refuse (a ValueError naming the flag) a path that cannot be resolved (a symlink loop, a name too long)
+    or that is neither a regular file nor a directory: reading a FIFO waits for a writer, a device never
+    ends, and a write to /dev/null is lost. A missing path or a directory is left to the caller, whose
+    message says what it expected."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return Path(path)
+        raise ValueError(f"{flag} {path} cannot be resolved ({e.strerror})") from None
+    for test, kind in _KINDS:
+        if test(mode):
+            raise ValueError(f"{flag} {path} is not a regular file but {kind}")
+    return Path(path)
+
+
+
+def check_writable(path, flag) -> None:
+    """Refuse a folder (or, when it does not exist yet, its nearest existing parent) this process cannot create
+    a file in: permissions, a read-only file system. Tried with a real file, which is removed at once."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".segvlm-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in {folder} ({e.strerror})") from None
+
+
+
+def check_output(path, flag, inputs=(), outputs=(), example="out.json") -> Path:
+    """One output file, checked before any work: not unresolvable nor special (check_path), not a directory,
+    not one of `inputs` nor of `outputs` ((flag, path) pairs; a path may be None), in a folder that exists
+    or is created here and can be written in. A ValueError naming the flag otherwise."""
+    path = check_path(path, flag)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file, e.g. {path / example}")
+    for other_flag, other in inputs:
+        if other and same_file(path, other):
+            raise ValueError(f"{flag} {path} is the {other_flag} file; writing there would destroy it")
+    for other_flag, other in outputs:
+        if other and same_file(path, other):
+            raise ValueError(f"{flag} {path} and {other_flag} {other} are the same file; name two files")
+    check_writable(make_dir(path.parent, f"{flag}'s folder"), flag)
+    return path
+
+
+
+def check_output_dir(path, flag, inputs=()) -> Path:
+    """One output folder, checked before any work: resolvable, a directory (created here) that can be written
+    in, and none of `inputs` ((flag, path) pairs). A ValueError naming the flag otherwise."""
+    path = check_path(path, flag)
+    for other_flag, other in inputs:
+        if other and same_file(path, other):
+            raise ValueError(f"{flag} {path} is the {other_flag} file; name a new folder")
+    check_writable(make_dir(path, flag), flag)
+    return path
+
+
+
+WRITTEN = ".segvlm-written"  # in a folder a tool writes into: the names of the files it wrote there
+
+
+
+def claim_files(folder, names, flag, record=True) -> None:
+    """Before a tool writes `names` into `folder`: a ValueError when any of them exists and is not one this
+    project wrote there (a user's file is never overwritten); else, with `record` (one process of several
+    records), the names are added to the folder's record (.segvlm-written), so that the next run may write
+    them again."""
+    folder = Path(folder)
+    path = folder / WRITTEN
+    ours = set(path.read_text().splitlines()) if path.is_file() else set()
+    foreign = [name for name in names if name not in ours and os.path.lexists(folder / name)]
+    if foreign:
+        raise ValueError(f"{flag} {folder} holds {len(foreign)} file(s) that this tool would overwrite and did not "
+                         f"write, e.g. {folder / foreign[0]}; move them, or name another folder")
+    new = set(names) - ours
+    if new and record:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(name + "\n" for name in sorted(ours | new)))
+
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every `finally` runs (atomic_path removes its file)."""
+
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+
+def run_tool(prog, main, *args):
+    """main(*args) as a tool's entry point: Ctrl-C (SIGINT) and SIGTERM unwind it like an exception, so that
+    its temporary files are removed (files.atomic_path), and end it with one line and the shell's code
+    128 + the signal's number, not a traceback. Under torchrun only the first process prints the line."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return main(*args)
+    except KeyboardInterrupt as e:
+        signum, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Stopped) else (signal.SIGINT, "Ctrl-C")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while saying so: no traceback either
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: stopped by {name}; temporary files removed", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None

@@ -30,7 +30,7 @@ from pathlib import Path
 import lmdb
 import torch
 
-from cli import positive_int
+from cli import positive_int, run_tool
 from coco import build_coco
 from datasets import PhraseCutFolder, PhraseCutLMDB
 from phrasecut import build_lmdb
@@ -161,4 +161,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("data.py", main)

@@ -60,13 +60,14 @@ from tqdm import tqdm
 import distributed
 import transforms
 from checkpoints import load_checkpoint
-from cli import make_dir, parse_device, parse_threshold, same_file
+from cli import (check_output, check_output_dir, check_path, claim_files, make_dir, parse_device,
+                 parse_threshold, run_tool, same_file)
 from datasets import PhraseCutLMDB, collate, unique_images
 from files import atomic_path, load_mask, mask_path, save_mask
 from inference import FastSegVLM, eval_mode
 from metrics import DEFINITIONS, DEFAULT_THRESHOLD, gather_tasks, iou, summarize, summarize_tasks, task_iou, format_table
 from model import SegVLM
-from visualize import save_overlays
+from visualize import overlay_name, save_overlays
 
 @torch.no_grad()
 def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
@@ -274,23 +275,35 @@ def parse_args(argv=None):
 
 
 def check_outputs(args):
-    """Refuse, before any work, outputs that cannot be written or would overwrite an input (a ValueError).
+    """Refuse, before any work, inputs that are not files (a FIFO, a device, a symlink loop) and outputs that
+    cannot be written or would overwrite an input (a ValueError naming the flag).
 
     --save-masks and --vis must be directories (created here), --json a file in a directory
     that exists or can be created, and no output may be the checkpoint or the data."""
+    inputs = [("--ckpt", args.ckpt), ("--data", args.data)]
+    for flag, path in inputs:
+        if path:
+            check_path(path, flag)
     for flag in ("save_masks", "vis"):
         if getattr(args, flag):
-            make_dir(getattr(args, flag), "--" + flag.replace("_", "-"))
+            check_output_dir(getattr(args, flag), "--" + flag.replace("_", "-"), inputs)
     if args.json:
-        path = Path(args.json)
-        if path.is_dir():
-            raise ValueError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
-        if getattr(args, "pred_masks", None) and same_file(path.parent, args.pred_masks) and path.suffix == ".png":
-            raise ValueError(f"--json {path} is inside --pred-masks, where it would replace a mask; name another file")
-        for flag, given in (("--ckpt", args.ckpt), ("--data", args.data)):
-            if given and same_file(path, given):
-                raise ValueError(f"--json {path} is the {flag} file; writing the metrics there would destroy it")
-        make_dir(path.parent, "--json's folder")
+        if getattr(args, "pred_masks", None) and same_file(Path(args.json).parent, args.pred_masks) \
+                and Path(args.json).suffix == ".png":
+            raise ValueError(f"--json {args.json} is inside --pred-masks, where it would replace a mask; name another file")
+        check_output(args.json, "--json", inputs, example="metrics.json")
+
+
+def claim_outputs(args, dataset):
+    """Before the evaluation: every task id makes a safe file name, and no file --save-masks or --vis would
+    write is one this project did not write there (cli.claim_files; rank 0 records them)."""
+    task_ids = dataset.task_ids() if args.save_masks or args.vis else []
+    if args.save_masks:
+        names = [mask_path(args.save_masks, task_id).name for task_id in task_ids]
+        claim_files(args.save_masks, names, "--save-masks", record=distributed.is_main())
+    if args.vis:
+        names = [overlay_name(k, task_id) for k, task_id in enumerate(task_ids[:args.num])]
+        claim_files(args.vis, names, "--vis", record=distributed.is_main())
 
 
 def run(args):
@@ -308,6 +321,7 @@ def run(args):
     dataset = PhraseCutLMDB(str(path), input_size=cfg.input_size, word_len=cfg.word_len, train=False)
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no tasks")
+    claim_outputs(args, dataset)
 
     start = time.perf_counter()
     result = evaluate(net, dataset, threshold=args.threshold, batch_size=args.batch_size,
@@ -362,4 +376,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("evaluate.py", main)

@@ -1,15 +1,23 @@
-"""Files the tools read and write: atomic writes, JSON with clear errors, mask PNGs.
+"""Files the tools read and write: atomic writes, a folder held by one run, JSON with clear errors, mask PNGs.
 
 Every output of this project is written under a temporary name and renamed when complete
-(`atomic_path`), so a killed run never leaves a file that looks finished. JSON inputs are read
+(`atomic_path`), so a killed run never leaves a file that looks finished; the temporary files a hard
+kill left are removed by the next write of the same file, and a full disk is reported as such. A run
+directory is held by one run at a time (`hold_dir`). JSON inputs are read
 with errors that name the file and the position (`read_json`). Predicted masks are one PNG per
 task, `<task_id>.png`, 0/255 at the original image size, the official PhraseCut evaluator's input
 (`save_mask`, `load_mask`, `mask_path`).
 """
 import contextlib
+import errno
+import glob
 import json
 import os
 import re
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +53,130 @@ def read_json(path, expected=list):
 @contextlib.contextmanager
 def atomic_path(path):
     """`with atomic_path(path) as tmp:` write tmp, which becomes `path` when the block ends and is removed
-    if it fails: a killed run never leaves half a file. tmp, .NAME.tmp-PID beside `path`, is on the same
-    file system (an atomic rename) and never shared by two processes."""
+    if it fails (an error, Ctrl-C, SIGTERM through cli.run_tool): a killed run never leaves half a file.
+    tmp, .NAME.tmp-PID beside `path`, is on the same file system (an atomic rename) and never shared by
+    two processes; those of processes that no longer run (a hard kill) are removed first. A write that
+    fails because the disk is full is an OSError that says so and names `path`; `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # left by a killed run that had our process id
+    remove_stale_temporaries(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if getattr(e, "errno", None) == errno.ENOSPC or (isinstance(e, RuntimeError) and _disk_full(tmp)):
+            full = OSError(f"the disk is full: could not write {path} ({_free(tmp)} free); "
+                           f"the previous {path.name}, if any, is unchanged")
+            full.errno = errno.ENOSPC
+            raise full from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _free(path) -> str:
+    try:
+        return f"{shutil.disk_usage(Path(path).parent).free / 2 ** 20:.1f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def _disk_full(path, least=2 ** 20) -> bool:
+    try:
+        return shutil.disk_usage(Path(path).parent).free < least
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(path) -> list:
+    """Remove the temporary files atomic_path left beside `path` for processes that no longer run on this
+    machine (killed with SIGKILL, or the machine lost power) -> their paths."""
+    path = Path(path)
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+LOCK_NAME = ".segvlm-lock"  # in a run directory while a run holds it: which process, its command
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, the other checks stay
+    fcntl = None
+
+
+@contextlib.contextmanager
+def hold_dir(folder, flag):
+    """`with hold_dir(out, "--out"):` this process holds the folder (created if need be) until the block ends;
+    another process that tries is refused with a ValueError naming the holder (process id, machine, start,
+    command). The hold is an flock on folder/.segvlm-lock, so the system releases the hold of a process that
+    died however it died: a lock file left by a dead process holds nothing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{flag} {folder} is in use by another run ({dir_holder(folder) or 'starting'}); "
+                             f"wait for it to end, stop it, or give another {flag}") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # not removed by a holder that ended between our open and our flock
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(sys.argv)}\n").encode())
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def dir_holder(folder):
+    """Who holds `folder` (hold_dir's line: process, machine, start, command), or None when nobody does."""
+    lock = Path(folder) / LOCK_NAME
+    if fcntl is None or not lock.is_file():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it: the file of a run that died
+    except OSError:
+        text = os.read(fd, 4096).decode(errors="replace").strip()
+        return text[:300] or "a run that is starting"
+    finally:
+        os.close(fd)
 
 
 _SAFE_TASK_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
@@ -89,13 +211,25 @@ def image_format(path):
     return fmt
 
 
+LOSSLESS_MASK_FORMATS = ("PNG", "BMP", "TIFF", "PPM", "GIF")  # a mask is 0/255: a lossy format writes grey pixels
+
+
+def mask_format(path):
+    """image_format for a mask file: only a lossless format (.png, .bmp, .tif, .pgm), else a ValueError naming it."""
+    fmt = image_format(path)
+    if fmt not in LOSSLESS_MASK_FORMATS:
+        raise ValueError(f"{path}: {fmt} is lossy or not meant for masks, and would write grey pixels into "
+                         f"the 0/255 mask; use .png (or .bmp, .tif)")
+    return fmt
+
+
 def save_mask(mask, path):
     """Write one (H, W) bool mask (numpy or torch) as a PNG, mode L, 0/255 (the official evaluator's input).
 
-    Another extension PIL writes gives that format. Written atomically (atomic_path)."""
+    Another lossless extension (mask_format) gives that format. Written atomically (atomic_path)."""
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
-    fmt = image_format(path)
+    fmt = mask_format(path)
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(mask).astype(bool).astype(np.uint8) * 255).save(tmp, format=fmt)
 

@@ -150,6 +150,9 @@ def eval_mode(model, device=None):
 
 
 
+BYTES_PER_PIXEL = 8  # 16-bit RGBA, uncompressed: no real image file at PIL's pixel limit is larger
+
+
 def open_image(path):
     """Open and fully decode an image file as RGB, upright; a clear ValueError when that is unsafe or impossible.
 
@@ -157,8 +160,9 @@ def open_image(path):
     out upright, so the mask fits the photo as viewers show it. (The dataset does not: PhraseCut's
     polygons are on the stored pixels.)
     Refused: a missing path (FileNotFoundError), a directory, a URL, a file PIL cannot identify,
-    a truncated/corrupt file, and an image larger than PIL's decompression-bomb
-    limit (Image.MAX_IMAGE_PIXELS; its warning is treated as an error too).
+    a truncated/corrupt file, an image larger than PIL's decompression-bomb
+    limit (Image.MAX_IMAGE_PIXELS; its warning is treated as an error too), and a file larger than any
+    image within that limit could be (BYTES_PER_PIXEL a pixel), refused before it is read.
     """
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
         raise ValueError(f"{path}: URLs are not supported, download it first")
@@ -167,6 +171,11 @@ def open_image(path):
         raise ValueError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS * BYTES_PER_PIXEL
+    if limit and path.stat().st_size > limit:  # before PIL reads any of it
+        raise ValueError(f"{path} is {path.stat().st_size / 2 ** 30:.1f} GiB, far beyond any image PIL decodes "
+                         f"(at most {Image.MAX_IMAGE_PIXELS:,} pixels, {limit / 2 ** 30:.1f} GiB even uncompressed "
+                         f"at 16-bit RGBA); not read")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -41,6 +41,17 @@ from layers import FPN, Decoder, DeformableConv2d, Projector, up
 
 # --------------------------------------------------------------------------- config
 
+CLIP_VOCAB_SIZE = 49408  # the ids clip.tokenize gives
+
+
+class ConfigError(ValueError):
+    """A bad SegVLMConfig value; `field` names it, so that a tool can name the flag or file it came from."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SegVLMConfig:
     """Every size of SegVLM. `to_dict()` / `from_dict()` make it a plain, JSON-able dict,
@@ -77,25 +88,61 @@ class SegVLMConfig:
     word_len: int = 22                # longest token sequence accepted
 
     def __post_init__(self):
-        self.vision_layers = tuple(self.vision_layers)
-        self.fpn_out = tuple(self.fpn_out)
-        problems = []
-        if len(self.vision_layers) != 4:
-            problems.append(f"vision_layers needs 4 entries, got {self.vision_layers}")
-        if len(self.fpn_out) != 3:
-            problems.append(f"fpn_out needs 3 entries, got {self.fpn_out}")
-        elif self.decoder_dim != self.fpn_out[1]:
-            problems.append(f"decoder_dim ({self.decoder_dim}) must equal fpn_out[1] ({self.fpn_out[1]})")
+        """Every field checked where it is defined, so that each path into a config (a preset's overrides,
+        a checkpoint's dict, train.py's and cris.py's flags) is: a ConfigError names the field."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, self.check_field(f.name, getattr(self, f.name)))
+        if self.decoder_dim != self.fpn_out[1]:
+            raise ConfigError("decoder_dim", f"decoder_dim ({self.decoder_dim}) must equal fpn_out[1] ({self.fpn_out[1]})")
         if self.word_len > self.context_length:
-            problems.append(f"word_len ({self.word_len}) exceeds CLIP's context_length ({self.context_length})")
-        if self.image_resolution % 32 or self.input_size % 32:
-            problems.append("image_resolution and input_size must be multiples of 32")
+            raise ConfigError("word_len", f"word_len ({self.word_len}) exceeds CLIP's context_length "
+                                          f"({self.context_length})")
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            problems.append(f"decoder_dim ({self.decoder_dim}) must divide by decoder_heads and by 4")
+            raise ConfigError("decoder_heads", f"decoder_dim ({self.decoder_dim}) must divide by decoder_heads "
+                                               f"({self.decoder_heads}) and by 4")
         if self.transformer_width % self.transformer_heads:
-            problems.append(f"transformer_width ({self.transformer_width}) must divide by transformer_heads")
-        if problems:
-            raise ValueError("invalid SegVLMConfig: " + "; ".join(problems))
+            raise ConfigError("transformer_heads", f"transformer_width ({self.transformer_width}) must divide by "
+                                                   f"transformer_heads ({self.transformer_heads})")
+        if self.se_reduction > self.decoder_dim:
+            raise ConfigError("se_reduction", f"se_reduction ({self.se_reduction}) must be at most decoder_dim "
+                                              f"({self.decoder_dim}): SE squeezes to decoder_dim // se_reduction")
+
+    @classmethod
+    def check_field(cls, name: str, value):
+        """One field's value on its own (its type, its range) -> the value, tuples as tuples; a ConfigError
+        naming the field otherwise. The checks between fields are __post_init__'s."""
+        kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+
+        def count(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        if kind in ("bool", bool):
+            if not isinstance(value, bool):
+                raise ConfigError(name, f"{name} must be true or false, got {value!r}")
+        elif kind in ("tuple", tuple):
+            size = len(getattr(cls, name))
+            if not isinstance(value, (tuple, list)) or len(value) != size or not all(map(count, value)):
+                raise ConfigError(name, f"{name} must be {size} positive integers, got {value!r}")
+            value = tuple(value)
+        elif kind in ("float", float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(name, f"{name} must be in [0, 1), got {value!r}")  # decoder_dropout, a rate
+        elif not count(value):
+            raise ConfigError(name, f"{name} must be a positive integer, got {value!r}")
+        elif name in ("input_size", "image_resolution") and value % 32:
+            raise ConfigError(name, f"{name} must be a multiple of 32 (the image encoder's stride), got {value}")
+        elif name == "word_len" and value < 3:
+            raise ConfigError(name, f"word_len must be at least 3 (a start token, one word, an end token), got "
+                                    f"{value}: a shorter one leaves no room for the phrase")
+        elif name == "kernel_size" and value % 2 == 0:
+            raise ConfigError(name, f"kernel_size must be odd (a centred dynamic kernel), got {value}")
+        elif name == "vision_width" and value % 2:
+            raise ConfigError(name, f"vision_width must be at least 2 and even (CLIP's attention pool has "
+                                    f"vision_width / 2 heads of 64 channels), got {value}")
+        elif name == "vocab_size" and value < CLIP_VOCAB_SIZE:
+            raise ConfigError(name, f"vocab_size must be at least {CLIP_VOCAB_SIZE} (CLIP's tokenizer's ids), "
+                                    f"got {value}")
+        return value
 
     def to_dict(self) -> dict:
         """Plain dict of ints, floats, bools and lists (tuples become lists)."""

@@ -28,34 +28,32 @@ can write, and neither may be --image, --ckpt (under any path) or each other.
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
-from cli import make_dir, parse_device, parse_threshold, same_file
-from files import atomic_path, image_format, save_mask
+from cli import check_output, check_path, parse_device, parse_threshold, run_tool
+from files import atomic_path, image_format, mask_format, save_mask
 from inference import _check_phrase, load_model, open_image, overlay, predict
 from metrics import DEFAULT_THRESHOLD
+from transforms import short_phrase
 
 __all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in inference.py
 
 def check_outputs(args):
-    """Refuse, before any work, an --out/--mask that PIL cannot write, that is a directory, or that
+    """Refuse, before any work, inputs that are not files (a FIFO, a device, a symlink loop) and an --out/--mask
+    that PIL cannot write (a lossy format for --mask), that is a directory or not a regular file, or that
     would overwrite an input (--image or --ckpt, under any path) or the other output (a ValueError).
     Their folders are created here."""
-    if args.mask and same_file(args.out, args.mask):
-        raise ValueError(f"--out {args.out} and --mask {args.mask} are the same file; name two files")
-    for flag, path in (("--out", args.out), ("--mask", args.mask)):
+    inputs = [("--image", args.image), ("--ckpt", args.ckpt)]
+    for flag, path in inputs:
+        check_path(path, flag)
+    outputs = [("--out", args.out), ("--mask", args.mask)]
+    for (flag, path), other in zip(outputs, outputs[::-1]):
         if path is None:
             continue
-        for source, given in (("--image", args.image), ("--ckpt", args.ckpt)):
-            if same_file(path, given):
-                raise ValueError(f"{flag} {path} is the {source} file; writing there would destroy it")
-        if Path(path).is_dir():
-            raise ValueError(f"{flag} {path} is a directory; name an image file, e.g. {Path(path) / 'overlay.png'}")
+        check_output(path, flag, inputs, [other], example="overlay.png")
         try:
-            image_format(path)
+            (mask_format if flag == "--mask" else image_format)(path)
         except ValueError as e:
             raise ValueError(f"{flag} {e}") from None
-        make_dir(Path(path).parent, f"{flag}'s folder")
 
 
 
@@ -90,10 +88,10 @@ def main(argv=None):
             save_mask(mask, args.mask)
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: error: {e}")
-    print(f'"{phrase}": {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
+    print(f'{short_phrase(phrase)}: {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
           f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))
 
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("predict.py", main)

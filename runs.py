@@ -10,6 +10,7 @@
 Checkpoints hold plain tensors, numbers and strings (torch.load(weights_only=True) reads them),
 each file written whole (atomic_path). A run killed at any point resumes to the same files.
 """
+import contextlib
 import dataclasses
 import json
 import random
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 
 import distributed
-from checkpoints import read_checkpoint_file, state_dict_misfit
-from files import atomic_path
+from checkpoints import check_finite, read_checkpoint_file, state_dict_misfit
+from files import atomic_path, hold_dir
 from model import SegVLMConfig
-from train_config import NOT_RESUMED, TrainConfig
+from train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
 from visualize import plot_curves
 
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
@@ -47,6 +48,8 @@ def read_resume(path: str) -> dict:
         SegVLMConfig.from_dict(ckpt["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"--resume {path}: its model config is not SegVLM's: {e}") from e
+    if isinstance(ckpt.get("model"), dict):
+        check_finite(ckpt["model"], f"--resume {path}")
     return ckpt
 
 
@@ -65,17 +68,35 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float
 
 
 
-def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path, resume: dict | None = None) -> Path:
-    """--out, else --resume's dir, else runs/<preset>-<time>; rank 0 writes config.json, command.txt, git.txt.
+def run_dir(cfg: TrainConfig) -> Path:
+    """--out, else --resume's dir, else runs/<preset>-<time>."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.resume:  # continue in the run dir the checkpoint came from
+        return Path(cfg.resume).parent
+    return Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+
+@contextlib.contextmanager
+def hold_run_dir(cfg: TrainConfig, out: Path):
+    """`with hold_run_dir(cfg, out):` this run holds its directory (files.hold_dir) for its whole life: a
+    second run on it is refused at its start, naming this one. A new run checks again, holding it, that
+    no other run has written there since its flags were checked."""
+    with hold_dir(out, "--out"):
+        if not cfg.resume:
+            check_new_run_dir(out)
+        yield out
+
+
+
+def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path, resume: dict | None = None,
+                 out: Path | None = None) -> Path:
+    """`out` (default run_dir(cfg)); rank 0 writes config.json, command.txt, git.txt there.
 
     A resumed run's config.json says what it changed ("resumed"), its command and commit are added to the
     others, and tidy_resumed_run makes the directory agree with the checkpoint."""
-    if cfg.out:
-        out = Path(cfg.out)
-    elif cfg.resume:  # continue in the run dir the checkpoint came from
-        out = Path(cfg.resume).parent
-    else:
-        out = Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = run_dir(cfg) if out is None else out
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         config = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
@@ -126,8 +147,11 @@ def tidy_resumed_run(out: Path, ckpt: dict) -> None:
 def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     """The last epoch's row: appended to metrics.jsonl, drawn into curves.png, printed."""
     last = history[-1]
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(last) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(last) + "\n")
+    except OSError as e:  # a full disk, above all: name the file
+        raise OSError(f"could not append to {out / 'metrics.jsonl'}: {e.strerror or e}") from None
     plot_curves(history, out / "curves.png")
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
           f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "

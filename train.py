@@ -47,6 +47,7 @@ split across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -64,10 +65,11 @@ from tqdm import tqdm
 import distributed
 import evaluate
 from checkpoints import init_model
+from cli import run_tool
 from datasets import ImageGroupedSampler, PhraseCutLMDB, unique_images
 from loss import RAFLoss
 from model import SegVLM, build_model, get_preset
-from runs import (log_epoch, make_run_dir, read_resume, restore, save_checkpoint, write_text)
+from runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
 from synthetic import ensure_synthetic
 from train_config import TrainConfig, parse_args
 from visualize import prediction_grid
@@ -80,7 +82,11 @@ from visualize import prediction_grid
 def train(cfg: TrainConfig) -> dict:
     """Run one training job -> the last epoch's metrics, with the test split's (test_*) when it was scored."""
     rank, world, device = distributed.init()
+    held = contextlib.ExitStack()
     try:
+        out = run_dir(cfg)
+        if rank == 0:  # for the life of the run: a second run on `out` is refused, naming this one
+            held.enter_context(hold_run_dir(cfg, out))
         seed_everything(cfg.seed)
         resume = read_resume(cfg.resume) if cfg.resume else None
         model = make_model(cfg, device, resume)
@@ -92,7 +98,7 @@ def train(cfg: TrainConfig) -> dict:
         criterion = make_loss(cfg)
         start, best, history = restore(resume, model, optimizer, scheduler, scaler) if resume else (0, -1.0, [])
         net = wrap_model(model, cfg, device)
-        out = make_run_dir(cfg, model.config, data_dir, resume)
+        make_run_dir(cfg, model.config, data_dir, resume, out)
         if rank == 0:
             print(f"run dir {out}  |  {world} process(es) on {device}  |  {len(loader.dataset)} train "
                   f"samples, {len(val_set)} val  |  global batch {cfg.batch_size}")
@@ -122,6 +128,7 @@ def train(cfg: TrainConfig) -> dict:
             last = {**last, **{f"test_{k}": v for k, v in test.items() if k not in ("subsets", "categories")}}
         return last
     finally:
+        held.close()
         distributed.destroy()
 
 
@@ -442,4 +449,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("train.py", main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,10 @@ from pathlib import Path
 import clip
 import torch
 
-from cli import parse_threshold
+from cli import check_path, check_writable, parse_threshold
+from files import dir_holder
 from metrics import DEFAULT_THRESHOLD
-from model import PRESETS, get_preset
+from model import PRESETS, ConfigError, SegVLMConfig, get_preset
 from synthetic import DEMO_NUM_IMAGES
 
 DESCRIPTION = "Train SegVLM: one plain torch.distributed loop, from a laptop CPU to several GPUs."
@@ -143,6 +145,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         validate(cfg)
     except ValueError as e:
         parser.error(str(e))
+    late = [m for m in cfg.milestones if m >= cfg.epochs]
+    if late and given & {"milestones", "epochs"}:  # a resumed run may yet go further: a note, not an error
+        print(f"note: --milestones {' '.join(map(str, late))} is not before --epochs {cfg.epochs}: the rates never "
+              f"decay there", file=sys.stderr)
     return cfg
 
 
@@ -170,6 +176,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     each typed flag that contradicts the checkpoint. A file that is no checkpoint is left to read_resume."""
     if "clip_weights" not in given:  # the preset's (paper: RN101) was for the run's start
         cfg = dataclasses.replace(cfg, clip_weights="none")
+    if not Path(cfg.resume).is_file():  # missing, a directory, a FIFO (a read would wait): validate says so
+        return cfg
     try:
         ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
         saved, model_cfg, done = dict(ckpt["args"]), dict(ckpt["config"]), ckpt["epoch"] + 1
@@ -196,6 +204,9 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject bad values before any work starts; each message names the flag."""
+    for f in dataclasses.fields(TrainConfig):  # inf or nan would surface as a non-finite loss at step 0
+        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, log_every=cfg.log_every)
     for name, value in positive.items():
         if not value > 0:
@@ -204,6 +215,14 @@ def validate(cfg: TrainConfig) -> None:
                  "num_workers", "input_size", "word_len"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    check_model_flags(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; distributed.init reads the same
+    if cfg.batch_size // world < 2:  # the text projection's BatchNorm1d fails on a batch of one
+        raise ValueError(f"--batch-size {cfg.batch_size}: BatchNorm needs at least 2 samples per process in "
+                         f"training, and {world} process(es) get {cfg.batch_size // world} each; use --batch-size "
+                         f"{2 * world} or more")
+    if cfg.loss == "raf" and cfg.w_bce == cfg.w_focal == cfg.w_dice == 0:
+        raise ValueError("--w-bce, --w-focal and --w-dice are all 0: the loss would be 0 and nothing would train")
     if not 0 < cfg.lr_gamma <= 1:
         raise ValueError(f"--lr-gamma must be in (0, 1], got {cfg.lr_gamma}")
     if cfg.loss not in ("raf", "bce"):
@@ -221,14 +240,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.dice_weight not in ("abs", "focal", "none"):
         raise ValueError(f"--dice-weight must be abs, focal or none, got {cfg.dice_weight!r}")
-    if cfg.input_size % 32:
-        raise ValueError(f"--input-size must be a multiple of 32, got {cfg.input_size}")
     if cfg.data:
         if not Path(cfg.data).is_dir():
             what = "is not a directory" if Path(cfg.data).exists() else "does not exist"
             raise ValueError(f"--data {cfg.data} {what}: give the directory that holds train.lmdb and val.lmdb")
         for split in ("train", "val"):
-            path = Path(cfg.data) / f"{split}.lmdb"
+            path = check_path(Path(cfg.data) / f"{split}.lmdb", f"--data {cfg.data}:")
             if not path.exists():
                 raise ValueError(f"--data {cfg.data}: missing {path} "
                                  f"(make it with: python data.py build --split {split} --out {path})")
@@ -242,10 +259,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
     if not all(0 < m < math.inf for m in cfg.milestones):
         raise ValueError(f"--milestones are epochs > 0, got {' '.join(map(str, cfg.milestones))}")
+    if any(a >= b for a, b in zip(cfg.milestones, cfg.milestones[1:])):
+        raise ValueError(f"--milestones must be in increasing order, got {' '.join(map(str, cfg.milestones))}: "
+                         f"each decays the rates once, at its epoch")
     weights = cfg.clip_weights
     if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
         raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
                          f"({', '.join(clip.available_models())}) nor an existing file")
+    for name in ("resume", "init_from", "clip_weights", "data", "out"):
+        if getattr(cfg, name):
+            check_path(getattr(cfg, name), "--" + name.replace("_", "-"))
     if cfg.resume:
         need_file("--resume", cfg.resume)
     if cfg.clip_weights.lower() != "none" and cfg.resume:
@@ -257,10 +280,15 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.resume and out.resolve() != Path(cfg.resume).resolve().parent:
             raise ValueError(f"--out {cfg.out}: --resume continues the run in its own directory, "
                              f"{Path(cfg.resume).parent}; drop --out")
-        found = [name for name in RUN_FILES if (out / name).exists()]
-        if found and not cfg.resume:
-            raise ValueError(f"--out {cfg.out} already holds a run ({', '.join(found)}); continue it with "
-                             f"--resume {out / 'checkpoint.pth'}, or give a new --out (or delete {cfg.out})")
+    out = Path(cfg.out or (Path(cfg.resume).parent if cfg.resume else "runs"))
+    check_writable(out, "--out")
+    if cfg.out or cfg.resume:
+        holder = dir_holder(out)
+        if holder:
+            raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it to end, stop it, "
+                             f"or give another --out")
+        if not cfg.resume:
+            check_new_run_dir(out)
     if cfg.init_from:
         need_file("--init-from", cfg.init_from)
         if cfg.resume:
@@ -272,6 +300,35 @@ def validate(cfg: TrainConfig) -> None:
 
 
 RUN_FILES = ("checkpoint.pth", "best.pth", "metrics.jsonl", "config.json", "test_metrics.json")
+
+
+
+def check_new_run_dir(out: Path) -> None:
+    """A ValueError when the directory of a new run already holds one (its files would be overwritten),
+    saying what it holds and what to do."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and (out / "checkpoint.pth").exists():
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); continue it with "
+                         f"--resume {out / 'checkpoint.pth'}, or give a new --out (or delete {out})")
+    if found:
+        raise ValueError(f"--out {out} holds a run that stopped before its first checkpoint ({', '.join(found)}); "
+                         f"nothing to resume: delete {out} or give a new --out")
+
+
+
+def check_model_flags(cfg: TrainConfig) -> None:
+    """The flags that set model fields, checked by the model's own config (SegVLMConfig), naming the flag:
+    each value alone, then with the preset's other fields when no CLIP weights or file bring their own."""
+    overrides = {name: getattr(cfg, name) for name in ("deform", "se", "input_size", "word_len")
+                 if getattr(cfg, name) not in (0, None) or isinstance(getattr(cfg, name), bool)}
+    try:
+        for name, value in overrides.items():
+            SegVLMConfig.check_field(name, value)
+        if cfg.clip_weights.lower() == "none" and not cfg.init_from and not cfg.resume:
+            dataclasses.replace(get_preset(cfg.preset).model, **overrides)
+    except ConfigError as e:
+        flag = flag_text(e.field, getattr(cfg, e.field)) if e.field in overrides else f"--preset {cfg.preset}"
+        raise ValueError(f"{flag}: {e}") from None
 
 
 

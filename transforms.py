@@ -58,10 +58,24 @@ def _tokens(phrase, word_len):
 
 def kept_words(phrase, word_len=22):
     """What tokenize keeps of a phrase longer than word_len tokens (its first word_len - 2 tokens, as
-    text: the start and end tokens take two), or None when the whole phrase fits."""
+    text: the start and end tokens take two), or None when the whole phrase fits. CLIP's BPE works on
+    UTF-8 bytes, so the cut may fall inside a character: that character's bytes are dropped, never shown
+    as a broken one."""
     from clip.clip import _tokenizer
     ids = _tokenizer.encode(phrase)
-    return None if len(ids) <= word_len - 2 else _tokenizer.decode(ids[:word_len - 2]).strip()
+    if len(ids) <= word_len - 2:
+        return None
+    text = "".join(_tokenizer.decoder[i] for i in ids[:word_len - 2])  # as CLIP's decode, whole characters
+    return bytearray(_tokenizer.byte_decoder[c] for c in text).decode("utf-8", errors="ignore") \
+        .replace("</w>", " ").strip()
+
+
+
+def short_phrase(phrase, limit=80):
+    """A phrase for a message: quoted, and a long one cut to its first `limit` characters, with its length."""
+    if len(phrase) <= limit:
+        return repr(phrase)
+    return f"{phrase[:limit]!r}... ({len(phrase):,} characters)"
 
 
 
@@ -69,8 +83,8 @@ def warn_if_cut(phrase, word_len, context="", note=""):
     """Warn, naming the words kept, when `phrase` is longer than word_len tokens; returns whether it was."""
     kept = kept_words(phrase, word_len)
     if kept is not None:
-        warnings.warn(f"{context}phrase {phrase!r} is longer than {word_len} tokens (word_len) and is cut: "
-                      f"the model sees only {kept!r}{note}", stacklevel=2)
+        warnings.warn(f"{context}phrase {short_phrase(phrase)} is longer than {word_len} tokens (word_len) and is "
+                      f"cut: the model sees only {kept!r}{note}", stacklevel=2)
     return kept is not None
 
 

@@ -14,6 +14,11 @@ from inference import eval_mode
 from metrics import DEFAULT_THRESHOLD, iou, task_iou
 
 @torch.no_grad()
+def overlay_name(k, task_id) -> str:
+    """save_overlays' file name for its k-th figure, of task `task_id`."""
+    return f"{k:04d}_{task_id}.png"
+
+
 def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
     """Write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
 
@@ -34,7 +39,7 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
             fig.tight_layout()
             mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
-            path = out_dir / f"{k:04d}_{item['task_id']}.png"
+            path = out_dir / overlay_name(k, item["task_id"])
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, dpi=80, format="png")
             paths.append(path)

@@ -7,7 +7,6 @@ Python 2 wrote them, whose refs fall in train, val, testA, testB and testAB.
 """
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

@@ -83,10 +83,11 @@ def test_an_out_holding_a_run_is_refused_and_path_flags_say_what_they_are(tmp_pa
     run_dir.mkdir()  # an empty directory is fine
     assert train.parse_args(smoke_args(run_dir, cache)).out == str(run_dir)
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run_dir / "checkpoint.pth").write_bytes(b"stands in for a checkpoint")
     with pytest.raises(SystemExit) as exc:
         train.parse_args(smoke_args(run_dir, cache))
     assert exc.value.code == 2
-    assert (f"--out {run_dir} already holds a run (metrics.jsonl); continue it with --resume "
+    assert (f"--out {run_dir} already holds a run (checkpoint.pth, metrics.jsonl); continue it with --resume "
             f"{run_dir / 'checkpoint.pth'}") in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
     # the CLI: a file where a directory belongs, a message and exit 2, no traceback
