@@ -1,7 +1,7 @@
 """The ablation of the paper's Table 2 with its Figs. 4-6: four variants, each trained once per seed.
 
     python ablation.py --preset demo --seeds 0 1 2                       # synthetic data, CPU
-    python ablation.py --preset demo --seeds 0 1 2 -- --epochs 3 --synth-images 800   # shorter
+    python ablation.py --preset demo --seeds 0 1 2 -- --epochs 2 --synth-images 600   # shorter
     python ablation.py --preset paper --nproc 4 --seeds 0 1 2 -- --data lmdb/   # after --: train.py flags
 
 Each variant adds one thing to the one before, as Table 2 does:
@@ -20,15 +20,17 @@ number of steps. OUT then receives (visualize.py draws the figures):
                              over the seeds; the JSON adds oIoU and every seed's value
     fig4_precision.png       Prec@k against k, one curve per variant, the seeds' spread as a band
     fig5_gains.png           each stage's gain over the one before, per metric (paired by seed)
-    fig6_qualitative.png     test tasks segmented by every variant side by side (its rows' rule:
-                             ablation_figures.qualitative_rows)
+    fig6_qualitative.png     test tasks as image, ground truth and each variant's prediction, drawn
+                             from the best.pth of one seed (--fig6-seed, default the first); rows by
+                             a rule stated in its caption, never by hand: the tasks where the
+                             variants' IoU differ most, then typical ones (qualitative_rows)
 
 Interrupted, the same command resumes: a finished run (test_metrics.json written, same settings) is
 reused, a started one continues from its checkpoint.pth (train.py --resume). A run that fails is
 named in one line and the others go on; the files are written from the runs that finished, and the
 command exits non-zero. The flags that define a variant (--loss, --w-*, --dice-weight, --deform,
 --se) or a run's place (--out, --resume, --seed, --preset) are ablation.py's business and refused
-after --.
+after --. On a shared or busy CPU, OMP_NUM_THREADS=1 keeps each run from fighting for cores.
 """
 from __future__ import annotations
 
