@@ -51,6 +51,8 @@ def smoke_size(block: str) -> str:
         (r"data/VGPhraseCut_v0", "data/synth"),
         (r"(?<![\w/])(runs/demo/)?best\.pth", "$CKPT"),
         (r"python ablation\.py", "python ablation.py --preset smoke"),
+        (r"--seeds( \d+)+", "--seeds 0"),
+        (r"--synth-images \d+", "--synth-images 12"),
         (r"(python benchmark\.py.*)", r"\1 --preset smoke --batch 2 --repeats 1 --warmup 1 --workers 0 "
                                       r"--loader-batches 2"),
         (r"^torchrun ", f"{py} -m torch.distributed.run "),

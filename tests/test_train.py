@@ -518,18 +518,6 @@ def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, 
     assert "[rank0]: Traceback" not in proc.stderr
 
 
-def test_ablation_stops_with_train_pys_message_when_a_variant_cannot_run(tmp_path, cache):
-    (tmp_path / "ablation" / "baseline").mkdir(parents=True)
-    (tmp_path / "ablation" / "baseline" / "checkpoint.pth").write_bytes(b"an earlier run")
-    proc = subprocess.run([sys.executable, str(REPO / "ablation.py"), "--preset", "smoke", "--out", "ablation",
-                           "--", "--cache-dir", str(cache)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "train.py: error: --out ablation/baseline already holds a run (checkpoint.pth)" in proc.stderr
-    assert "ablation.py: error: train.py failed for baseline (ablation/baseline)" in proc.stderr
-    assert (tmp_path / "ablation" / "baseline" / "checkpoint.pth").read_bytes() == b"an earlier run"
-
-
 def test_non_finite_loss_names_step_and_terms(tmp_path, cache):
     class Exploding(torch.nn.Module):
         def forward(self, logits, target):
@@ -543,24 +531,6 @@ def test_non_finite_loss_names_step_and_terms(tmp_path, cache):
         train.train_one_epoch(*args, 0, cfg)
     with pytest.raises(train.NonFiniteLoss, match=rf"epoch 3, step {2 * len(loader)} "):  # steps count on
         train.train_one_epoch(*args, 2, cfg)
-
-
-def test_ablation_runs_the_four_variants_of_table_2(tmp_path, cache):
-    import ablation
-
-    out = tmp_path / "ablation"  # given relative to the caller's directory, as a user would
-    proc = run([sys.executable, str(REPO / "ablation.py"), "--preset", "smoke", "--out", "ablation", "--",
-                "--cache-dir", str(cache)], cwd=tmp_path)
-    rows = json.loads((out / "results.json").read_text())
-    assert [r["variant"] for r in rows] == [v[0] for v in ablation.VARIANTS]
-    for row, (_, dirname, flags) in zip(rows, ablation.VARIANTS):
-        cfg = json.loads((out / dirname / "config.json").read_text())
-        assert cfg["train"]["loss"] == flags[1]
-        assert cfg["model"]["deform"] == ("--deform" in flags)
-        assert cfg["model"]["se"] == ("--se" in flags)
-        assert 0 <= row["test"]["mIoU"] <= 1
-    assert "| + SE (SegVLM) |" in (out / "table.md").read_text()
-    assert "+ deform + residual" in proc.stdout
 
 
 def test_plot_curves_leaves_the_matplotlib_backend_alone(tmp_path):
