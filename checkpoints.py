@@ -374,7 +374,6 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
     return model, (f"initialised from {path} ({what}): {len(ckpt['model'])} tensors copied, {block}")
 
 
-
 # --------------------------------------------------------------------------- reading any checkpoint
 
 def read_checkpoint_file(path, map_location="cpu"):
@@ -406,7 +405,6 @@ def read_checkpoint_file(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
 
 
-
 def state_dict_misfit(model, state_dict, show=3) -> str:
     """An empty string when state_dict fits model exactly, else a short summary: how many keys are
     missing, unexpected or of another shape, and the first `show` of each (not torch's full list)."""
@@ -421,7 +419,6 @@ def state_dict_misfit(model, state_dict, show=3) -> str:
                      (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
 
 
-
 def check_finite(state_dict, where, name=str) -> None:
     """A ValueError naming the first floating tensor of `state_dict` that holds a NaN or an infinity: such
     weights give a blank or full mask, or a score of 0, without any other sign. name: how to show a key."""
@@ -430,7 +427,6 @@ def check_finite(state_dict, where, name=str) -> None:
                 and not bool(torch.isfinite(value).all()):  # a meta tensor (shapes only) holds no value
             raise ValueError(f"{where}: the weight {name(key)} holds NaN or infinite values (a damaged file, or a "
                              f"run whose training diverged); use another checkpoint")
-
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -29,7 +29,6 @@ def parse_threshold(text) -> float:
     return value
 
 
-
 def parse_device(text) -> torch.device:
     """A --device value (argparse type of evaluate.py and predict.py): cpu, cuda, cuda:N or mps, present here.
 
@@ -52,12 +51,10 @@ def parse_device(text) -> torch.device:
     return device
 
 
-
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
-
 
 
 def same_file(a, b) -> bool:
@@ -74,7 +71,6 @@ def same_file(a, b) -> bool:
         return False
 
 
-
 def make_dir(path, what):
     """mkdir -p `path` for the output `what` (e.g. "--save-masks"); a ValueError naming both when impossible."""
     path = Path(path)
@@ -85,7 +81,6 @@ def make_dir(path, what):
     except OSError as e:
         raise ValueError(f"{what}: cannot create the directory {path} ({e.strerror}: {e.filename})") from None
     return path
-
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -109,7 +104,6 @@ def check_path(path, flag) -> Path:
     return Path(path)
 
 
-
 def check_writable(path, flag) -> None:
     """Refuse a folder (or, when it does not exist yet, its nearest existing parent) this process cannot create
     a file in: permissions, a read-only file system. Tried with a real file, which is removed at once."""
@@ -122,7 +116,6 @@ def check_writable(path, flag) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"{flag}: cannot write in {folder} ({e.strerror})") from None
-
 
 
 def check_output(path, flag, inputs=(), outputs=(), example="out.json") -> Path:
@@ -142,7 +135,6 @@ def check_output(path, flag, inputs=(), outputs=(), example="out.json") -> Path:
     return path
 
 
-
 def check_output_dir(path, flag, inputs=()) -> Path:
     """One output folder, checked before any work: resolvable, a directory (created here) that can be written
     in, and none of `inputs` ((flag, path) pairs). A ValueError naming the flag otherwise."""
@@ -154,9 +146,7 @@ def check_output_dir(path, flag, inputs=()) -> Path:
     return path
 
 
-
 WRITTEN = ".segvlm-written"  # in a folder a tool writes into: the names of the files it wrote there
-
 
 
 def claim_files(folder, names, flag, record=True) -> None:
@@ -177,15 +167,12 @@ def claim_files(folder, names, flag, record=True) -> None:
             tmp.write_text("".join(name + "\n" for name in sorted(ours | new)))
 
 
-
 class Stopped(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that every `finally` runs (atomic_path removes its file)."""
 
 
-
 def _stop(signum, frame):
     raise Stopped()
-
 
 
 def run_tool(prog, main, *args):

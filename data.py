@@ -53,7 +53,6 @@ def _rate(dataset, n):
     return n / (time.perf_counter() - start)
 
 
-
 def bench(path, root=None, n=300, input_size=416):
     """Samples/s for one process producing training samples, from the LMDB and from the folder."""
     torch.set_num_threads(1)
@@ -63,7 +62,6 @@ def bench(path, root=None, n=300, input_size=416):
     if (root / f"refer_{ds.header['split']}.json").is_file():
         rates["folder"] = _rate(PhraseCutFolder(root, ds.header["split"], input_size), n)
     return rates
-
 
 
 def build(args, parser):
@@ -87,7 +85,6 @@ def build(args, parser):
     return build_lmdb(args.root, args.split, **common)
 
 
-
 def print_build(out, s):
     """What a build wrote, and each thing it counted that a user should know."""
     for note in s["stale_temporaries"]:
@@ -108,7 +105,6 @@ def print_build(out, s):
               f"annotations {s['annotation_bytes']:,})")
     else:
         print(f"size {s['lmdb_bytes']:,} bytes (images {s['image_bytes']:,})")
-
 
 
 def main(argv=None):
@@ -157,7 +153,6 @@ def main(argv=None):
                 print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
     except (ValueError, OSError, lmdb.Error) as err:
         parser.exit(2, f"data.py: error: {err}\n")
-
 
 
 if __name__ == "__main__":

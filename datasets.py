@@ -21,7 +21,6 @@ from transforms import _tokens, decode_image, letterbox, letterbox_mask, polygon
 INSTANCE_SUBSETS = ("i_single", "i_multi", "i_many")  # by the number of instance boxes (phrasecut_subsets)
 
 
-
 class _PhraseCutItems(Dataset):
     """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
 
@@ -98,7 +97,6 @@ class _PhraseCutItems(Dataset):
         return item
 
 
-
 class PhraseCutLMDB(_PhraseCutItems):
     """Tasks from one split's LMDB, any source (phrasecut, refcoco, coco, voc: lmdb_store's format).
 
@@ -155,7 +153,6 @@ class PhraseCutLMDB(_PhraseCutItems):
         return task, data
 
 
-
 class PhraseCutFolder(_PhraseCutItems):
     """The same items read straight from a PhraseCut directory (refer_<split>.json + images/)."""
 
@@ -175,7 +172,6 @@ class PhraseCutFolder(_PhraseCutItems):
         task = self.tasks[index]
         task = {**task, "image_info": _image_info(self.infos, task)}
         return task, image_path(self.images, task).read_bytes()
-
 
 
 class ImageGroupedSampler(torch.utils.data.Sampler):
@@ -214,7 +210,6 @@ class ImageGroupedSampler(torch.utils.data.Sampler):
             yield from tasks[start:start + self.batch_size]
 
 
-
 def unique_images(image: torch.Tensor, image_ids) -> tuple:
     """A batch's images (B, 3, S, S) and their B ids -> (distinct images (U, 3, S, S), index (B,)),
     distinct in order of first appearance, so that image[i] is distinct[index[i]]."""
@@ -225,7 +220,6 @@ def unique_images(image: torch.Tensor, image_ids) -> tuple:
             keep.append(i)
         index.append(slot[key])
     return image[keep], torch.tensor(index)
-
 
 
 def collate(batch):

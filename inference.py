@@ -42,10 +42,8 @@ def load_model(ckpt_path, device=None, fast=None):
     return FastSegVLM(net) if fast else net
 
 
-
 def net_device(model):
     return next(model.parameters()).device
-
 
 
 class FastSegVLM(torch.nn.Module):
@@ -128,12 +126,10 @@ class FastSegVLM(torch.nn.Module):
         self.graphs[key] = (graph, static_image, static_tokens, static_index, static_out)
 
 
-
 def unwrap(model):
     # DDP's forward may talk to the other ranks (buffer broadcast), and shards
     # differ in length by one batch: run the plain module instead.
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
 
 
 @contextlib.contextmanager
@@ -147,7 +143,6 @@ def eval_mode(model, device=None):
         yield net, torch.device(device) if device is not None else next(net.parameters()).device
     finally:
         net.train(was_training)
-
 
 
 BYTES_PER_PIXEL = 8  # 16-bit RGBA, uncompressed: no real image file at PIL's pixel limit is larger
@@ -191,12 +186,10 @@ def open_image(path):
         raise ValueError(f"{path}: cannot decode the image ({e})") from None
 
 
-
 def _check_phrase(phrase):
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError(f"the phrase is empty: {phrase!r}")
     return phrase.strip()
-
 
 
 def as_image(image):
@@ -218,7 +211,6 @@ def as_image(image):
                      f"got {type(image).__name__}")
 
 
-
 def _phrase_list(phrases):
     """(the phrases, checked and stripped, as a list; whether one bare string was given)."""
     if isinstance(phrases, str):
@@ -228,7 +220,6 @@ def _phrase_list(phrases):
     if not phrases:
         raise ValueError("no phrase given: pass a string or a non-empty list of strings")
     return [_check_phrase(p) for p in phrases], False
-
 
 
 @torch.no_grad()
@@ -266,7 +257,6 @@ def predict_proba(model, image, phrases):
     return probs[0] if single else probs
 
 
-
 def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
     """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size.
 
@@ -278,11 +268,9 @@ def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
     return probs > threshold if isinstance(probs, np.ndarray) else [p > threshold for p in probs]
 
 
-
 # Each phrase's colour in an overlay, in order: distinct hues that stay readable over a photo.
 PALETTE = ((230, 30, 30), (30, 110, 240), (40, 190, 60), (250, 170, 0), (170, 50, 220),
            (0, 200, 200), (240, 80, 180), (140, 90, 30), (250, 250, 250), (20, 20, 20))
-
 
 
 def tint(rgb, mask, color, alpha=0.55):
@@ -297,7 +285,6 @@ def tint(rgb, mask, color, alpha=0.55):
     rgb = rgb.copy()
     rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color, dtype=rgb.dtype)
     return rgb
-
 
 
 def overlay(image, masks, phrases=None, color=None, alpha=0.55):

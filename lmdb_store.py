@@ -46,9 +46,7 @@ MAX_SIZE_RATIO = 2  # a listed width or height more than 2x (or under 1/2) the f
 MAX_IMAGE_BYTES = 1 << 30  # an image file larger than any real photo is refused before it is read whole
 
 
-
 _READERS = {}  # (st_dev, st_ino) -> (owner, lmdb.Environment); py-lmdb allows one per file per process
-
 
 
 def reader(path):
@@ -81,7 +79,6 @@ def reader(path):
     return env
 
 
-
 def read_record(path, key, raw):
     """An LMDB value decoded as a JSON object; a ValueError naming the file and the key otherwise."""
     try:
@@ -92,7 +89,6 @@ def read_record(path, key, raw):
     if problem:
         raise ValueError(f"{path}: record {key.decode()} is {problem}; rebuild it with `python data.py build`")
     return record
-
 
 
 # ----------------------------------------------------------------------------- the masks of a task record
@@ -112,7 +108,6 @@ def task_masks(task):
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"task {task.get('task_id')!r}: its segmentation is unusable: {err}") from None
     return gt, ignore
-
 
 
 # ----------------------------------------------------------------------------- writing (every source)
@@ -142,7 +137,6 @@ def check_out(out, inputs, folders=(), what="--root"):
                              "delete it first if it should be replaced") from None
 
 
-
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -151,7 +145,6 @@ def _alive(pid):
     except OSError:  # another user's process: alive
         return True
     return True
-
 
 
 def stale_temporaries(out):
@@ -176,7 +169,6 @@ def stale_temporaries(out):
     return notes
 
 
-
 def _check_task_ids(tasks, where):
     """Every task id a safe file name, and no two equal once written as files (case-insensitive file
     systems included): `evaluate.py --save-masks` writes <task_id>.png per task."""
@@ -196,10 +188,8 @@ def _check_task_ids(tasks, where):
         seen[key] = i
 
 
-
 def _absurd(listed, real):
     return any(a > MAX_SIZE_RATIO * b or b > MAX_SIZE_RATIO * a for a, b in zip(listed, real))
-
 
 
 def _read_image(path, listed, exact_size, image_id):
@@ -223,7 +213,6 @@ def _read_image(path, listed, exact_size, image_id):
                          f"({why}); --skip-missing converts without it")
     with Image.open(io.BytesIO(data)) as im:
         return data, (w, h), getattr(im, "n_frames", 1)
-
 
 
 def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_size=False, progress=True,
@@ -301,7 +290,6 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
         finally:
             env.close()
     return {**header, "stale_temporaries": stale, "lmdb_bytes": os.path.getsize(out), "image_bytes": image_bytes}
-
 
 
 def read_header(path):

@@ -36,7 +36,6 @@ INPUT_FILES = ("image_data_split.json", "image_data_split3000.json", "name_att_r
                *(f"refer_{s}.json" for s in SPLITS))
 
 
-
 # The official evaluator's subsets (PhraseCut's utils/subset.py), in groups: instances, phrase
 # structure, size, name and attribute frequency rank, COCO images. Its c_coco, t_stuff/t_obj and
 # attribute kinds (a_color, ...) rely on word lists in its code and are not reproduced here.
@@ -53,18 +52,15 @@ NO_RANKS_NOTE = ("c*/a* subsets left out: the data was converted without name_at
 SMALL_AREA, LARGE_AREA = 0.02, 0.2  # relative ground-truth area boundaries
 
 
-
 # ----------------------------------------------------------------------------- the files
 
 def _is_id(value):
     return type(value) is int or (type(value) is str and value != "")
 
 
-
 def _is_point(p):  # [x, y], numbers within 10 million pixels (comparisons also refuse NaN and inf)
     return (type(p) is list and len(p) == 2 and type(p[0]) in (int, float) and type(p[1]) in (int, float)
             and -1e7 < p[0] < 1e7 and -1e7 < p[1] < 1e7)
-
 
 
 def _check_task(task, file, index):
@@ -106,7 +102,6 @@ def _check_task(task, file, index):
                     fail(f"Polygons[{i}][{j}][{k}]", point, "[x, y], two finite numbers (pixels)")
 
 
-
 def load_tasks(root, split):
     """refer_<split>.json's tasks, every record checked (_check_task)."""
     if split not in SPLITS:
@@ -118,7 +113,6 @@ def load_tasks(root, split):
     for i, task in enumerate(tasks):
         _check_task(task, refer, i)
     return tasks
-
 
 
 def read_image_info(root):
@@ -139,7 +133,6 @@ def read_image_info(root):
                             "(width, height, coco_id) is needed for its subsets")
 
 
-
 def read_counts(root):
     """name_att_rel_count.json's "cat" and "att" lists ([word, count], most frequent first), or None
     when the root has no such file."""
@@ -155,7 +148,6 @@ def read_counts(root):
     return {"cat": counts["cat"], "att": counts["att"]}
 
 
-
 def image_path(images, task):
     """`images`/<image_id>.jpg resolved, for a task; `images` is the resolved images folder. A ValueError
     when it leads outside that folder: an image_id such as ../../x or /x, or a symlink that leaves it."""
@@ -166,14 +158,12 @@ def image_path(images, task):
     return path
 
 
-
 def _image_info(infos, task):
     """What the subsets need from the task's image record: width, height, coco_id."""
     info = infos.get(str(task["image_id"]))
     if info is None:
         raise ValueError(f"task {task['task_id']}: image {task['image_id']} is not in image_data_split.json")
     return {"width": info["width"], "height": info["height"], "coco_id": info.get("coco_id")}
-
 
 
 # ----------------------------------------------------------------------------- the subsets
@@ -192,7 +182,6 @@ def frequency_ranks(counts):
     return ranks
 
 
-
 def _rank_subsets(prefix, rank, cuts):
     """The c* subsets of a 0-based rank for prefix "c", cuts (20, 100, 500) (a* likewise): the nested
     top-k sets that hold it (c20, c100, c500) and its band, c21-100, c101-500 or c500+ (below 20 the
@@ -206,7 +195,6 @@ def _rank_subsets(prefix, rank, cuts):
     elif rank >= last:
         names.add(f"{prefix}{last}+")
     return names
-
 
 
 def phrasecut_subsets(phrase_structure, num_instances, rel_area, coco, ranks=None):
@@ -259,7 +247,6 @@ def phrasecut_subsets(phrase_structure, num_instances, rel_area, coco, ranks=Non
         att_rank = min([201] + [ranks["att"][a] for a in atts if a in ranks["att"]])
         names |= _rank_subsets("c", name_rank, (20, 100, 500)) | _rank_subsets("a", att_rank, (20, 100, 200))
     return [name for name in SUBSETS if name in names]
-
 
 
 def subset_names(ranked=True) -> list:

@@ -56,7 +56,6 @@ def check_outputs(args):
             raise ValueError(f"{flag} {e}") from None
 
 
-
 def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(prog="predict.py",
@@ -90,7 +89,6 @@ def main(argv=None):
         sys.exit(f"predict.py: error: {e}")
     print(f'{short_phrase(phrase)}: {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
           f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))
-
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from visualize import plot_curves
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
 
 
-
 def read_resume(path: str) -> dict:
     """--resume's checkpoint.pth (read_checkpoint_file: never code), or a ValueError saying why it cannot be one."""
     try:
@@ -53,7 +52,6 @@ def read_resume(path: str) -> dict:
     return ckpt
 
 
-
 def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float, list]:
     """Load a run's whole state, RNGs included -> (first epoch to run, best val mIoU so far, history)."""
     misfit = state_dict_misfit(model, ckpt["model"])
@@ -67,7 +65,6 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float
     return ckpt["epoch"] + 1, ckpt["best_metric"], list(ckpt["history"])
 
 
-
 def run_dir(cfg: TrainConfig) -> Path:
     """--out, else --resume's dir, else runs/<preset>-<time>."""
     if cfg.out:
@@ -75,7 +72,6 @@ def run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume:  # continue in the run dir the checkpoint came from
         return Path(cfg.resume).parent
     return Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-
 
 
 @contextlib.contextmanager
@@ -87,7 +83,6 @@ def hold_run_dir(cfg: TrainConfig, out: Path):
         if not cfg.resume:
             check_new_run_dir(out)
         yield out
-
 
 
 def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path, resume: dict | None = None,
@@ -113,14 +108,12 @@ def make_run_dir(cfg: TrainConfig, model_cfg, data_dir: Path, resume: dict | Non
     return out
 
 
-
 def write_text(path: Path, text: str, append: bool = False) -> None:
     """`text` as the file's content (after its old content, with append), written whole (atomic_path)."""
     if append and path.is_file():
         text = path.read_text() + text
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
 
 
 def tidy_resumed_run(out: Path, ckpt: dict) -> None:
@@ -143,7 +136,6 @@ def tidy_resumed_run(out: Path, ckpt: dict) -> None:
             write_best(out, ckpt)
 
 
-
 def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     """The last epoch's row: appended to metrics.jsonl, drawn into curves.png, printed."""
     last = history[-1]
@@ -156,7 +148,6 @@ def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
           f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "
           f"oIoU {last['val_oIoU']:.4f} P@0.5 {last['val_prec@0.5']:.4f}  {last['seconds']:.0f}s", flush=True)
-
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: list[dict], best: float,
@@ -175,13 +166,11 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: lis
         write_best(out, state)
 
 
-
 def write_best(out: Path, state: dict) -> None:
     """best.pth: a checkpoint's weights, config, epoch and metric (no optimizer)."""
     with atomic_path(out / "best.pth") as tmp:
         torch.save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric", "args", "data_dir")},
                    tmp)
-
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +192,6 @@ def rng_state() -> dict:
     return state
 
 
-
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -213,7 +201,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 
 def git_commit() -> str:

@@ -43,7 +43,6 @@ SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cach
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
 
-
 def _outline(kind, cx, cy, r):
     """Polygon [[x, y], ...] (ints) of one shape of radius r centred at (cx, cy)."""
     if kind == "circle":
@@ -60,7 +59,6 @@ def _outline(kind, cx, cy, r):
         return [[round(cx + dx * r), round(cy + dy * r)]
                 for dx, dy in ((0, -1.2), (0.75, 0), (0, 1.2), (-0.75, 0))]
     return [[round(cx + q * np.cos(a)), round(cy + q * np.sin(a))] for a, q in zip(angles, radii)]
-
 
 
 def _scene(rng, width, height):
@@ -96,12 +94,10 @@ def _scene(rng, width, height):
     return shapes
 
 
-
 def _describe(size, colour, kind, count):
     noun = (kind or "shape") + ("s" if count > 1 else "")
     words = [w for w in (size, colour) if w] + [noun]
     return ("all " if count > 1 else "") + " ".join(words), noun, [w for w in (size, colour) if w]
-
 
 
 def _phrases(shapes, width, height):
@@ -150,7 +146,6 @@ def _phrases(shapes, width, height):
     return cands
 
 
-
 def _render(rng, shapes, width, height):
     """Noisy textured background, then the shapes, then sensor-like noise -> RGB PIL image."""
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
@@ -168,7 +163,6 @@ def _render(rng, shapes, width, height):
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-
 def count_words(tasks):
     """name_att_rel_count.json's content for `tasks`: {"cat", "att", "rel"}, each a list of [word, count]
     sorted by count from high to low (ties alphabetically), counting each phrase's name, its attributes
@@ -181,7 +175,6 @@ def count_words(tasks):
         counters["rel"].update(predicate for predicate, _ in ps["relation_descriptions"])
     return {key: sorted(([word, n] for word, n in c.items()), key=lambda p: (-p[1], p[0]))
             for key, c in counters.items()}
-
 
 
 def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect=0.75):
@@ -253,7 +246,6 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect
         with atomic_path(out / f"{name}.json") as tmp:
             tmp.write_text(json.dumps(obj, separators=(",", ":")))
     return out
-
 
 
 def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False, aspect=0.75):

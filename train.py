@@ -132,7 +132,6 @@ def train(cfg: TrainConfig) -> dict:
         distributed.destroy()
 
 
-
 # ---------------------------------------------------------------------------
 # the steps, in the order train() takes them
 
@@ -141,7 +140,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 
 def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
@@ -170,7 +168,6 @@ def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
     return freeze(model, cfg).to(device)
 
 
-
 def freeze(model: SegVLM, cfg: TrainConfig) -> SegVLM:
     """--freeze-token-embedding: CLIP's token table gets no gradient, so neither Adam nor DDP touches it.
 
@@ -182,7 +179,6 @@ def freeze(model: SegVLM, cfg: TrainConfig) -> SegVLM:
     transformer above it learns."""
     model.backbone.token_embedding.weight.requires_grad_(not cfg.freeze_token_embedding)
     return model
-
 
 
 def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
@@ -201,7 +197,6 @@ def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
         make()
     distributed.barrier()
     return make()  # made by now: every rank gets the same path at once
-
 
 
 def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[DataLoader, PhraseCutLMDB]:
@@ -227,7 +222,6 @@ def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[D
         raise ValueError(f"{data_dir / 'train.lmdb'}: {len(train_set)} samples are fewer than "
                          f"one batch of {loader.batch_size} per process")
     return loader, val_set
-
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int = 1):
@@ -256,10 +250,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: in
     return optimizer, scheduler
 
 
-
 def steps_the_rate_per_batch(cfg: TrainConfig) -> bool:
     return cfg.schedule != "step" or cfg.warmup_epochs > 0 or any(m != int(m) for m in cfg.milestones)
-
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -272,7 +264,6 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return warm * cfg.lr_gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
-
 def amp_dtype(device: torch.device, cfg: TrainConfig):
     """bf16 where the GPU supports it, else fp16 (with a GradScaler); None = fp32."""
     if not cfg.amp or device.type != "cuda":
@@ -280,12 +271,10 @@ def amp_dtype(device: torch.device, cfg: TrainConfig):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-
 def make_loss(cfg: TrainConfig) -> RAFLoss:
     if cfg.loss == "bce":  # the CRIS baseline: BCE alone
         return RAFLoss(w_bce=1.0, w_focal=0.0, w_dice=0.0)
     return RAFLoss(w_bce=cfg.w_bce, w_focal=cfg.w_focal, w_dice=cfg.w_dice, dice_weight=cfg.dice_weight)
-
 
 
 def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
@@ -309,7 +298,6 @@ def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
     if cfg.compile:
         net = torch.compile(net)  # after DDP, so that DDP's optimizer splits the graph at its buckets
     return net
-
 
 
 def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig,
@@ -349,10 +337,8 @@ def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int
     return distributed.reduce_mean(monitor.means(len(loader)), device)
 
 
-
 class NonFiniteLoss(RuntimeError):
     pass
-
 
 
 def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, clip_grad=0.0,
@@ -370,7 +356,6 @@ def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, 
     scaler.step(optimizer)
     scaler.update()
     return {k: v.detach() for k, v in terms.items()}
-
 
 
 class LossMonitor:
@@ -406,7 +391,6 @@ class LossMonitor:
         return dict(zip(self.KEYS, (self.sums / steps).tolist()))
 
 
-
 def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch_size: int) -> dict:
     """Score best.pth's weights on test.lmdb (every rank its share; rank 0 reads the file and broadcasts
     them) -> evaluate's metrics. Rank 0 adds the decoder-grid ceiling of the same tasks ("ceiling"),
@@ -434,7 +418,6 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
     return test
 
 
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
@@ -445,7 +428,6 @@ def main(argv: list[str] | None = None) -> None:
         if (message := distributed.peer_failure(e)) is None:
             raise
         sys.exit(f"train.py: error: {message}")
-
 
 
 if __name__ == "__main__":

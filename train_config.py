@@ -35,7 +35,6 @@ def flag(default, help: str, **argparse_options):
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
-
 @dataclass
 class TrainConfig:
     """Every training setting; each is a command-line flag (`lr` -> `--lr`). The defaults are the
@@ -90,11 +89,9 @@ class TrainConfig:
     eval_test: bool = flag(True, "evaluate best.pth on test.lmdb at the end, when there is one")
 
 
-
 def preset_defaults(preset: str) -> TrainConfig:
     """The paper's recipe with `preset`'s departures from it (model.PRESETS[preset].recipe)."""
     return dataclasses.replace(TrainConfig(preset=preset), **get_preset(preset).recipe)
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,12 +102,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nvalid flags: {' '.join(flags)}\n")
 
 
-
 def epoch_number(text: str) -> int | float:
     """--milestones' values: 7 stays the int 7 (MultiStepLR's epochs), 7.5 is a float (a per-batch decay)."""
     value = float(text)  # argparse turns a ValueError into "invalid epoch_number value: 'x'"
     return int(value) if value.is_integer() else value
-
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -152,13 +147,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-
 def flag_text(name: str, value) -> str:
     """A setting as the flag that gives it: ('se', False) -> '--no-se', ('lr', 0.001) -> '--lr 0.001'."""
     if isinstance(value, bool):
         return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
     return f"--{name.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
-
 
 
 # What --resume may change: how far the run goes, where its data now is, how fast it runs. Every other
@@ -168,7 +161,6 @@ RESUME_MAY_CHANGE = {"epochs", "data", "cache_dir", "num_workers", "log_every", 
                      "eval_test", "out", "resume"}
 
 NOT_RESUMED = {"clip_weights", "init_from", "out", "resume"}
-
 
 
 def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
@@ -201,9 +193,17 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given})
 
 
-
 def validate(cfg: TrainConfig) -> None:
     """Reject bad values before any work starts; each message names the flag."""
+    check_numbers(cfg)
+    check_loss(cfg)
+    check_schedule(cfg)
+    check_data(cfg)
+    check_files(cfg)
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Finite floats, positive sizes and rates, the model's fields (SegVLMConfig), a batch BatchNorm can take."""
     for f in dataclasses.fields(TrainConfig):  # inf or nan would surface as a non-finite loss at step 0
         if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
             raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
@@ -225,6 +225,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("--w-bce, --w-focal and --w-dice are all 0: the loss would be 0 and nothing would train")
     if not 0 < cfg.lr_gamma <= 1:
         raise ValueError(f"--lr-gamma must be in (0, 1], got {cfg.lr_gamma}")
+
+
+def check_loss(cfg: TrainConfig) -> None:
+    """--loss and RAF's settings (eq. 4-8): bce refuses the RAF flags it would ignore."""
     if cfg.loss not in ("raf", "bce"):
         raise ValueError(f"--loss must be 'raf' or 'bce', got {cfg.loss!r}")
     if cfg.loss == "bce":  # make_loss ignores RAF's settings: refuse them rather than drop them silently
@@ -234,12 +238,25 @@ def validate(cfg: TrainConfig) -> None:
         if ignored:
             raise ValueError(f"--loss bce is BCE alone (the CRIS baseline), so {', '.join(ignored)} would be "
                              f"ignored; drop it, or use --loss raf")
+    if cfg.dice_weight not in ("abs", "focal", "none"):
+        raise ValueError(f"--dice-weight must be abs, focal or none, got {cfg.dice_weight!r}")
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """--schedule, --warmup-epochs and --milestones."""
     if cfg.schedule not in ("step", "cosine"):
         raise ValueError(f"--schedule must be step or cosine, got {cfg.schedule!r}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ValueError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
-    if cfg.dice_weight not in ("abs", "focal", "none"):
-        raise ValueError(f"--dice-weight must be abs, focal or none, got {cfg.dice_weight!r}")
+    if not all(0 < m < math.inf for m in cfg.milestones):
+        raise ValueError(f"--milestones are epochs > 0, got {' '.join(map(str, cfg.milestones))}")
+    if any(a >= b for a, b in zip(cfg.milestones, cfg.milestones[1:])):
+        raise ValueError(f"--milestones must be in increasing order, got {' '.join(map(str, cfg.milestones))}: "
+                         f"each decays the rates once, at its epoch")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """--data holds train.lmdb and val.lmdb, or the synthetic set's settings can make one."""
     if cfg.data:
         if not Path(cfg.data).is_dir():
             what = "is not a directory" if Path(cfg.data).exists() else "does not exist"
@@ -257,11 +274,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")
         if cfg.synth_images < 4:
             raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
-    if not all(0 < m < math.inf for m in cfg.milestones):
-        raise ValueError(f"--milestones are epochs > 0, got {' '.join(map(str, cfg.milestones))}")
-    if any(a >= b for a, b in zip(cfg.milestones, cfg.milestones[1:])):
-        raise ValueError(f"--milestones must be in increasing order, got {' '.join(map(str, cfg.milestones))}: "
-                         f"each decays the rates once, at its epoch")
+
+
+def check_files(cfg: TrainConfig) -> None:
+    """--clip-weights, --resume, --init-from and --out: they exist, fit together, and --out is free."""
     weights = cfg.clip_weights
     if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
         raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
@@ -298,9 +314,7 @@ def validate(cfg: TrainConfig) -> None:
                              f"backbone (e.g. RN101) or be none, not {weights!r}")
 
 
-
 RUN_FILES = ("checkpoint.pth", "best.pth", "metrics.jsonl", "config.json", "test_metrics.json")
-
 
 
 def check_new_run_dir(out: Path) -> None:
@@ -313,7 +327,6 @@ def check_new_run_dir(out: Path) -> None:
     if found:
         raise ValueError(f"--out {out} holds a run that stopped before its first checkpoint ({', '.join(found)}); "
                          f"nothing to resume: delete {out} or give a new --out")
-
 
 
 def check_model_flags(cfg: TrainConfig) -> None:
@@ -329,7 +342,6 @@ def check_model_flags(cfg: TrainConfig) -> None:
     except ConfigError as e:
         flag = flag_text(e.field, getattr(cfg, e.field)) if e.field in overrides else f"--preset {cfg.preset}"
         raise ValueError(f"{flag}: {e}") from None
-
 
 
 def need_file(flag_name: str, path: str) -> None:

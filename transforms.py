@@ -38,7 +38,6 @@ _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-
 def tokenize(phrases, word_len=22):
     """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token (what is
     kept: kept_words)."""
@@ -48,12 +47,10 @@ def tokenize(phrases, word_len=22):
     return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
 
 
-
 @functools.lru_cache(maxsize=16384)
 def _tokens(phrase, word_len):
     """tokenize(phrase, word_len)[0], kept per process: datasets repeat phrases, and CLIP's BPE runs in Python."""
     return tokenize(phrase, word_len)[0]
-
 
 
 def kept_words(phrase, word_len=22):
@@ -70,13 +67,11 @@ def kept_words(phrase, word_len=22):
         .replace("</w>", " ").strip()
 
 
-
 def short_phrase(phrase, limit=80):
     """A phrase for a message: quoted, and a long one cut to its first `limit` characters, with its length."""
     if len(phrase) <= limit:
         return repr(phrase)
     return f"{phrase[:limit]!r}... ({len(phrase):,} characters)"
-
 
 
 def warn_if_cut(phrase, word_len, context="", note=""):
@@ -86,7 +81,6 @@ def warn_if_cut(phrase, word_len, context="", note=""):
         warnings.warn(f"{context}phrase {short_phrase(phrase)} is longer than {word_len} tokens (word_len) and is "
                       f"cut: the model sees only {kept!r}{note}", stacklevel=2)
     return kept is not None
-
 
 
 # ----------------------------------------------------------------------------- images and masks
@@ -101,7 +95,6 @@ def to_rgb(img):
             arr = arr / 257.0  # 16-bit range -> 8-bit range
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
-
 
 
 def decode_image(data, name, fit=None):
@@ -124,7 +117,6 @@ def decode_image(data, name, fit=None):
         raise ValueError(f"cannot read image {name}: {err}") from err
 
 
-
 def polygons_to_mask(polygons, width, height):
     """Official PhraseCut rule. polygons: instances -> polygons -> [x, y]. -> (H, W) uint8 in {0, 1}."""
     canvas = Image.new("L", (width, height), 0)
@@ -137,13 +129,11 @@ def polygons_to_mask(polygons, width, height):
     return np.asarray(canvas)
 
 
-
 def letterbox_geometry(height, width, size):
     """Where an (height, width) image lands on the size x size canvas: (nh, nw, top, left)."""
     scale = size / max(height, width)
     nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
     return nh, nw, (size - nh) // 2, (size - nw) // 2
-
 
 
 def letterbox(image, size, orig_size=None):
@@ -160,11 +150,9 @@ def letterbox(image, size, orig_size=None):
     return canvas, {"orig_size": (h, w), "content": (top, left, nh, nw)}
 
 
-
 def unnormalize(pixels):
     """Undo letterbox's CLIP normalisation: (3, h, w) -> (3, h, w) RGB in [0, 1], for display."""
     return (pixels * _STD + _MEAN).clamp(0, 1)
-
 
 
 def letterbox_mask(mask, size):
@@ -175,7 +163,6 @@ def letterbox_mask(mask, size):
     canvas = torch.zeros(1, size, size)
     canvas[0, top:top + nh, left:left + nw] = torch.from_numpy(small.astype(np.float32))
     return canvas
-
 
 
 def unletterbox(prob, orig_h, orig_w, input_size=None):
@@ -193,7 +180,6 @@ def unletterbox(prob, orig_h, orig_w, input_size=None):
     x = x[..., top:top + nh, left:left + nw]
     x = F.interpolate(x, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
     return x.reshape(*lead, orig_h, orig_w)
-
 
 
 # ----------------------------------------------------------------------------- COCO masks (polygons, RLE)
@@ -217,7 +203,6 @@ def rle_counts(text):
             x += counts[-2]
         counts.append(x)
     return counts
-
 
 
 def check_segmentation(seg, height, width):
@@ -247,7 +232,6 @@ def check_segmentation(seg, height, width):
         raise ValueError(f"its RLE run lengths cover {sum(counts)} pixels (some negative?), not {height} x {width}")
 
 
-
 def coco_mask(segmentations, height, width):
     """COCO segmentations -> their union, (H, W) uint8 {0, 1}, as the refer API's getMask makes a mask:
     polygons through pycocotools' frPyObjects(seg, height, width), an uncompressed RLE (a crowd region)
@@ -268,7 +252,6 @@ def coco_mask(segmentations, height, width):
         m = coco_rle.decode(rle)
         out |= (m.sum(axis=2) if m.ndim == 3 else m) > 0
     return out
-
 
 
 def mask_to_rle(mask):

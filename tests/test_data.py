@@ -221,7 +221,6 @@ def test_workers_give_the_same_samples(synth):
     assert batch["image"].shape == (4, 3, 48, 48) and batch["num_instances"].dtype == torch.long
 
 
-
 def test_every_image_mode_loads(synth, tmp_path):
     root = copy_root(synth[0], tmp_path)
     tasks = tasks_of(root)

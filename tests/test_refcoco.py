@@ -192,7 +192,7 @@ def test_train_and_evaluate_run_on_a_refcoco_lmdb_folder(tmp_path):
     evaluate.main(["--ckpt", str(run / "best.pth"), "--data", str(lmdbs / "val.lmdb"), "--json",
                    str(tmp_path / "m.json"), "--no-progress", "--save-masks", str(tmp_path / "masks")])
     result = json.loads((tmp_path / "m.json").read_text())
-    assert result["n"] == 3 and result["subsets"] == {} and sorted(p.stem for p in (tmp_path / "masks").iterdir()) == \
+    assert result["n"] == 3 and result["subsets"] == {} and sorted(p.stem for p in (tmp_path / "masks").glob("*.png")) == \
         ["104", "105", "107"]
     evaluate.main(["--data", str(lmdbs / "val.lmdb"), "--pred-masks", str(tmp_path / "masks"), "--json",
                    str(tmp_path / "again.json"), "--no-progress"])
