@@ -1,8 +1,16 @@
 """Fixtures shared by the data tests: a small synthetic PhraseCut, converted once per session."""
+import signal
+
 import pytest
 
 import phrasecut
 import synthetic
+
+# The Ctrl-C tests send SIGINT to the tools they start. A shell that starts a job in the background
+# (`pytest &`, nohup) ignores SIGINT for it, and an ignored signal stays ignored in every child, so
+# the tools would never see it: give this process Python's own handler, which children reset to the
+# default and then install their own.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

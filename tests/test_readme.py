@@ -52,6 +52,7 @@ def smoke_size(block: str) -> str:
         (r"(?<![\w/])(runs/demo/)?best\.pth", "$CKPT"),
         (r"python ablation\.py", "python ablation.py --preset smoke"),
         (r"--seeds( \d+)+", "--seeds 0"),
+        (r"--nproc \d+", "--nproc 1"),  # ablation.py's processes per run
         (r"--synth-images \d+", "--synth-images 12"),
         (r"(python benchmark\.py.*)", r"\1 --preset smoke --batch 2 --repeats 1 --warmup 1 --workers 0 "
                                       r"--loader-batches 2"),
