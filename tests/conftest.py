@@ -1,4 +1,4 @@
-"""Fixtures shared by the data tests: a small synthetic PhraseCut, converted once per session."""
+"""Shared by the tests: a small synthetic PhraseCut, converted once per session, and Ctrl-C that reaches the tools."""
 import signal
 
 import pytest
