@@ -34,11 +34,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import transforms
-from cli import parse_device
-from files import read_json, save_mask
-from inference import PALETTE, as_image, load_model, open_image, overlay, predict_proba
-from metrics import DEFAULT_THRESHOLD
+from helpers import transforms
+from helpers.cli import parse_device
+from helpers.files import read_json, save_mask
+from helpers.inference import PALETTE, as_image, load_model, open_image, overlay, predict_proba
+from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
 MAX_UPLOAD = "20mb"

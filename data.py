@@ -1,4 +1,16 @@
-"""The data layer's command line: make the synthetic set, convert a split to LMDB, time the loader.
+"""The data a model learns from: (task record, image bytes) -> a training or evaluation item, and batches.
+
+    PhraseCutLMDB(path)               a split's LMDB (sources/lmdb_store.py), what train.py and evaluate.py read
+    PhraseCutFolder(root, split)      the same items straight from a PhraseCut directory
+    ImageGroupedSampler, collate      batches that hold each image's phrases together
+
+An item is the letterboxed, CLIP-normalised image (3, S, S), the phrase's CLIP tokens (word_len), and
+the ground-truth mask twice: letterboxed at the model's output size S/4 for the loss (eq. 4-8), and at
+the image's original size for the metrics (evaluate.py). Eval items also carry `subsets`, the task's
+official subsets (phrasecut_subsets) or, for COCO and VOC, its instance count and category; and
+`ignore_mask`, the pixels left out of the score (VOC's void) or None.
+
+Every source is first converted to one LMDB format, from the command line:
 
     python data.py synth --out data/synth --images 1600 --seed 0 --size 192 --aspect 1
     python data.py build --root data/synth --split train --out data/train.lmdb
@@ -9,40 +21,255 @@
     python data.py build --source voc --root VOCdevkit/VOC2012 --split val --out voc_val.lmdb
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
 
-Where each part lives (the data layer, bottom to top):
-
-    transforms.py   CLIP tokens, images, masks, the letterbox and back
-    lmdb_store.py   the one LMDB format every source is converted to
-    phrasecut.py    PhraseCut's files, their checks, its subsets and its converter (`build`)
-    coco.py         COCO instances files; category prompts on COCO (`build --source coco`)
-    refcoco.py      RefCOCO/+/g in the refer API's layout, its splits, a safe pickle reader (`--source refcoco`)
-    voc.py          PASCAL VOC 2012's class PNGs, category prompts with its void rule (`--source voc`)
-    synthetic.py    a synthetic PhraseCut (`synth`), made once for the demo
-    datasets.py      PhraseCutLMDB / PhraseCutFolder items, the image-grouped sampler, collate
-
-`data.PhraseCutLMDB` is the dataset's name from earlier versions; it is dataset.PhraseCutLMDB.
+The converters live in sources/ (one file per source, and lmdb_store.py, the format they all write);
+docs/data.md says how to prepare each dataset.
 """
-import argparse
 import os
 import time
 from pathlib import Path
 
 import lmdb
 import torch
+from torch.utils.data import Dataset
 
-from cli import positive_int, run_tool
-from coco import build_coco
-from datasets import PhraseCutFolder, PhraseCutLMDB
-from phrasecut import build_lmdb
-from refcoco import build_refcoco
-from synthetic import synthesize
-from voc import build_voc
+from helpers.cli import run_tool
+from helpers.transforms import _tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
+from sources import phrasecut
+from sources.build import make_parser, run
+from sources.lmdb_store import read_header, read_record, reader, task_masks
+from sources.phrasecut import (
+    _image_info,
+    frequency_ranks,
+    image_path,
+    load_tasks,
+    phrasecut_subsets,
+    read_counts,
+    read_image_info,
+)
 
-# build's flags each source takes (besides --out and --skip-missing), the first ones required
-SOURCE_FLAGS = {"phrasecut": (("root", "split"), ()), "refcoco": (("root", "dataset", "split_by", "split"), ("images",)),
-                "coco": (("annotations", "images"), ("template",)), "voc": (("root", "split"), ())}
+INSTANCE_SUBSETS = ("i_single", "i_multi", "i_many")  # by the number of instance boxes (phrasecut_subsets)
 
-__all__ = ["PhraseCutLMDB", "main"]
+
+class _PhraseCutItems(Dataset):
+    """Turns (task record, image bytes) into a training or evaluation item; subclasses read them."""
+
+    ranks = None  # frequency_ranks of name_att_rel_count.json, when the data has one
+    dataset = "phrasecut"  # the LMDB header's "dataset": phrasecut, refcoco, coco or voc
+    category_names = None  # COCO's or VOC's categories, for per-category scores; None elsewhere
+    said_cut = False  # a phrase longer than word_len was reported (once per process, for all datasets)
+
+    def __init__(self, input_size=416, word_len=22, train=True):
+        self.input_size, self.word_len, self.train = input_size, word_len, train
+        self._last_image = None  # (name, size), letterboxed image, (H, W): see __getitem__
+
+    def _read(self, index):
+        raise NotImplementedError
+
+    @property
+    def subset_names(self) -> list:
+        """The subsets evaluation reports for this data, in order: PhraseCut's (phrasecut.subset_names),
+        the instance-count ones for COCO's categories, none for RefCOCO/+/g and VOC."""
+        if self.dataset == "phrasecut":
+            return phrasecut.subset_names(self.ranks is not None)
+        return list(INSTANCE_SUBSETS) if self.dataset == "coco" else []
+
+    @property
+    def subset_note(self):
+        """Why some subsets are missing, or None."""
+        return None if self.ranks is not None or self.dataset != "phrasecut" else phrasecut.NO_RANKS_NOTE
+
+    def _subsets(self, task, gt):
+        """The task's subset names (and its category, for COCO and VOC)."""
+        if self.dataset != "phrasecut":
+            n = len(task.get("instance_boxes", []))  # PhraseCut's rule: 1, 2 to 4, 5 or more
+            names = [INSTANCE_SUBSETS[0 if n == 1 else 1 if n <= 4 else 2]] if self.dataset == "coco" and n else []
+            return names + ([task["category"]] if "category" in task else [])
+        ps = task.get("phrase_structure") or {}
+        info = task["image_info"]  # width, height, coco_id from image_data_split.json
+        iw, ih, (h, w) = info["width"], info["height"], gt.shape
+        if gt.shape == (ih, iw) or iw * ih > 4 * w * h:  # an absurd listing (old files) allocates nothing
+            region = gt
+        else:
+            region = polygons_to_mask(task["Polygons"], iw, ih)
+        rel_area = int(region.sum()) / region.size  # the official relative size, exact in float64
+        return phrasecut_subsets(ps, len(task["instance_boxes"]), rel_area, bool(info.get("coco_id")), self.ranks)
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} tasks")
+        task, data = self._read(index)
+        size = self.input_size
+        name = f"images/{task['image_id']}{'.jpg' if self.dataset == 'phrasecut' else ''}"
+        # An image's phrases are read one after another (ImageGroupedSampler, evaluation in task order), so
+        # the last image decoded is kept: a DataLoader worker then decodes each image about once a batch.
+        if self._last_image is None or self._last_image[0] != (name, size):
+            img, (h, w) = decode_image(data, name, fit=size)
+            self._last_image = ((name, size), letterbox(img, size, orig_size=(h, w))[0], (h, w))
+        _, image, (h, w) = self._last_image
+        image = image.clone()  # each item its own tensor
+        gt, ignore = task_masks({**task, "width": w, "height": h})
+        tokens = _tokens(task["phrase"], self.word_len).clone()
+        if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
+            _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
+                                                   " (said once per process: other long phrases are cut too)")
+        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"])}
+        if not self.train:
+            ps = task.get("phrase_structure") or {}
+            item.update(
+                task_id=str(task["task_id"]), phrase=task["phrase"],
+                orig_size=torch.tensor([h, w], dtype=torch.long), gt_mask=torch.from_numpy(gt.copy()),
+                ignore_mask=None if ignore is None else torch.from_numpy(ignore),
+                num_instances=len(task.get("instance_boxes", [])), phrase_type=ps.get("type", "verbose"),
+                subsets=self._subsets(task, gt))
+        return item
+
+
+class PhraseCutLMDB(_PhraseCutItems):
+    """Tasks from one split's LMDB, any source (phrasecut, refcoco, coco, voc: lmdb_store's format).
+
+    Items: image (3,S,S) float CLIP-normalised, tokens (L,) long, mask (1,S,S) float {0,1}, image_id
+    (a string: images with several phrases recur, see ImageGroupedSampler). With
+    train=False also: task_id, phrase, orig_size [H, W], gt_mask (H,W) uint8 at the original size,
+    ignore_mask (H,W) bool (VOC's void pixels, left out of the score) or None, num_instances,
+    phrase_type, subsets (names: phrasecut_subsets for PhraseCut, whose size subsets divide the
+    region's area by the image's as image_data_split.json records it; i_single/i_multi/i_many and the
+    category for COCO; the category for VOC).
+    The LMDB is opened lazily per process (see reader), so DataLoader workers (fork or spawn) each
+    get their own; the length comes from the header record, checked against the records (read_header)."""
+
+    def __init__(self, path, input_size=416, word_len=22, train=True):
+        super().__init__(input_size, word_len, train)
+        self.path = str(path)
+        self.header = read_header(self.path)
+        self.num_tasks = self.header["num_tasks"]
+        self.dataset = self.header["dataset"]
+        counts = self.header.get("name_att_rel_count")
+        self.ranks = frequency_ranks(counts) if counts is not None else None
+        self.category_names = self.header.get("categories")
+
+    def __len__(self):
+        return self.num_tasks
+
+    def targets(self, index):
+        """What scoring a saved mask needs, without decoding the image: (task_id, gt (H, W) uint8,
+        ignore (H, W) bool or None, subset names), at the image file's size."""
+        task, _ = self._read(index, image=False)
+        gt, ignore = task_masks(task)
+        return str(task["task_id"]), gt, ignore, self._subsets(task, gt)
+
+    def image_ids(self) -> list:
+        """Each task's image_id as a string, in task order (read from every task record)."""
+        return self._field("image_id")
+
+    def task_ids(self) -> list:
+        """Each task's task_id as a string, in task order."""
+        return self._field("task_id")
+
+    def _field(self, name):
+        with reader(self.path).begin() as txn:
+            keys = (b"task/%08d" % i for i in range(self.num_tasks))
+            return [str(read_record(self.path, k, txn.get(k))[name]) for k in keys]
+
+    def _read(self, index, image=True):
+        key = b"task/%08d" % index
+        with reader(self.path).begin() as txn:
+            task = read_record(self.path, key, txn.get(key))
+            data = txn.get(b"img/" + str(task["image_id"]).encode()) if image else b""
+        if data is None:
+            raise ValueError(f"{self.path}: record img/{task['image_id']} (for {key.decode()}) is missing")
+        return task, data
+
+
+class PhraseCutFolder(_PhraseCutItems):
+    """The same items read straight from a PhraseCut directory (refer_<split>.json + images/)."""
+
+    def __init__(self, root, split, input_size=416, word_len=22, train=True):
+        super().__init__(input_size, word_len, train)
+        self.root = Path(root)
+        self.images = (self.root / "images").resolve()
+        self.tasks = load_tasks(self.root, split)
+        self.infos = read_image_info(self.root)
+        counts = read_counts(self.root)
+        self.ranks = frequency_ranks(counts) if counts is not None else None
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def _read(self, index):
+        task = self.tasks[index]
+        task = {**task, "image_info": _image_info(self.infos, task)}
+        return task, image_path(self.images, task).read_bytes()
+
+
+class ImageGroupedSampler(torch.utils.data.Sampler):
+    """One rank's task indices for an epoch, with the phrases of each image next to one another.
+
+    PhraseCut has about 4.5 phrases per image (the synthetic set 4-5). The images are shuffled
+    (seed + epoch: the same order on every rank), their tasks are laid out image after image and
+    cut into global batches of batch_size x world tasks, and rank r takes the r-th batch_size of
+    each. A batch then holds a few images with several phrases each, and the training step runs
+    the image encoder once per distinct image (`unique_images`, SegVLM's image_index) instead of
+    once per phrase. What changes from shuffled tasks: the phrases of one image share a step (the
+    target of one is a distractor of another), and BatchNorm sees fewer distinct images per step.
+    A partial last global batch is dropped, as DistributedSampler(drop_last=True) does.
+    """
+
+    def __init__(self, image_ids, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        groups = {}  # image id -> its task indices, images in order of first appearance
+        for index, key in enumerate(image_ids):
+            groups.setdefault(key, []).append(index)
+        self.groups = list(groups.values())
+        self.num_tasks, self.batch_size, self.rank, self.world = len(image_ids), batch_size, rank, world
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_tasks // (self.batch_size * self.world) * self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        tasks = [t for g in order.tolist() for t in self.groups[g]]
+        step = self.batch_size * self.world
+        for first in range(0, len(tasks) - step + 1, step):  # each whole global batch
+            start = first + self.rank * self.batch_size
+            yield from tasks[start:start + self.batch_size]
+
+
+def unique_images(image: torch.Tensor, image_ids) -> tuple:
+    """A batch's images (B, 3, S, S) and their B ids -> (distinct images (U, 3, S, S), index (B,)),
+    distinct in order of first appearance, so that image[i] is distinct[index[i]]."""
+    slot, keep, index = {}, [], []
+    for i, key in enumerate(image_ids):
+        if key not in slot:
+            slot[key] = len(keep)
+            keep.append(i)
+        index.append(slot[key])
+    return image[keep], torch.tensor(index)
+
+
+def collate(batch):
+    """List of items -> dict: equal-shape tensors stacked, numbers and bools made tensors,
+    strings and gt_mask (its size varies with the image) kept as lists."""
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        first = values[0]
+        if key in ("gt_mask", "ignore_mask") or isinstance(first, str):
+            out[key] = values
+        elif isinstance(first, torch.Tensor) and all(v.shape == first.shape for v in values):
+            out[key] = torch.stack(values)
+        elif isinstance(first, (bool, int, float)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+# The command line: bench is here (it reads the datasets above); synth and build are sources/build.py's.
 
 def _rate(dataset, n):
     for i in range(min(5, len(dataset))):  # warm up: page cache, tokenizer cache
@@ -64,93 +291,17 @@ def bench(path, root=None, n=300, input_size=416):
     return rates
 
 
-def build(args, parser):
-    """`data.py build`: the source's converter with its flags; a flag another source takes is refused."""
-    required, optional = SOURCE_FLAGS[args.source]
-    missing = [f"--{f.replace('_', '-')}" for f in required if getattr(args, f) is None]
-    if missing:
-        parser.error(f"build --source {args.source} needs {' and '.join(missing)}")
-    foreign = [f"--{f.replace('_', '-')}" for f in ("root", "split", "dataset", "split_by", "images", "annotations",
-                                                   "template") if getattr(args, f) is not None
-               and f not in required + optional]
-    if foreign:
-        parser.error(f"build --source {args.source} does not take {', '.join(foreign)}")
-    common = dict(out=args.out, skip_missing=args.skip_missing)
-    if args.source == "refcoco":
-        return build_refcoco(args.root, args.dataset, args.split_by, args.split, images=args.images, **common)
-    if args.source == "coco":
-        return build_coco(args.annotations, args.images, template=args.template or "{}", **common)
-    if args.source == "voc":
-        return build_voc(args.root, args.split, **common)
-    return build_lmdb(args.root, args.split, **common)
-
-
-def print_build(out, s):
-    """What a build wrote, and each thing it counted that a user should know."""
-    for note in s["stale_temporaries"]:
-        print(f"note: {note}")
-    print(f"{out}: {s['num_tasks']} tasks, {s['num_images']} images; skipped {s['skipped_tasks']} "
-          f"tasks ({s['skipped_images']} missing, unreadable or too large images"
-          f"{', e.g. ' + ', '.join(s['skipped_image_ids'][:5]) if s['skipped_images'] else ''})")
-    for key, examples, what in (
-            ("size_mismatches", "size_mismatch_examples", "images differ in size from image_data_split.json (masks "
-             "use the file's size, the size subsets the listed one)"),
-            ("empty_tasks", "empty_task_ids", "tasks have an empty ground truth (every prediction scores IoU 0 on them)"),
-            ("multi_frame_images", "multi_frame_examples", "images have several frames (GIF, TIFF); the first was used"),
-            ("missing_masks", "missing_mask_names", "images listed have no class PNG (skipped)")):
-        if s.get(key):
-            print(f"warning: {s[key]} {what}, e.g. {'; '.join(map(str, s[examples][:5]))}")
-    if "annotation_bytes" in s:
-        print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
-              f"annotations {s['annotation_bytes']:,})")
-    else:
-        print(f"size {s['lmdb_bytes']:,} bytes (images {s['image_bytes']:,})")
-
-
 def main(argv=None):
     """The CLI; a user mistake (a bad flag, file or record) prints `data.py: error: ...` and exits 2."""
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write a synthetic PhraseCut")
-    p.add_argument("--out", required=True, help="a new (or empty) folder")
-    p.add_argument("--images", type=positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=positive_int, default=160, help="longer image side in pixels")
-    p.add_argument("--aspect", type=float, default=0.75,
-                   help="shorter side / longer side, 0.5 to 1 (default 0.75: 4:3; 1: square)")
-    p = sub.add_parser("build", help="convert one split to LMDB")
-    p.add_argument("--source", default="phrasecut", choices=sorted(SOURCE_FLAGS),
-                   help="phrasecut (default), refcoco (RefCOCO/+/g), coco (category prompts) or voc")
-    p.add_argument("--root", help="PhraseCut's folder, the refer API's data folder, or VOCdevkit/VOC2012")
-    p.add_argument("--split", help="phrasecut: train, val, test, miniv; refcoco: train, val, testA, testB, test "
-                                   "(as the dataset has them); voc: train, val")
-    p.add_argument("--dataset", help="refcoco: refcoco, refcoco+ or refcocog")
-    p.add_argument("--split-by", help="refcoco: unc or google (refcoco), unc (refcoco+), google or umd (refcocog)")
-    p.add_argument("--images", help="coco: the images folder; refcoco: COCO train2014, when not under --root")
-    p.add_argument("--annotations", help="coco: an instances file, e.g. instances_val2017.json")
-    p.add_argument("--template", help='coco: the phrase around the category name, e.g. "a photo of a {}"')
-    p.add_argument("--out", required=True, help="the LMDB file: new, or one this tool wrote (replaced)")
-    p.add_argument("--skip-missing", action="store_true",
-                   help="skip tasks whose image is missing, unreadable or over PIL's decompression-bomb limit")
-    p = sub.add_parser("bench", help="samples/s at the input size")
-    p.add_argument("path")
-    p.add_argument("--root", default=None, help="PhraseCut directory (default: the one it was built from)")
-    p.add_argument("--n", type=positive_int, default=300)
-    p.add_argument("--input-size", type=positive_int, default=416)
+    parser = make_parser("data.py", __doc__)
     args = parser.parse_args(argv)
     try:
-        if args.command == "synth":
-            out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect)
-            print(f"wrote {args.images} images to {out}")
-        elif args.command == "build":
-            print_build(args.out, build(args, parser))
-        else:
-            if hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-            rates = bench(args.path, args.root, args.n, args.input_size)
-            for source, rate in rates.items():
-                print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
+        if args.command != "bench":
+            return run(args, parser)
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+        for source, rate in bench(args.path, args.root, args.n, args.input_size).items():
+            print(f"{source:>6}: {rate:.1f} samples/s (1 process, {args.input_size}x{args.input_size})")
     except (ValueError, OSError, lmdb.Error) as err:
         parser.exit(2, f"data.py: error: {err}\n")
 

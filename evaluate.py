@@ -1,73 +1,190 @@
-"""Evaluate a SegVLM checkpoint on PhraseCut with the official evaluator's definitions.
+"""The metrics (PhraseCut's official evaluator's definitions) and the evaluation of a model with them.
 
 Run (one process, or one process per GPU with torchrun; the numbers are identical):
 
-    python evaluate.py --ckpt runs/paper/best.pth                  # <data_dir>/test.lmdb of that run
+    python evaluate.py --ckpt runs/demo/best.pth                   # <data_dir>/test.lmdb of that run
     python evaluate.py --ckpt best.pth --data data/val.lmdb --json val.json
-    python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb # CRIS's released weights (cris.py)
     python evaluate.py --ckpt best.pth --save-masks preds/ --vis vis/ --num 16
     torchrun --standalone --nproc_per_node=4 evaluate.py --ckpt best.pth --json test.json
     python evaluate.py --data refcoco/val.lmdb --pred-masks preds/ --json val.json  # saved masks, no model
 
-Any LMDB that `data.py build` writes is scored the same way: PhraseCut, RefCOCO/+/g, and category
-prompts on COCO and VOC (whose per-category scores are reported under "categories", and whose VOC
-"void" pixels count in neither I nor U). --pred-masks scores a folder of <task_id>.png masks at
-each image's size (non-zero = foreground: what --save-masks writes, or another model's output).
+--ckpt takes a checkpoint written by train.py or by CRIS's own training code (docs/cris.md). Any
+LMDB that `data.py build` writes is scored the same way: PhraseCut, RefCOCO/+/g, and category prompts
+on COCO and VOC (per-category scores under "categories"; VOC's "void" pixels in neither I nor U).
+--pred-masks scores a folder of <task_id>.png masks at each image's size (non-zero = foreground).
 
-Metrics (PhraseCut's official evaluator). Every task is scored at the
-*original* image size: the (B, 1, S/4, S/4) logits go through a sigmoid, are
-upsampled and cropped out of the letterbox by `transforms.unletterbox`, then
-thresholded. Per task I = |G and P|, U = |G or P|, IoU = 0 when I == 0 else I / U.
+Metrics. Every task is scored at the *original* image size: the (B, 1, S/4, S/4) logits go through a
+sigmoid, are upsampled and cropped out of the letterbox (`transforms.unletterbox`), then cut at the
+threshold (0.35, CRIS's). Per task I = |G and P|, U = |G or P|, IoU = 0 when I == 0 else I / U.
 
-- mIoU      mean of the per-task IoU (the paper's Table 1 "mean IoU")
-- oIoU      cumulative ("overall") IoU, sum(I) / sum(U)
+- mIoU      mean of the per-task IoU (the paper's Table 1 "mean IoU"; CRIS's "IoU")
+- oIoU      cumulative ("overall") IoU, sum(I) / sum(U) (LAVT's "oIoU")
 - prec@k    fraction of tasks with IoU strictly greater than k, k in 0.5 ... 0.9
 
-The same metrics for each of PhraseCut's subsets (`phrasecut_subsets`); the paper's
-Table 1 reports the overall mean IoU and Prec@k only. Every number is a fraction
-in [0, 1]; the printed table shows percentages.
+The same for each of the data's subsets (phrasecut_subsets; a category for COCO and VOC). Every
+number is a fraction in [0, 1]; the printed table shows percentages.
 
-Threshold: 0.35 on the sigmoid, CRIS's value (its test script thresholds the
-upsampled probability at 0.35). A mask head trained with BCE/RAF on sparse
-foreground is slightly under-confident, so a cut below 0.5 recovers thin parts;
-`--threshold` changes it, and the JSON does not depend on anything else.
-
-Under torchrun every rank scores the tasks rank, rank + W, rank + 2W, ...
-(no padding, so no task counts twice), the per-task (I, U, subsets) are
-gathered with all_gather_object and the metrics are computed once from the
-full list in dataset order: the result is exactly that of one process.
-
-On CUDA the forward passes go through CUDA graphs (inference.FastSegVLM; --no-fast
-runs the model eagerly): the same numbers, launched faster. Timing is
-benchmark.py's job.
-
-The CLI checks --device and its outputs (--json, --save-masks, --vis: writable, not the
-checkpoint or the data) before loading anything, so a mistake fails at once, not after the run.
+Under torchrun every rank scores one contiguous block of the tasks (no padding, so no task counts
+twice); the per-task (I, U, subsets) are gathered and the metrics computed once from the full list in
+dataset order: the result is exactly that of one process. On CUDA the forward passes go through CUDA
+graphs (helpers/inference.FastSegVLM; --no-fast runs the model eagerly): the same numbers, faster.
+The flags and outputs are checked before anything is loaded (helpers/eval_files.py).
 """
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import distributed
-import transforms
-from checkpoints import load_checkpoint
-from cli import (check_output, check_output_dir, check_path, claim_files, make_dir, parse_device,
-                 parse_threshold, run_tool, same_file)
-from datasets import PhraseCutLMDB, collate, unique_images
-from files import atomic_path, load_mask, mask_path, save_mask
-from inference import FastSegVLM, eval_mode
-from metrics import DEFINITIONS, DEFAULT_THRESHOLD, gather_tasks, iou, summarize, summarize_tasks, task_iou, format_table
-from model import SegVLM
-from visualize import overlay_name, save_overlays
+from data import PhraseCutLMDB, collate, unique_images
+from helpers import distributed, transforms
+from helpers.checkpoints import load_checkpoint
+from helpers.cli import make_dir, parse_device, parse_threshold, run_tool
+from helpers.eval_files import check_outputs, claim_outputs, resolve_data_path
+from helpers.files import atomic_path, load_mask, mask_path, save_mask
+from helpers.inference import FastSegVLM, eval_mode
+from helpers.visualize import draw_panel, overlay_name, predict_item
+from model import DEFAULT_THRESHOLD, SegVLM
+
+# The metrics, as PhraseCut's official evaluator defines them.
+
+PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+DEFINITIONS = {  # what each key of the JSON is, as the field names it
+    "mIoU": "mean over tasks (expressions) of the per-task IoU; CRIS's 'IoU', the paper's 'mean IoU'",
+    "oIoU": "overall (cumulative) IoU, sum of intersections / sum of unions over tasks; LAVT's 'oIoU'",
+    "prec@k": "fraction of tasks whose IoU is strictly above k",
+    "size": "every mask at its image's original size; ignored pixels (VOC's void) in neither I nor U"}
+
+METRIC_KEYS = ("mIoU", "oIoU") + tuple(f"prec@{k}" for k in PREC_THRESHOLDS) + ("n",)
+
+
+def task_iou(pred, gt, ignore=None):
+    """Intersection and union of one task's binary masks, as Python ints.
+
+    pred, gt: (H, W) bool (or 0/1) numpy arrays or torch tensors of the same
+    shape, at the original image size. ignore: None, or an (H, W) bool mask of
+    pixels that count in neither (VOC's 255 "void" border, as VOC's own scoring
+    leaves it out). Returns (I, U) = (|G and P and not V|, |(G or P) and not V|).
+    """
+    if tuple(pred.shape) != tuple(gt.shape) or (ignore is not None and tuple(ignore.shape) != tuple(gt.shape)):
+        raise ValueError(f"prediction {tuple(pred.shape)}, ground truth {tuple(gt.shape)}"
+                         f"{'' if ignore is None else f' and ignore mask {tuple(ignore.shape)}'} differ in shape")
+    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        pred = torch.as_tensor(pred).bool()
+        gt = torch.as_tensor(gt).bool().to(pred.device)
+        keep = None if ignore is None else ~torch.as_tensor(ignore).bool().to(pred.device)
+        inter, union = pred & gt, pred | gt
+        if keep is not None:
+            inter, union = inter & keep, union & keep
+        return int(inter.sum()), int(union.sum())
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    inter, union = np.logical_and(pred, gt), np.logical_or(pred, gt)
+    if ignore is not None:
+        keep = ~np.asarray(ignore).astype(bool)
+        inter, union = inter & keep, union & keep
+    return int(inter.sum()), int(union.sum())
+
+
+def iou(intersection, union):
+    """The official per-task IoU: 0 when the intersection is empty (so also when U == 0)."""
+    return 0.0 if intersection == 0 else intersection / union
+
+
+def mean_iou(intersections, unions):
+    """Mean of the per-task IoU. fsum makes it independent of the order of the tasks."""
+    return math.fsum(iou(i, u) for i, u in zip(intersections, unions)) / len(intersections)
+
+
+def cumulative_iou(intersections, unions):
+    """sum(I) / sum(U) over all tasks, in exact integer sums; 0 when every union is empty."""
+    total_u = sum(int(u) for u in unions)
+    return 0.0 if total_u == 0 else sum(int(i) for i in intersections) / total_u
+
+
+def precision_at(intersections, unions, k):
+    """Fraction of tasks whose IoU is strictly greater than k (IoU == 0.5 is not a hit at 0.5)."""
+    return sum(iou(i, u) > k for i, u in zip(intersections, unions)) / len(intersections)
+
+
+def summarize(intersections, unions):
+    """The metric dict of one set of tasks: {"mIoU", "oIoU", "prec@0.5" ... "prec@0.9", "n"}.
+
+    Fractions in [0, 1]. An empty set gives n = 0 and None for every metric
+    (JSON null), so a subset always has the same keys.
+    """
+    if len(intersections) != len(unions):
+        raise ValueError("intersections and unions differ in length")
+    n = len(intersections)
+    if n == 0:
+        return {**{key: None for key in METRIC_KEYS}, "n": 0}
+    out = {"mIoU": mean_iou(intersections, unions), "oIoU": cumulative_iou(intersections, unions)}
+    for k in PREC_THRESHOLDS:
+        out[f"prec@{k}"] = precision_at(intersections, unions, k)
+    out["n"] = n
+    return out
+
+
+def summarize_tasks(tasks, names=None, note=None, categories=None):
+    """The JSON layout from per-task records [(I, U, subset names), ...].
+
+    Returns {metric keys of `summarize` for all tasks, "subsets": {name: same keys}}, with a "note"
+    when one is given. names: the subsets to report, in order, each present even when empty (n = 0);
+    the data decides them (e.g. phrasecut.subset_names). None: every name the tasks carry, in order of
+    first appearance. categories: COCO's or VOC's category names, each reported under "categories"
+    (a task's names hold its category); None: no such key.
+    """
+    result = summarize([t[0] for t in tasks], [t[1] for t in tasks])
+    if names is None:
+        names = list(dict.fromkeys(name for t in tasks for name in t[2] if name not in (categories or ())))
+    for key, group in (("subsets", names), ("categories", categories)):
+        if group is None:
+            continue
+        result[key] = {}
+        for name in group:
+            members = [t for t in tasks if name in t[2]]
+            result[key][name] = summarize([t[0] for t in members], [t[1] for t in members])
+    if note:
+        result["note"] = note
+    return result
+
+
+def format_table(result):
+    """The metrics as a text table in percent, one row for all tasks, one per subset, one per category."""
+    named = list(result.get("subsets", {}).items()) + list(result.get("categories", {}).items())
+    width = max([10] + [len(name) for name, _ in named])
+    header = f"{'subset':<{width}} {'n':>7} {'mIoU':>7} {'oIoU':>7}" + "".join(f" {'P@' + str(k):>7}" for k in PREC_THRESHOLDS)
+    rows = [header, "-" * len(header)]
+    for name, m in [("all", result)] + named:
+        cells = [m["mIoU"], m["oIoU"]] + [m[f"prec@{k}"] for k in PREC_THRESHOLDS]
+        rows.append(f"{name:<{width}} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
+    if result.get("note"):
+        rows.append(f"note: {result['note']}")
+    return "\n".join(rows)
+
+
+def gather_tasks(tasks):
+    """Every rank's per-task records, merged in dataset order, on every rank.
+
+    tasks: [(index, I, U, subset names), ...] of this rank. Python ints cross
+    the wire as they are (all_gather_object pickles them), so sums stay exact.
+    """
+    tasks = sorted((t for shard in distributed.all_gather(tasks) for t in shard), key=lambda t: t[0])
+    if len({t[0] for t in tasks}) != len(tasks):
+        raise RuntimeError("a task was scored twice; the shards overlap")
+    return tasks
+
+
+# The evaluation of a model, and of saved masks.
 
 @torch.no_grad()
 def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_workers=0, device=None,
@@ -178,25 +295,6 @@ def evaluate_masks(dataset, pred_dir, progress=True):
     return summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names)
 
 
-def resolve_data_path(ckpt, data_arg=None):
-    """--data if given, else <checkpoint's data_dir>/test.lmdb; a clear error when neither exists."""
-    if data_arg:
-        path = Path(data_arg)
-        if not path.exists():
-            raise FileNotFoundError(f"--data {path} does not exist")
-        if path.is_dir():
-            raise ValueError(f"--data {path} is a directory; pass the LMDB file itself, e.g. {path / 'test.lmdb'}")
-        return path
-    data_dir = ckpt.get("data_dir") or ""
-    if not data_dir:
-        raise ValueError("the checkpoint does not say which data it was trained beside (no 'data_dir'); "
-                         "pass --data PATH.lmdb")
-    path = Path(data_dir) / "test.lmdb"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} (the checkpoint's data_dir/test.lmdb) does not exist; pass --data PATH.lmdb")
-    return path
-
-
 def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> dict:
     """The scores of a perfect prediction made at the decoder's resolution.
 
@@ -228,6 +326,36 @@ def grid_ceiling_prediction(mask, h, w, stride=16, threshold=0.5):
     grid = F.avg_pool2d(mask[None].float(), stride)  # (1, 1, S/16, S/16)
     prob = F.interpolate(grid, size=size // 4, mode="bilinear", align_corners=False)  # (1, 1, S/4, S/4)
     return transforms.unletterbox(prob[0, 0], h, w, input_size=size) > threshold
+
+
+def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
+    """--vis: write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
+
+    Each PNG shows the image at its original size (cut back out of the network's letterboxed input,
+    so at most input_size sharp), the ground truth and the prediction (outside the mask dimmed), and
+    the phrase with the task's IoU in the title. Files are named overlay_name(k, task_id); returns the
+    written paths.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+    out_dir = make_dir(out_dir, "the figures' folder")
+    paths = []
+    with eval_mode(model, device) as (net, device):
+        for k in range(min(num, len(dataset))):
+            item = dataset[k]
+            image, gt, pred = predict_item(net, item, threshold, device)
+            fig = Figure(figsize=(12, 4.4))
+            for ax, (title, mask) in zip(fig.subplots(1, 3), [("image", None), ("ground truth", gt), ("prediction", pred)]):
+                draw_panel(ax, image, mask, title)
+            score = iou(*task_iou(pred, gt, item.get("ignore_mask")))  # VOC's void counts in neither
+            fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
+            fig.tight_layout()
+            mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
+            path = out_dir / overlay_name(k, item["task_id"])
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=80, format="png")
+            paths.append(path)
+    return paths
 
 
 def parse_args(argv=None):
@@ -272,38 +400,6 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def check_outputs(args):
-    """Refuse, before any work, inputs that are not files (a FIFO, a device, a symlink loop) and outputs that
-    cannot be written or would overwrite an input (a ValueError naming the flag).
-
-    --save-masks and --vis must be directories (created here), --json a file in a directory
-    that exists or can be created, and no output may be the checkpoint or the data."""
-    inputs = [("--ckpt", args.ckpt), ("--data", args.data)]
-    for flag, path in inputs:
-        if path:
-            check_path(path, flag)
-    for flag in ("save_masks", "vis"):
-        if getattr(args, flag):
-            check_output_dir(getattr(args, flag), "--" + flag.replace("_", "-"), inputs)
-    if args.json:
-        if getattr(args, "pred_masks", None) and same_file(Path(args.json).parent, args.pred_masks) \
-                and Path(args.json).suffix == ".png":
-            raise ValueError(f"--json {args.json} is inside --pred-masks, where it would replace a mask; name another file")
-        check_output(args.json, "--json", inputs, example="metrics.json")
-
-
-def claim_outputs(args, dataset):
-    """Before the evaluation: every task id makes a safe file name, and no file --save-masks or --vis would
-    write is one this project did not write there (cli.claim_files; rank 0 records them)."""
-    task_ids = dataset.task_ids() if args.save_masks or args.vis else []
-    if args.save_masks:
-        names = [mask_path(args.save_masks, task_id).name for task_id in task_ids]
-        claim_files(args.save_masks, names, "--save-masks", record=distributed.is_main())
-    if args.vis:
-        names = [overlay_name(k, task_id) for k, task_id in enumerate(task_ids[:args.num])]
-        claim_files(args.vis, names, "--vis", record=distributed.is_main())
 
 
 def run(args):

@@ -25,8 +25,6 @@ Checkpoints (this project's and CRIS's released best_model.pth) are read by chec
 
 import argparse
 import dataclasses
-import os
-import warnings
 from dataclasses import dataclass
 
 import clip
@@ -36,12 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
+from helpers.clip_weights import clip_fields_from_state_dict, load_clip_state_dict
+from helpers.inputs import check_inputs
 from layers import FPN, Decoder, DeformableConv2d, Projector, up
-
 
 # --------------------------------------------------------------------------- config
 
 CLIP_VOCAB_SIZE = 49408  # the ids clip.tokenize gives
+
+DEFAULT_THRESHOLD = 0.35  # the mask is sigmoid(logits) > 0.35, CRIS's cut (its test script); evaluate.py
 
 
 class ConfigError(ValueError):
@@ -176,17 +177,8 @@ class Preset:
 PRESETS = {
     # CRIS with CLIP RN101 at 416x416, trained by the paper's recipe (§4.2).
     "paper": Preset(SegVLMConfig(), recipe=dict(clip_weights="RN101", num_workers=4)),
-    # CLIP's architecture scaled down to train on a CPU in minutes (its speed and scores:
-    # docs/measurements.md). 192 px: the decoder's grid is 12x12, whose ceiling on the synthetic
-    # test split is 0.81 mean IoU (0.61 for 8x8 at 128 px). vision_width 16 and two decoder layers
-    # learned the synthetic set markedly faster per second than width 8 and one layer.
-    # Trained from scratch, so the backbone gets the full rate. Small batches: on a CPU budget more
-    # updates beat bigger ones (batch 16 reached a higher val mean IoU after one epoch than 32).
-    # group_by_image: each image's phrases share one pass of the image encoder (1.4x the tasks/s).
-    # No decoder dropout (its attention dropout halved the decoder's speed on a CPU) and a frozen
-    # random token table (its dense gradient cost 11 % of a step; train.freeze): with both, eight
-    # epochs fit in ten minutes. Shape names and relations are learned late (epoch 7), so the
-    # step decay comes in the middle of the last epoch (docs/measurements.md, "The demo").
+    # CLIP's architecture scaled down to train on a CPU in minutes, from scratch (so the backbone gets
+    # the full rate), on the synthetic set; why each value: docs/measurements.md, "The demo preset".
     "demo": Preset(
         SegVLMConfig(
             embed_dim=64, image_resolution=192, vision_layers=(1, 1, 1, 1), vision_width=16,
@@ -432,38 +424,8 @@ class SegVLM(nn.Module):
         return self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
 
     def check_inputs(self, image, tokens, image_index=None):
-        cfg = self.config
-        if not torch.is_tensor(image) or image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be a (B, 3, H, W) tensor, got shape {tuple(getattr(image, 'shape', ()))}")
-        if not image.is_floating_point():
-            raise ValueError(f"image must be a float tensor normalised with CLIP's mean/std, got {image.dtype}")
-        h, w = image.shape[-2:]
-        if h % 32 or w % 32:
-            raise ValueError(f"image height and width must be multiples of 32 (e.g. {cfg.input_size}), got {h}x{w}")
-        if not torch.is_tensor(tokens) or tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (B, L) tensor, got shape {tuple(getattr(tokens, 'shape', ()))}")
-        if tokens.dtype != torch.long:
-            raise ValueError(f"tokens must be torch.long (int64) ids from clip.tokenize, got {tokens.dtype}")
-        if tokens.shape[1] > cfg.word_len:
-            raise ValueError(f"tokens have length {tokens.shape[1]}, more than word_len={cfg.word_len}; "
-                             f"tokenize with context_length={cfg.word_len}, truncate=True")
-        # An all-padding row makes the decoder's attention NaN. Checking it reads the tokens, a
-        # device-to-host sync on a GPU, so it runs only for tokens on the CPU (free there); tokens
-        # from clip.tokenize / transforms.tokenize always hold the start and end tokens.
-        if tokens.device.type == "cpu" and not (tokens != 0).any(dim=1).all():
-            raise ValueError("a row of tokens is all padding (0); clip.tokenize gives every phrase start and end tokens")
-        if image_index is None:
-            if tokens.shape[0] != image.shape[0]:
-                raise ValueError(f"image batch ({image.shape[0]}) and tokens batch ({tokens.shape[0]}) differ")
-        elif (not torch.is_tensor(image_index) or image_index.dtype != torch.long
-              or tuple(image_index.shape) != (tokens.shape[0],)):
-            raise ValueError(f"image_index must be a ({tokens.shape[0]},) torch.long tensor (one image per phrase), "
-                             f"got {getattr(image_index, 'dtype', type(image_index).__name__)} "
-                             f"of shape {tuple(getattr(image_index, 'shape', ()))}")
-        elif image_index.device.type == "cpu" and not (
-                (image_index >= 0).all() and (image_index < image.shape[0]).all()):
-            raise ValueError(f"image_index must lie in [0, {image.shape[0]}) (the images given), "
-                             f"got {image_index.tolist()}")
+        """What forward checks first (helpers/inputs.py): shapes, dtypes, lengths, a ValueError otherwise."""
+        check_inputs(image, tokens, image_index, self.config.input_size, self.config.word_len)
 
 
 def parameter_counts(model: SegVLM) -> dict:
@@ -517,49 +479,6 @@ def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM
         if missing or unexpected:
             raise ValueError(f"CLIP weights {clip_weights!r} do not fit: missing {missing}, unexpected {unexpected}")
     return model
-
-
-def load_clip_state_dict(clip_weights) -> dict:
-    """A float32 CLIP state dict from a model name or a file, with keys the backbone does not have removed."""
-    name = clip_weights if clip_weights in clip.available_models() else "RN101"
-    help_msg = (f"could not load CLIP weights {clip_weights!r}. Get them on a machine with internet with "
-                f"`python -c \"import clip; clip.load('{name}', jit=False)\"` (saved to ~/.cache/clip/{name}.pt), "
-                f"copy that file here and pass its path as clip_weights; or pass clip_weights=None to train "
-                f"from scratch with random weights.")
-    try:
-        if os.path.isfile(str(clip_weights)):
-            try:
-                with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's files are TorchScript
-                    warnings.simplefilter("ignore", FutureWarning)
-                    sd = torch.jit.load(clip_weights, map_location="cpu").state_dict()  # OpenAI's archive
-            except RuntimeError:
-                sd = torch.load(clip_weights, map_location="cpu", weights_only=True)  # a plain state dict
-        elif clip_weights in clip.available_models():
-            sd = clip.load(clip_weights, device="cpu", jit=False)[0].state_dict()
-        else:
-            raise FileNotFoundError(f"no such file, and not one of CLIP's names {clip.available_models()}")
-    except Exception as e:  # a failed download, a missing or unreadable file: one message says what to do
-        raise RuntimeError(f"{help_msg} ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict) or "visual.attnpool.positional_embedding" not in sd:
-        raise ValueError(f"{clip_weights!r} is not a CLIP ResNet state dict (SegVLM needs a ResNet CLIP, e.g. RN101)")
-    drop = ("logit_scale", "input_resolution", "context_length", "vocab_size")
-    return {k: v.float() for k, v in sd.items() if k not in drop}
-
-
-def clip_fields_from_state_dict(sd: dict) -> dict:
-    """CLIP's architecture, read from the shapes of its weights."""
-    layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5))
-    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return dict(
-        embed_dim=sd["text_projection"].shape[1],
-        image_resolution=grid * 32,
-        vision_layers=layers,
-        vision_width=sd["visual.layer1.0.conv1.weight"].shape[0],
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        transformer_width=sd["ln_final.weight"].shape[0],
-        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
-    )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ import argparse
 import sys
 import warnings
 
-from cli import check_output, check_path, parse_device, parse_threshold, run_tool
-from files import atomic_path, image_format, mask_format, save_mask
-from inference import _check_phrase, load_model, open_image, overlay, predict
-from metrics import DEFAULT_THRESHOLD
-from transforms import short_phrase
+from helpers.cli import check_output, check_path, parse_device, parse_threshold, run_tool
+from helpers.files import atomic_path, image_format, mask_format, save_mask
+from helpers.inference import _check_phrase, load_model, open_image, overlay, predict
+from helpers.transforms import short_phrase
+from model import DEFAULT_THRESHOLD
 
 __all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in inference.py
 

@@ -62,18 +62,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import distributed
 import evaluate
-from checkpoints import init_model
-from cli import run_tool
-from datasets import ImageGroupedSampler, PhraseCutLMDB, unique_images
+from data import ImageGroupedSampler, PhraseCutLMDB, unique_images
+from helpers import distributed
+from helpers.checkpoints import init_model
+from helpers.cli import run_tool
+from helpers.figures import prediction_grid
+from helpers.runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
+from helpers.train_config import TrainConfig, parse_args
 from loss import RAFLoss
 from model import SegVLM, build_model, get_preset
-from runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
-from synthetic import ensure_synthetic
-from train_config import TrainConfig, parse_args
-from visualize import prediction_grid
-
+from sources.synthetic import ensure_synthetic
 
 # ---------------------------------------------------------------------------
 # the loop

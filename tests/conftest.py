@@ -3,8 +3,7 @@ import signal
 
 import pytest
 
-import phrasecut
-import synthetic
+from sources import phrasecut, synthetic
 
 # The Ctrl-C tests send SIGINT to the tools they start. A shell that starts a job in the background
 # (`pytest &`, nohup) ignores SIGINT for it, and an ignored signal stays ignored in every child, so

@@ -4,25 +4,23 @@ One smoke-sized ablation with two seeds (eight train.py runs, in this process so
 is shared by the tests that read its files.
 """
 import json
-import os
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from tooling import command, tool_env
+
+import evaluate
+import train
+from data import PhraseCutLMDB
+from helpers.checkpoints import load_checkpoint
+from tools import ablation
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import ablation  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from datasets import PhraseCutLMDB  # noqa: E402
 
 FILES = ("table2.md", "table2.json", "fig4_precision.png", "fig5_gains.png", "fig6_qualitative.png")
 
@@ -188,16 +186,15 @@ def test_bad_input_is_one_line_without_a_traceback(tmp_path):
              (["--", "--epochs", "0"], "ablation.py: error: after --: --epochs must be"),
              (["--out", "file"], "ablation.py: error: --out file is an existing file")]
     for argv, message in cases:
-        proc = subprocess.run([sys.executable, str(REPO / "ablation.py"), "--preset", "smoke", *argv], cwd=tmp_path,
+        proc = subprocess.run(command("ablation.py", "--preset", "smoke", *argv), cwd=tmp_path, env=tool_env(),
                               capture_output=True, text=True, timeout=120)
         lines = [line for line in proc.stderr.splitlines() if "Warning" not in line and "pkg_resources" not in line]
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), (argv, proc.stderr)
 
 
 def test_ctrl_c_is_one_line_and_leaves_no_temporary_file(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(REPO / "ablation.py"), *args("out", tmp_path / "cache")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(command("ablation.py", *args("out", tmp_path / "cache")), env=tool_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until the first run has started, then interrupt as Ctrl-C does
         if "trained by" in line:
             break

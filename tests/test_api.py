@@ -2,19 +2,18 @@
 and an (H, W, 3) uint8 array give the same masks; a list of phrases gives the masks of the phrases
 one at a time, at the image's size, with one image-encoder call; bad arguments get a clear error.
 overlay draws one colour per phrase and its legend."""
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tooling import save_model_checkpoint
+
+import predict
+from helpers import inference
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import inference  # noqa: E402
-import predict  # noqa: E402
 
 PHRASES = ["red circle", "small blue square", "all green shapes", "triangle left of the circle"]
 
@@ -130,8 +129,7 @@ def test_readme_three_lines_run(tmp_path, photo, monkeypatch):
     assert len(block.strip().splitlines()) == 3
     net = model.build_model("smoke")
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
-                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, tmp_path / "runs" / "demo" / "best.pth")
+    save_model_checkpoint(net, tmp_path / "runs" / "demo" / "best.pth")
     Image.open(photo).convert("RGB").save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
     scope = {}

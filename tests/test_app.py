@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tooling import save_model_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import app  # noqa: E402
-import inference  # noqa: E402
+import app
+from helpers import inference
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PHRASES = ["red circle", "blue square"]
@@ -55,8 +56,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
     net = model.build_model("smoke")
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
-                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, out / "best.pth")
+    save_model_checkpoint(net, out / "best.pth")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(out / "photo.png")
     return out / "best.pth", out / "photo.png"
@@ -248,6 +248,7 @@ def test_requests_queue_and_the_model_runs_one_at_a_time(server, monkeypatch):
 
 def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch, ckpt, tmp_path, capsys):
     from cris_files import write_cris_checkpoint
+
     import model
     _, url, _ = server
     assert url.startswith("http://127.0.0.1:")

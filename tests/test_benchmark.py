@@ -1,17 +1,15 @@
 """benchmark.py: one command prints every speed figure; checked for completeness and consistency
 (never for a speed: tests do not assert wall-clock times)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model import build_model
+from tools import benchmark
 
-import benchmark  # noqa: E402
-from model import build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = ["--batch", "2", "--repeats", "1", "--warmup", "1", "--loader-batches", "2"]
 

@@ -4,17 +4,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from coco_files import coco_folder, voc_labels, voc_root
 from PIL import Image
 from pycocotools.coco import COCO
 
-import coco
 import data
-import datasets
+import data as datasets
 import evaluate
-import files
-import metrics
-import voc
-from coco_files import coco_folder, voc_labels, voc_root
+import evaluate as metrics
+from helpers import files
+from sources import coco, voc
 
 
 def test_coco_one_task_per_image_and_category_with_pycocotools_masks(tmp_path):

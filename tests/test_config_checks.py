@@ -3,37 +3,31 @@ config (every path into it: train flags, a checkpoint, cris.py convert's flags, 
 checkpoint's weights, a lossy mask format, milestones, training flags that cannot work, an image file
 far beyond any real image; and the messages a user meets name what to do, in whole characters."""
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cris_files import small_model, write_cris_checkpoint
 from PIL import Image
+from tooling import run_tool, save_model_checkpoint
+
+from helpers import (
+    checkpoints,
+    inference,
+    train_config,
+    transforms,
+)
+from model import PRESETS, SegVLMConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import checkpoints  # noqa: E402
-import inference  # noqa: E402
-import train_config  # noqa: E402
-import transforms  # noqa: E402
-from cris_files import small_model, write_cris_checkpoint  # noqa: E402
-from model import PRESETS, SegVLMConfig, build_model  # noqa: E402
 
 
-def tool(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+tool = run_tool
 
 
 def save(net, path, **config):
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(),
-                "config": {**net.config.to_dict(), **config}, "epoch": 0, "best_metric": 0.0, "args": {},
-                "data_dir": ""}, path)
+    save_model_checkpoint(net, path, config={**net.config.to_dict(), **config})
     return path
 
 

@@ -7,39 +7,36 @@ written out independently of cris.py's.
 
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
-import sys
 from pathlib import Path
 
 import clip
 import numpy as np
 import pytest
 import torch
+from cris_files import SHAPES, cris_state_dict, small_model, write_cris_checkpoint
 from PIL import Image
+from tooling import run_tool
+
+import evaluate
+import predict
+import train
+from helpers import (
+    checkpoints,
+    inference,
+)
+from helpers.checkpoints import load_checkpoint
+from model import PRESETS, SegVLM, SegVLMConfig, build_model
+from sources import synthetic
+from tools import cris
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import checkpoints  # noqa: E402
-import cris  # noqa: E402
-import evaluate  # noqa: E402
-import inference  # noqa: E402
-import predict  # noqa: E402
-import synthetic  # noqa: E402
-import train  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from cris_files import SHAPES, cris_state_dict, small_model, write_cris_checkpoint  # noqa: E402
-from model import PRESETS, SegVLM, SegVLMConfig, build_model  # noqa: E402
 
 PHRASES = ["cap", "the black baseball cap on the wooden table by the window"]
 
 
 def run(args, cwd=REPO, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_tool(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

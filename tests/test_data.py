@@ -10,17 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from phrasecut_files import copy_root, good_task, official_mask, rectangle, tasks_of, tiny_root
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
-import datasets
-import inference
-import lmdb_store
-import phrasecut
-import synthetic
-import transforms
-from phrasecut_files import copy_root, good_task, official_mask, rectangle, tasks_of, tiny_root
+import data as datasets
+from helpers import inference, transforms
+from sources import lmdb_store, phrasecut, synthetic
 
 
 def test_synthetic_layout_subsets_and_determinism(synth, tmp_path):

@@ -11,17 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tooling import save_model_checkpoint
+
+import evaluate as ev
+import evaluate as metrics
+from helpers import (
+    checkpoints,
+    figures,
+    files,
+)
+from sources import (
+    phrasecut,
+    synthetic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import checkpoints  # noqa: E402
-import evaluate as ev  # noqa: E402
-import files  # noqa: E402
-import metrics  # noqa: E402
-import phrasecut  # noqa: E402
-import synthetic  # noqa: E402
-import visualize  # noqa: E402
 
 
 def masks(shape, pred_pixels, gt_pixels):
@@ -234,8 +238,7 @@ def run_dir(tmp_path_factory):
     phrasecut.build_lmdb(root, "train", out / "test.lmdb", progress=False)
     torch.manual_seed(0)
     net = model.build_model("smoke")
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
-                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": str(out)}, out / "best.pth")
+    save_model_checkpoint(net, out / "best.pth", data_dir=str(out))
     return out
 
 
@@ -428,7 +431,7 @@ def test_per_task_ious_make_the_summary_and_the_grid_shows_median_and_worst(smok
     fake = [{"index": 0, "iou": 0.1, "subsets": ["p_name"]}, {"index": 1, "iou": 0.5, "subsets": ["p_name"]},
             {"index": 2, "iou": 0.9, "subsets": ["p_name"]}, {"index": 3, "iou": 0.0, "subsets": ["p_att+"]},
             {"index": 4, "iou": 0.05, "subsets": []}, {"index": 5, "iou": 0.3, "subsets": []}]
-    chosen = visualize.prediction_grid(net, dataset, fake, tmp_path / "grid.png", failures=2)
+    chosen = figures.prediction_grid(net, dataset, fake, tmp_path / "grid.png", failures=2)
     assert [(label.split(",")[0], index) for label, index, _ in chosen] == [
         ("name", 1), ("attribute", 3), ("failure 1", 4), ("failure 2", 0)]
     for _, index, score in chosen:  # the drawn IoU is the task's own

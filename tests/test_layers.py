@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import SqueezeExcitation, deform_conv2d
 
-from layers import (CoordConv, DecoderLayer, DeformableConv2d, Projector, deform_conv2d_sampled, sine_position_1d,
-                    sine_position_2d)
+from layers import (
+    CoordConv,
+    DecoderLayer,
+    DeformableConv2d,
+    Projector,
+    deform_conv2d_sampled,
+    sine_position_1d,
+    sine_position_2d,
+)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])

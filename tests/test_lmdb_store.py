@@ -9,15 +9,14 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
+from phrasecut_files import good_task, official_mask, rectangle, tiny_root
 from PIL import Image
 from pycocotools import mask as coco_rle
 
 import data
-import datasets
-import lmdb_store
-import phrasecut
-import transforms
-from phrasecut_files import good_task, official_mask, rectangle, tiny_root
+import data as datasets
+from helpers import transforms
+from sources import lmdb_store, phrasecut
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

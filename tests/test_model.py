@@ -13,12 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import model as model_module
-from checkpoints import load_checkpoint
+from helpers import checkpoints
+from helpers.checkpoints import load_checkpoint
 from loss import RAFLoss
-from model import (PRESETS, EnhancementBlock, SegVLMConfig, attention_pool_tokens, build_model,
-                   dense_attention_pool, parameter_counts)
+from model import (
+    PRESETS,
+    EnhancementBlock,
+    SegVLMConfig,
+    attention_pool_tokens,
+    build_model,
+    dense_attention_pool,
+    parameter_counts,
+)
 
 PHRASES = ["cap", "the black baseball cap on the wooden table by the window"]
 
@@ -240,7 +247,9 @@ def test_dense_attention_pool_by_hand():
     pool = clip.model.AttentionPool2d(3, 16, 4, 8)  # 3x3 grid, 16 channels, 4 heads, 8 out
     x = torch.randn(2, 16, 3, 3)
     tokens = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:]  # (B, 9, 16), no mean token
-    heads = lambda t: t.reshape(2, 9, 4, 4).transpose(1, 2)  # (B, heads, 9, 4)
+    def heads(t):
+        return t.reshape(2, 9, 4, 4).transpose(1, 2)  # (B, heads, 9, 4)
+
     q, k, v = (heads(lin(tokens)) for lin in (pool.q_proj, pool.k_proj, pool.v_proj))
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)  # (B, heads, 9, 9)
     out = pool.c_proj((att @ v).transpose(1, 2).reshape(2, 9, 16))  # (B, 9, 8)

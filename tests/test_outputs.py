@@ -12,30 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cris_files import small_model, write_cris_checkpoint
+from tooling import one_line_error, run_tool, save_model_checkpoint, start_tool
+
+from helpers import files
+from model import build_model
+from sources import synthetic
+from tools import cris
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import cris  # noqa: E402
-import files  # noqa: E402
-import synthetic  # noqa: E402
-from cris_files import small_model, write_cris_checkpoint  # noqa: E402
-from model import build_model  # noqa: E402
-
 FAST_BENCH = ["--preset", "smoke", "--batch", "2", "--repeats", "1", "--warmup", "1", "--workers", "-1"]
 
 
-def tool(*args, timeout=300, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+tool = run_tool
 
 
-def one_line_error(proc, code=2):
-    """The process failed with `code` and one line on stderr, no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +34,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     net = build_model("smoke")
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
-                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, out / "best.pth")
+    save_model_checkpoint(net, out / "best.pth")
     return out / "best.pth"
 
 
@@ -70,7 +60,7 @@ def usage_error(main, argv, capsys):
 
 
 def test_benchmark_json_may_not_be_its_checkpoint_nor_unwritable(ckpt, tmp_path, capsys, monkeypatch):
-    import benchmark
+    from tools import benchmark
     monkeypatch.setattr(benchmark, "run", lambda args: pytest.fail("the benchmark ran"))
     before = ckpt.read_bytes()
     err = usage_error(benchmark.main, [*FAST_BENCH, "--ckpt", str(ckpt), "--json", str(ckpt)], capsys)
@@ -98,7 +88,7 @@ def test_cris_convert_refuses_a_file_it_did_not_write(cris_file, tmp_path):
 
 def test_save_masks_never_overwrites_a_users_file(ckpt, data_dir, tmp_path):
     import evaluate
-    from datasets import PhraseCutLMDB
+    from data import PhraseCutLMDB
     task_id = PhraseCutLMDB(data_dir / "test.lmdb", input_size=64, word_len=10, train=False)[0]["task_id"]
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -227,6 +217,7 @@ SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
 import cli, files
+
 def work():
     with files.atomic_path({out!r}) as tmp:
         tmp.write_text("half")
@@ -256,9 +247,7 @@ def test_a_signal_ends_a_tool_with_one_line_and_no_temporary_file(tmp_path, sig,
 
 
 def test_ctrl_c_in_benchmark_is_one_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "benchmark.py", *FAST_BENCH[:-4], "--repeats", "100000000"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_tool("benchmark.py", *FAST_BENCH[:-4], "--repeats", "100000000")
     try:
         assert "median of" in proc.stdout.readline()
         time.sleep(0.5)
@@ -287,14 +276,14 @@ def test_ctrl_c_in_benchmark_is_one_line(tmp_path):
     (["cris.py", "convert", "x.pth", "y.pth", "--input-size", "-64"], "--input-size"),
 ])
 def test_no_traceback_from_a_users_mistake(args, message, capsys, monkeypatch):
-    import benchmark
+    from tools import benchmark
     monkeypatch.setattr(benchmark, "run", lambda args: pytest.fail("the benchmark ran"))
     last = usage_error({"benchmark.py": benchmark.main, "cris.py": cris.main}[args[0]], args[1:], capsys)
     assert last.startswith(args[0]) and ": error: " in last and message in last, last
 
 
 def test_train_refuses_inputs_that_are_not_regular_files(tmp_path, capsys):
-    import train_config
+    from helpers import train_config
     os.mkfifo(tmp_path / "train.lmdb")
     (tmp_path / "val.lmdb").write_bytes(b"")
     os.mkfifo(tmp_path / "best.pth")

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from phrasecut_files import copy_root, good_task, rectangle, tasks_of, tiny_root
 from PIL import Image
 
 import data
-import datasets
-import files
-import lmdb_store
-import phrasecut
-import synthetic
-from phrasecut_files import copy_root, good_task, rectangle, tasks_of, tiny_root
+import data as datasets
+from helpers import files
+from sources import lmdb_store, phrasecut, synthetic
 
 
 def test_corrupt_image_is_named_and_leaves_no_lmdb(synth, tmp_path):

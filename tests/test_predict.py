@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tooling import save_model_checkpoint
+
+import predict
+from helpers import inference
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import inference  # noqa: E402
-import predict  # noqa: E402
 
 
 def png_header(width, height):
@@ -36,8 +36,7 @@ def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
     net = model.build_model("smoke")
-    torch.save({"format": "segvlm-checkpoint-v1", "model": net.state_dict(), "config": net.config.to_dict(),
-                "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}, out / "best.pth")
+    save_model_checkpoint(net, out / "best.pth")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(out / "photo.jpg")
     return out

@@ -14,14 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from coco_files import coco_folder, refer_root, voc_root
+from cris_files import write_cris_checkpoint
+
+from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from coco_files import coco_folder, refer_root, voc_root  # noqa: E402
-from cris_files import write_cris_checkpoint  # noqa: E402
-from model import build_model  # noqa: E402
 
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)

@@ -5,14 +5,14 @@ import pickle
 
 import numpy as np
 import pytest
+from coco_files import GOOGLE, UMD, UNC, file_name, refer_root
 from pycocotools.coco import COCO
 
 import data
-import datasets
+import data as datasets
 import evaluate
-import files
-import refcoco
-from coco_files import GOOGLE, UMD, UNC, file_name, refer_root
+from helpers import files
+from sources import refcoco
 
 
 def build(root, tmp_path, dataset="refcoco", split_by="unc", split="train", **kw):
@@ -172,7 +172,7 @@ def test_evaluate_scores_saved_masks_against_the_lmdb(tmp_path, capsys):
 
 
 def test_cris_recipes_are_presets():
-    import train_config
+    from helpers import train_config
     for preset, word_len in (("cris-refcoco", 17), ("cris-refcocog", 22)):
         cfg, model = train_config.preset_defaults(preset), __import__("model").get_preset(preset).model
         assert (model.input_size, model.word_len, model.deform, model.se) == (416, word_len, False, False)

@@ -13,24 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from tooling import run_tool
 
-import data  # noqa: E402
-import runs  # noqa: E402
-import train  # noqa: E402
-import train_config  # noqa: E402
-import transforms  # noqa: E402
-import visualize  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from model import build_model  # noqa: E402
+import data
+import train
+from helpers import (
+    runs,
+    train_config,
+    transforms,
+    visualize,
+)
+from helpers.checkpoints import load_checkpoint
+from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args, cwd=REPO, timeout=600, env=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    """args: an argv whose first item is sys.executable; the tool must succeed."""
+    assert args[0] == sys.executable
+    return run_tool(*args[1:], cwd=cwd, timeout=timeout, env=env, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +186,7 @@ def test_a_kill_between_any_two_writes_resumes_to_consistent_files(tmp_path, cac
     # 3. resumed again: every epoch listed once, the command of every start kept
     monkeypatch.undo()
     train.train(train.parse_args(resume + ["--epochs", "2"]))
-    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len((out / "command.txt").read_text().splitlines()) == 3
     assert json.loads((out / "config.json").read_text())["resumed"] == {"after_epoch": 1,
                                                                         "changed": {"epochs": [1, 2]}}
@@ -259,7 +261,7 @@ def test_per_step_schedules_follow_their_formulas():
     opt, sched = train.make_optimizer(model, cos, steps_per_epoch=spe)
     assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
     seen = []
-    for step in range(4 * spe):
+    for _ in range(4 * spe):
         seen.append(opt.param_groups[1]["lr"])
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * seen[-1])
         opt.step()
@@ -297,10 +299,10 @@ def test_smoke_run_one_process(tmp_path, cache):
     for name in ("config.json", "command.txt", "git.txt", "metrics.jsonl", "checkpoint.pth",
                  "best.pth", "curves.png", "test_metrics.json", "predictions.png"):
         assert (out / name).is_file(), name
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in lines] == [1, 2]
     for key in ("loss", "bce", "focal", "dice", "lr", "val_mIoU", "val_oIoU", "val_prec@0.5", "seconds"):
-        assert all(isinstance(l[key], float) for l in lines), key
+        assert all(isinstance(row[key], float) for row in lines), key
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["format"] == runs.CHECKPOINT_FORMAT
     model, best = load_checkpoint(out / "best.pth")
@@ -355,12 +357,13 @@ def test_freeze_token_embedding_keeps_the_table_and_trains_the_rest(flags, tmp_p
     assert torch.equal(after["backbone.token_embedding.weight"], before["backbone.token_embedding.weight"]) is frozen
     assert not torch.equal(after["backbone.transformer.resblocks.0.attn.in_proj_weight"],
                            before["backbone.transformer.resblocks.0.attn.in_proj_weight"])
-    assert train_config.preset_defaults("demo").freeze_token_embedding and not train_config.preset_defaults("paper").freeze_token_embedding
+    assert train_config.preset_defaults("demo").freeze_token_embedding
+    assert not train_config.preset_defaults("paper").freeze_token_embedding
 
 
 def smoke_parts(cfg):
     """train()'s first steps for `cfg`, on this process's device: (model, loader, optimizer, scaler)."""
-    import distributed
+    from helpers import distributed
     train.seed_everything(cfg.seed)
     device = distributed.info().device
     model = train.make_model(cfg, device)
@@ -485,7 +488,7 @@ STALL = textwrap.dedent("""
 def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
     """torchrun --nproc_per_node=2 on a one-GPU machine: an error that says what to change, not
     CUDA's "invalid device ordinal", and before any CUDA call or process group."""
-    import distributed
+    from helpers import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -499,7 +502,7 @@ def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
 
 
 def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, monkeypatch):
-    import distributed
+    from helpers import distributed
 
     monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
     with pytest.raises(ValueError, match="SEGVLM_DIST_TIMEOUT='soon': expected a number of seconds > 0"):

@@ -1,6 +1,6 @@
 """Checkpoints: read one safely and rebuild its model, this project's format or CRIS's released file.
 
-    from checkpoints import load_checkpoint
+    from helpers.checkpoints import load_checkpoint
     model, ckpt = load_checkpoint("runs/demo-.../best.pth")     # or CRIS's best_model.pth
 
 A checkpoint of this project (train.py's best.pth and checkpoint.pth, `cris.py convert`'s output) is a
@@ -59,7 +59,7 @@ import sys
 
 import torch
 
-import distributed
+from helpers import distributed
 from model import CLIP_FIELDS, SegVLM, SegVLMConfig, clip_fields_from_state_dict, config_fields
 
 CRIS_REPO = "github.com/DerrickWang005/CRIS.pytorch"

@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from files import atomic_path
-from lmdb_store import LMDB_VERSION
-from phrasecut import SPLITS, build_lmdb
+from helpers.files import atomic_path
+from sources.lmdb_store import LMDB_VERSION
+from sources.phrasecut import SPLITS, build_lmdb
 
 DEMO_NUM_IMAGES = 1600  # synthetic images for the demo: 1280 train, 128 val, 32 miniv, 160 test
 

@@ -26,10 +26,16 @@ import torch
 if __name__ == "__main__":  # clip's own import warns about pkg_resources; not ours to fix
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from checkpoints import (CRIS_DECODER_HEADS, CRIS_INPUT_SIZE, is_cris_checkpoint, read_checkpoint_file,  # noqa: E402
-                         summary, to_segvlm_checkpoint)
-from cli import check_output, check_path, run_tool, same_file  # noqa: E402
-from files import atomic_path  # noqa: E402
+from helpers.checkpoints import (  # noqa: E402
+    CRIS_DECODER_HEADS,
+    CRIS_INPUT_SIZE,
+    is_cris_checkpoint,
+    read_checkpoint_file,
+    summary,
+    to_segvlm_checkpoint,
+)
+from helpers.cli import check_output, check_path, run_tool, same_file  # noqa: E402
+from helpers.files import atomic_path  # noqa: E402
 from model import SegVLMConfig  # noqa: E402
 
 

@@ -40,18 +40,16 @@ import clip
 import torch
 from torch.utils.data import DataLoader
 
-import distributed
 import layers
-import phrasecut
-import synthetic
 import train
-import train_config
-from checkpoints import load_checkpoint
-from cli import check_output, check_path, parse_device, run_tool
-from datasets import PhraseCutLMDB, collate
-from files import atomic_path
-from inference import FastSegVLM
+from data import PhraseCutLMDB, collate
+from helpers import distributed, train_config
+from helpers.checkpoints import load_checkpoint
+from helpers.cli import check_output, check_path, parse_device, run_tool
+from helpers.files import atomic_path
+from helpers.inference import FastSegVLM
 from model import PRESETS, SegVLM
+from sources import phrasecut, synthetic
 
 
 def sync(device):

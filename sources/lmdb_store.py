@@ -30,8 +30,8 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from files import _JSON_TYPES, atomic_path, check_task_id
-from transforms import coco_mask, decode_image, polygons_to_mask
+from helpers.files import _JSON_TYPES, atomic_path, check_task_id
+from helpers.transforms import coco_mask, decode_image, polygons_to_mask
 
 LMDB_FORMAT = "segvlm-phrasecut"
 

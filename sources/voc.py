@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lmdb_store import check_out, write_lmdb
-from transforms import mask_to_rle
+from helpers.transforms import mask_to_rle
+from sources.lmdb_store import check_out, write_lmdb
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")

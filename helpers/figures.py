@@ -1,76 +1,20 @@
-"""Pictures of a model at work and of a run: overlays, the prediction grid, training curves.
-
-Every figure is drawn on a bare matplotlib Figure (no pyplot, so no global backend: a notebook's
-inline backend is left alone) and written whole (atomic_path).
-"""
+"""The figures that show a model's score on chosen tasks: a run's prediction grid (train.py's predictions.png)
+and the ablation's Figs. 4-6 (tools/ablation.py), each task labelled with its IoU (evaluate.task_iou)."""
 from pathlib import Path
 
-import torch
-
-import transforms
-from cli import make_dir
-from files import atomic_path, mask_path
-from inference import eval_mode
-from metrics import DEFAULT_THRESHOLD, iou, task_iou
-
-@torch.no_grad()
-def overlay_name(k, task_id) -> str:
-    """save_overlays' file name for its k-th figure, of task `task_id`."""
-    return f"{k:04d}_{task_id}.png"
-
-
-def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
-    """Write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
-
-    Each PNG shows the image at its original size (cut back out of the
-    network's letterboxed input, so at most input_size sharp), the ground truth
-    and the prediction (outside the mask dimmed), and the phrase with the task's
-    IoU in the title. Files are named <k>_<task_id>.png. Returns the written paths.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-    out_dir = make_dir(out_dir, "the figures' folder")
-    paths = []
-    with eval_mode(model, device) as (net, device):
-        for k in range(min(num, len(dataset))):
-            item = dataset[k]
-            fig = Figure(figsize=(12, 4.4))
-            score = _draw_example(fig.subplots(1, 3), net, item, threshold, device)
-            fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
-            fig.tight_layout()
-            mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
-            path = out_dir / overlay_name(k, item["task_id"])
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=80, format="png")
-            paths.append(path)
-    return paths
+from evaluate import PREC_THRESHOLDS, iou, task_iou
+from helpers.files import atomic_path
+from helpers.inference import eval_mode
+from helpers.visualize import draw_panel, predict_item, save_figure
+from model import DEFAULT_THRESHOLD
 
 
 def _draw_example(axes, net, item, threshold, device) -> float:
     """Image, ground truth and prediction of one evaluation item on three axes -> its IoU."""
-    image, gt, pred = _predict(net, item, threshold, device)
+    image, gt, pred = predict_item(net, item, threshold, device)
     for ax, (title, mask) in zip(axes, [("image", None), ("ground truth", gt), ("prediction", pred)]):
-        _panel(ax, image, mask, title)
+        draw_panel(ax, image, mask, title)
     return iou(*task_iou(pred, gt, item.get("ignore_mask")))  # VOC's void counts in neither
-
-
-def _predict(net, item, threshold, device):
-    """One evaluation item -> (image as (H, W, 3) numpy at its original size, ground truth, prediction),
-    the image cut back out of the network's letterboxed input."""
-    with torch.no_grad():
-        logits = net(item["image"][None].to(device), item["tokens"][None].to(device)).float().cpu()
-    gt = item["gt_mask"].bool()
-    h, w = gt.shape
-    pred = transforms.unletterbox(logits[0, 0].sigmoid(), h, w, input_size=item["image"].shape[-1]) > threshold
-    image = transforms.unletterbox(transforms.unnormalize(item["image"]), h, w).clamp(0, 1).permute(1, 2, 0).numpy()
-    return image, gt, pred
-
-
-def _panel(ax, image, mask, title):
-    """The image, or with a mask everything outside it dimmed (coloured shapes keep their colours)."""
-    ax.imshow(image if mask is None else image * (0.2 + 0.8 * mask.numpy()[..., None]))
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
 
 
 # Rows of prediction_grid: a typical task (the median IoU) of each kind of phrase, then failures.
@@ -116,30 +60,9 @@ def prediction_grid(model, dataset, per_task, path, failures=3, threshold=DEFAUL
     return chosen
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training curves as a PNG. A bare Figure, so the caller's matplotlib backend
-    (a notebook's inline one, say) is left alone."""
-    from matplotlib.figure import Figure
-
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4))
-    a, b = fig.subplots(1, 2)
-    for key in ("loss", "bce", "focal", "dice"):
-        a.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    a.set(xlabel="epoch", ylabel="training loss", title="loss terms (eq. 4-8)")
-    a.legend()
-    for key in ("val_mIoU", "val_oIoU", "val_prec@0.5"):
-        b.plot(epochs, [h[key] for h in history], marker="o", label=key[4:])
-    b.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    b.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-
-
 # The ablation's figures (ablation.py): Fig. 4, Fig. 5 and Fig. 6 of the paper, from Table 2's numbers.
 
-def _percent_label(metric: str) -> str:
+def percent_label(metric: str) -> str:
     return "IoU" if metric == "mIoU" else f"P@{round(100 * float(metric.split('@')[1]))}"
 
 
@@ -147,8 +70,6 @@ def plot_precision_curves(variants: list[dict], path, caption: str = "") -> None
     """Fig. 4: Prec@k (percent) against k = 50 ... 90, one curve per variant, mean over the seeds with
     a band of +- one standard deviation. variants: [{"variant", "mean", "std"}] as table2.json holds them."""
     from matplotlib.figure import Figure
-
-    from metrics import PREC_THRESHOLDS
 
     ks = [round(100 * k) for k in PREC_THRESHOLDS]
     fig = Figure(figsize=(6.4, 4.6))
@@ -160,7 +81,7 @@ def plot_precision_curves(variants: list[dict], path, caption: str = "") -> None
         ax.fill_between(ks, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax.set(xlabel="IoU threshold k (%)", ylabel="Prec@k (%)", xticks=ks, title="Fig. 4: precision across IoU thresholds")
     ax.legend(fontsize=8)
-    _save(fig, path, caption)
+    save_figure(fig, path, caption)
 
 
 def plot_stage_gains(gains: list[dict], metrics: list[str], path, caption: str = "") -> None:
@@ -176,10 +97,10 @@ def plot_stage_gains(gains: list[dict], metrics: list[str], path, caption: str =
         ax.bar(xs, [100 * g["mean"][m] for m in metrics], width,
                yerr=[100 * (g["std"][m] or 0.0) for m in metrics], capsize=3, label=g["stage"])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(metrics)), [_percent_label(m) for m in metrics])
+    ax.set_xticks(range(len(metrics)), [percent_label(m) for m in metrics])
     ax.set(ylabel="gain over the stage before (points)", title="Fig. 5: incremental gain of each stage")
     ax.legend(fontsize=8)
-    _save(fig, path, caption)
+    save_figure(fig, path, caption)
 
 
 def variant_grid(models: list[tuple[str, object]], dataset, rows: list[tuple[str, int]], path,
@@ -201,20 +122,12 @@ def variant_grid(models: list[tuple[str, object]], dataset, rows: list[tuple[str
         scores = {}
         for k, (name, model) in enumerate(models):
             with eval_mode(model, device) as (net, dev):
-                image, gt, pred = _predict(net, item, threshold, dev)
+                image, gt, pred = predict_item(net, item, threshold, dev)
             scores[name] = iou(*task_iou(pred, gt, item.get("ignore_mask")))
-            _panel(axes[2 + k], image, pred, f"{name}\nIoU {scores[name]:.2f}")
-        _panel(axes[0], image, None, "image")
-        _panel(axes[1], image, gt, "ground truth")
+            draw_panel(axes[2 + k], image, pred, f"{name}\nIoU {scores[name]:.2f}")
+        draw_panel(axes[0], image, None, "image")
+        draw_panel(axes[1], image, gt, "ground truth")
         cell.suptitle(f'"{item["phrase"]}"  ({label})', fontsize=10)
         drawn.append({"label": label, "index": index, "phrase": item["phrase"], "iou": scores})
-    _save(fig, path, caption, dpi=72)
+    save_figure(fig, path, caption, dpi=72)
     return drawn
-
-
-def _save(fig, path, caption: str, dpi=100) -> None:
-    """A figure with its caption under it, written whole (atomic_path)."""
-    if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8, wrap=True)
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")

@@ -25,8 +25,8 @@ without it the header's name_att_rel_count is null and evaluation leaves the c*/
 """
 from pathlib import Path
 
-from files import _JSON_TYPES, _short, read_json
-from lmdb_store import check_out, write_lmdb
+from helpers.files import _JSON_TYPES, _short, read_json
+from sources.lmdb_store import check_out, write_lmdb
 
 SPLITS = ("train", "val", "test", "miniv")
 

@@ -24,9 +24,9 @@ and the ref and sentence ids kept.
 import pickle
 from pathlib import Path
 
-from coco import read_instances
-from files import _short, read_json
-from lmdb_store import check_out, write_lmdb
+from helpers.files import _short, read_json
+from sources.coco import read_instances
+from sources.lmdb_store import check_out, write_lmdb
 
 # (dataset, splitBy) -> the splits used with it
 SPLITS = {("refcoco", "unc"): ("train", "val", "testA", "testB"), ("refcoco", "google"): ("train", "val"),

@@ -1,6 +1,6 @@
 """Running a trained model: load it, feed it a photo and a phrase, get the mask back.
 
-    from inference import load_model, predict
+    from helpers.inference import load_model, predict
     model = load_model("best.pth")
     mask = predict(model, "dog.jpg", "black dog")                # (H, W) bool at the image's size
     masks = predict(model, "dog.jpg", ["black dog", "the ball"])  # a list: the image encoded once
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-import distributed
-import transforms
-from checkpoints import load_checkpoint
-from metrics import DEFAULT_THRESHOLD
+from helpers import distributed, transforms
+from helpers.checkpoints import load_checkpoint
+from model import DEFAULT_THRESHOLD
+
 
 def load_model(ckpt_path, device=None, fast=None):
     """Rebuild the model from a checkpoint (checkpoints.load_checkpoint), in eval mode on `device`.
@@ -95,7 +95,8 @@ class FastSegVLM(torch.nn.Module):
             try:
                 self._capture(key, image, tokens, image_index)
             except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on, said once
-                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly")
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly",
+                              stacklevel=2)
                 self.cuda_graphs = False
                 self.graphs.clear()
                 return self._eager(image, tokens, image_index)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from files import atomic_path
+from helpers.files import atomic_path
+
 
 def parse_threshold(text) -> float:
     """A --threshold value (argparse type of evaluate.py, predict.py and train.py): strictly between 0 and 1."""

@@ -20,11 +20,10 @@ from pathlib import Path
 import clip
 import torch
 
-from cli import check_path, check_writable, parse_threshold
-from files import dir_holder
-from metrics import DEFAULT_THRESHOLD
-from model import PRESETS, ConfigError, SegVLMConfig, get_preset
-from synthetic import DEMO_NUM_IMAGES
+from helpers.cli import check_path, check_writable, parse_threshold
+from helpers.files import dir_holder
+from model import DEFAULT_THRESHOLD, PRESETS, ConfigError, SegVLMConfig, get_preset
+from sources.synthetic import DEMO_NUM_IMAGES
 
 DESCRIPTION = "Train SegVLM: one plain torch.distributed loop, from a laptop CPU to several GPUs."
 

@@ -47,12 +47,13 @@ import sys
 from pathlib import Path
 
 import evaluate
-import visualize
-from checkpoints import load_checkpoint
-from cli import make_dir
-from datasets import PhraseCutLMDB
-from files import atomic_path, read_json
-from train_config import TrainConfig, parse_args as parse_train_args
+from data import PhraseCutLMDB
+from helpers import figures
+from helpers.checkpoints import load_checkpoint
+from helpers.cli import make_dir
+from helpers.files import atomic_path, read_json
+from helpers.train_config import TrainConfig
+from helpers.train_config import parse_args as parse_train_args
 
 VARIANTS = [
     # (Table 2's row, run dir, train.py flags)
@@ -86,7 +87,7 @@ NOT_COMPARED = {"out", "resume", "cache_dir", "data", "num_workers", "log_every"
 # what train.py writes into a run dir before its first checkpoint.pth
 STARTED_FILES = {"config.json", "command.txt", "git.txt", "metrics.jsonl"}
 
-TRAIN = str(Path(__file__).resolve().with_name("train.py"))
+TRAIN = str(Path(__file__).resolve().parents[1] / "train.py")
 
 
 class AblationError(Exception):
@@ -270,7 +271,7 @@ def format_table(table: dict) -> str:
         std = v["std"][k]
         return f"{100 * v['mean'][k]:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
-    head = "| variant | " + " | ".join(visualize._percent_label(k) for k in COLUMNS) + " | seeds |"
+    head = "| variant | " + " | ".join(figures.percent_label(k) for k in COLUMNS) + " | seeds |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for v in table["variants"]:
         lines.append(f"| {v['variant']} | " + " | ".join(cell(v, k) for k in COLUMNS)
@@ -303,7 +304,7 @@ FIG6_RULE = (f"Rows by rule (ablation.qualitative_rows): the {FIG6_DIFFER} test 
 
 def draw_fig6(done: list[dict], seed: int, path: Path) -> list[dict]:
     """Fig. 6 from the best.pth of every variant of one seed: each scored on its test split task by
-    task (evaluate.evaluate, per_task), rows by qualitative_rows, drawn by visualize.variant_grid."""
+    task (evaluate.evaluate, per_task), rows by qualitative_rows, drawn by figures.variant_grid."""
     runs = [r for r in done if r["seed"] == seed]
     if not runs:
         return []
@@ -321,16 +322,16 @@ def draw_fig6(done: list[dict], seed: int, path: Path) -> list[dict]:
         per_task[label] = [t["iou"] for t in sorted(scored, key=lambda t: t["index"])]
     rows = qualitative_rows(per_task)
     caption = f"Fig. 6: the same test tasks segmented by each variant (best.pth of seed {seed}). {FIG6_RULE}"
-    return visualize.variant_grid(models, test_set, rows, path, threshold=threshold, caption=caption)
+    return figures.variant_grid(models, test_set, rows, path, threshold=threshold, caption=caption)
 
 
 def write_all(done: list[dict], out: Path, fig6_seed: int) -> dict:
     """table2.md, table2.json and the three figures in out, each written whole (atomic_path)."""
     table = summarize(done)
     seeds = f"{len(table['seeds'])} seed(s): {', '.join(map(str, table['seeds']))}"
-    visualize.plot_precision_curves(table["variants"], out / "fig4_precision.png",
+    figures.plot_precision_curves(table["variants"], out / "fig4_precision.png",
                                     caption=f"Mean over {seeds}; the band is +- one standard deviation.")
-    visualize.plot_stage_gains(table["gains"], COLUMNS, out / "fig5_gains.png",
+    figures.plot_stage_gains(table["gains"], COLUMNS, out / "fig5_gains.png",
                                caption=f"Each stage minus the stage before, seed by seed, then the mean over {seeds};"
                                        " the error bar is +- one standard deviation of those differences.")
     table["fig6"] = {"seed": fig6_seed, "rule": FIG6_RULE,

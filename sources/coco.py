@@ -15,9 +15,9 @@ apply (a crowd region counts as one box). A task's id is `<image_id>_<category_i
 """
 from pathlib import Path
 
-from files import _short, read_json
-from lmdb_store import check_out, write_lmdb
-from transforms import check_segmentation
+from helpers.files import _short, read_json
+from helpers.transforms import check_segmentation
+from sources.lmdb_store import check_out, write_lmdb
 
 
 def _positive_int(value):

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import distributed
-from checkpoints import check_finite, read_checkpoint_file, state_dict_misfit
-from files import atomic_path, hold_dir
+from helpers import distributed
+from helpers.checkpoints import check_finite, read_checkpoint_file, state_dict_misfit
+from helpers.files import atomic_path, hold_dir
+from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
+from helpers.visualize import plot_curves
 from model import SegVLMConfig
-from train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
-from visualize import plot_curves
 
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
 
@@ -166,11 +166,21 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: lis
         write_best(out, state)
 
 
+BEST_KEYS = ("format", "model", "config", "epoch", "best_metric", "args", "data_dir")
+
+
+def checkpoint_dict(model, **fields) -> dict:
+    """What best.pth holds for `model` (weights and config), with the run's fields given or left empty;
+    what a test or a tool writes when it makes a checkpoint of its own."""
+    base = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config.to_dict(),
+            "epoch": 0, "best_metric": 0.0, "args": {}, "data_dir": ""}
+    return {**base, **fields}
+
+
 def write_best(out: Path, state: dict) -> None:
     """best.pth: a checkpoint's weights, config, epoch and metric (no optimizer)."""
     with atomic_path(out / "best.pth") as tmp:
-        torch.save({k: state[k] for k in ("format", "model", "config", "epoch", "best_metric", "args", "data_dir")},
-                   tmp)
+        torch.save({k: state[k] for k in BEST_KEYS}, tmp)
 
 
 # ---------------------------------------------------------------------------
