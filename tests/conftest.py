@@ -12,6 +12,13 @@ from sources import phrasecut, synthetic
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The notebooks (nbmake runs each as one test) belong to the slow tier: `python -m pytest -m slow`."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """(a 40-image synthetic PhraseCut root, its train.lmdb, build_lmdb's stats)."""

@@ -1,7 +1,9 @@
-"""ablation.py: Table 2 over seeds with Figs. 4-6, resuming, failures and refused flags.
+"""tools/ablation.py: Table 2 over seeds with Figs. 4-6, resuming, failures and refused flags.
 
-One smoke-sized ablation with two seeds (eight train.py runs, in this process so they are counted)
-is shared by the tests that read its files.
+The bookkeeping (means, std, gains, resume, failures, other settings) is tested fast against a stand-in
+trainer (StandIn) that writes each run's files through the project's own writers, with chosen test
+numbers and untrained smoke models. One real smoke-sized ablation with two seeds (eight train.py runs,
+in this process so they are counted) is kept, in the slow tier, for the tests that need trained runs.
 """
 import json
 import shutil
@@ -12,12 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from tooling import command, tool_env
+from tooling import command, save_model_checkpoint, tool_env
 
 import evaluate
 import train
 from data import PhraseCutLMDB
 from helpers.checkpoints import load_checkpoint
+from helpers.runs import make_run_dir
+from model import build_model
+from sources.synthetic import ensure_synthetic
 from tools import ablation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +47,55 @@ class Trainer:
         return 0
 
 
+class StandIn:
+    """ablation.run_train without training: config.json as train.py writes it (helpers.runs.make_run_dir),
+    an untrained smoke model of the run's variant as best.pth, and test_metrics.json with chosen numbers:
+    mIoU = 0.5 + 0.01 * variant index + 0.003 * seed (the other columns offset from it)."""
+
+    def __init__(self, data_dir, fail=()):
+        self.data_dir, self.runs, self.fail = Path(data_dir), [], set(fail)
+
+    @staticmethod
+    def numbers(dirname, seed):
+        k = [v[1] for v in ablation.VARIANTS].index(dirname)
+        miou = 0.5 + 0.01 * k + 0.003 * seed
+        return {"mIoU": miou, "oIoU": miou + 0.02, "n": 10,
+                **{f"prec@{t}": miou - t / 4 for t in evaluate.PREC_THRESHOLDS}}
+
+    def __call__(self, cmd, run_dir):
+        self.runs.append(str(run_dir))
+        if any(str(run_dir).endswith(name) for name in self.fail):
+            return 1
+        cfg = ablation.expected_config(cmd[cmd.index(ablation.TRAIN) + 1:])
+        model = build_model("smoke", deform=cfg.deform, se=cfg.se)
+        make_run_dir(cfg, model.config, self.data_dir, out=run_dir)
+        save_model_checkpoint(model, run_dir / "best.pth", data_dir=str(self.data_dir))
+        test = self.numbers(run_dir.parent.name, cfg.seed)
+        (run_dir / "test_metrics.json").write_text(json.dumps(test))
+        return 0
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """(out, StandIn, cache): a two-seed ablation made by the stand-in on a 12-image synthetic set."""
+    root = tmp_path_factory.mktemp("stand_in")
+    trainer = StandIn(ensure_synthetic(root / "data", num_images=12, size=64))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ablation, "run_train", trainer)
+    try:
+        ablation.main(args(root / "out", root / "cache"))
+    finally:
+        mp.undo()
+    return root / "out", trainer, root / "cache"
+
+
 def args(out, cache):
     return ["--preset", "smoke", "--seeds", "0", "1", "--out", str(out), "--", "--cache-dir", str(cache)]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """(out, trainer): a two-seed smoke ablation."""
+    """(out, trainer, cache): a real two-seed smoke ablation (slow)."""
     root = tmp_path_factory.mktemp("ablation")
     trainer = Trainer()
     mp = pytest.MonkeyPatch()
@@ -60,6 +107,7 @@ def finished(tmp_path_factory):
     return root / "out", trainer, root / "cache"
 
 
+@pytest.mark.slow
 def test_a_two_seed_ablation_writes_all_five_files(finished):
     out, trainer, _ = finished
     assert len(trainer.runs) == 8
@@ -72,6 +120,7 @@ def test_a_two_seed_ablation_writes_all_five_files(finished):
     assert [line.split(" | ")[0][2:] for line in text.splitlines()[2:]] == [v[0] for v in ablation.VARIANTS]
 
 
+@pytest.mark.slow
 def test_each_run_is_its_variant_and_seed(finished):
     out, _, _ = finished
     for _, dirname, flags in ablation.VARIANTS:
@@ -81,8 +130,26 @@ def test_each_run_is_its_variant_and_seed(finished):
             assert cfg["model"]["deform"] == ("--deform" in flags) and cfg["model"]["se"] == ("--se" in flags)
 
 
-def test_the_tables_means_are_the_per_seed_values(finished):
-    out, _, _ = finished
+def test_the_stand_in_ablation_writes_all_five_files_from_its_eight_runs(stand_in):
+    out, trainer, _ = stand_in
+    assert len(trainer.runs) == 8
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_the_tables_means_stds_and_gains_are_the_chosen_numbers(stand_in):
+    out, _, _ = stand_in
+    table = json.loads((out / "table2.json").read_text())
+    for k, v in enumerate(table["variants"]):  # seeds 0 and 1: mIoU 0.5 + 0.01 k and 0.503 + 0.01 k
+        assert v["mean"]["mIoU"] == pytest.approx(0.5015 + 0.01 * k, abs=1e-12)
+        assert v["std"]["mIoU"] == pytest.approx(0.003 / 2 ** 0.5, abs=1e-12)
+    for g in table["gains"]:  # every stage gains exactly 0.01 on each seed: no spread
+        assert g["mean"]["mIoU"] == pytest.approx(0.01, abs=1e-12) and g["std"]["mIoU"] == pytest.approx(0, abs=1e-12)
+    assert (out / "table2.md").read_text().splitlines()[2].startswith("| Baseline (CRIS) | 50.15 ± 0.21 |")
+
+
+def test_the_tables_means_are_the_per_seed_values(stand_in):
+    out, _, _ = stand_in
     table = json.loads((out / "table2.json").read_text())
     assert table["seeds"] == [0, 1]
     rows = (out / "table2.md").read_text().splitlines()[2:]
@@ -101,6 +168,7 @@ def test_the_tables_means_are_the_per_seed_values(finished):
         assert g["over"] == before["variant"] and g["mean"]["mIoU"] == pytest.approx(statistics.fmean(diffs))
 
 
+@pytest.mark.slow
 def test_fig6_rows_follow_the_stated_rule(finished):
     out, _, _ = finished
     table = json.loads((out / "table2.json").read_text())
@@ -128,13 +196,13 @@ def test_qualitative_rows_take_the_widest_gaps_then_the_typical_tasks():
         ablation.qualitative_rows({"a": [0.1], "b": []})
 
 
-def test_a_resumed_ablation_reuses_finished_runs(finished, tmp_path, monkeypatch):
-    out, _, cache = finished
+def test_a_resumed_ablation_reuses_finished_runs(stand_in, tmp_path, monkeypatch):
+    out, stand, cache = stand_in
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "raf-deform" / "seed1")  # as if interrupted before its run
     (copy / "table2.json").unlink()
-    trainer = Trainer()
+    trainer = StandIn(stand.data_dir)
     monkeypatch.setattr(ablation, "run_train", trainer)
     ablation.main(args(copy, cache))
     assert trainer.runs == [str(copy / "raf-deform" / "seed1")]
@@ -144,12 +212,12 @@ def test_a_resumed_ablation_reuses_finished_runs(finished, tmp_path, monkeypatch
     assert trainer.runs == []
 
 
-def test_a_failed_run_is_named_and_the_others_kept(finished, tmp_path, monkeypatch, capsys):
-    out, _, cache = finished
+def test_a_failed_run_is_named_and_the_others_kept(stand_in, tmp_path, monkeypatch, capsys):
+    out, stand, cache = stand_in
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "raf" / "seed1")
-    monkeypatch.setattr(ablation, "run_train", Trainer(fail=["raf/seed1"]))
+    monkeypatch.setattr(ablation, "run_train", StandIn(stand.data_dir, fail=["raf/seed1"]))
     with pytest.raises(ablation.AblationError, match=r"1 run\(s\) failed \(\+ RAF loss, seed 1\)"):
         ablation.main(args(copy, cache))
     assert "ablation.py: error: + RAF loss, seed 1 failed" in capsys.readouterr().err
@@ -158,9 +226,9 @@ def test_a_failed_run_is_named_and_the_others_kept(finished, tmp_path, monkeypat
     assert table["gains"][0]["seeds"] == [0]
 
 
-def test_a_run_of_other_settings_is_refused_before_any_training(finished, tmp_path, monkeypatch):
-    out, _, cache = finished
-    trainer = Trainer()
+def test_a_run_of_other_settings_is_refused_before_any_training(stand_in, tmp_path, monkeypatch):
+    out, stand, cache = stand_in
+    trainer = StandIn(stand.data_dir)
     monkeypatch.setattr(ablation, "run_train", trainer)
     with pytest.raises(ablation.AblationError, match=r"baseline/seed0 holds a run with other settings: epochs=1 \(now 2\)"):
         ablation.main(args(out, cache) + ["--epochs", "2"])
@@ -177,6 +245,7 @@ def test_flags_that_define_a_variant_are_refused_after_the_separator(flags, name
         ablation.parse_args(["--seeds", "0", "1", "--", "--epochs", "1", *flags])
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_without_a_traceback(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     cases = [(["--", "--loss", "bce"], "ablation.py: error: --loss after --: it defines the variants"),
@@ -192,6 +261,7 @@ def test_bad_input_is_one_line_without_a_traceback(tmp_path):
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), (argv, proc.stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_leaves_no_temporary_file(tmp_path):
     proc = subprocess.Popen(command("ablation.py", *args("out", tmp_path / "cache")), env=tool_env(),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -143,6 +143,7 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exis
                                            "chromium-driver; .ci/run installs them)")
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_browser_shows_the_api_overlay_and_a_message_for_a_bad_file(server, tmp_path):
     from selenium.webdriver.common.by import By

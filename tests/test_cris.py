@@ -167,6 +167,7 @@ def test_predict_and_evaluate_run_on_a_cris_file(files, lmdbs, tmp_path):
     assert result["n"] > 0 and 0.0 <= result["mIoU"] <= 1.0
 
 
+@pytest.mark.slow
 def test_converter_writes_a_plain_checkpoint_of_this_project(files, tmp_path):
     source, path = files["RN50"]
     out = tmp_path / "converted" / "cris_rn50.pth"

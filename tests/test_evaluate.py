@@ -301,6 +301,7 @@ def test_evaluate_restores_train_mode_and_saved_masks_score_the_same(smoke, run_
     assert len(list(tmp_path.glob("*.png"))) == raw_task_count(run_dir)
 
 
+@pytest.mark.slow
 def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
     net, dataset = smoke
     expected = ev.evaluate(net, dataset, batch_size=1, progress=False)

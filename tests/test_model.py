@@ -511,6 +511,7 @@ def test_overfits_one_triple():
         assert iou(m(images, tokens), masks).min() > 0.9
 
 
+@pytest.mark.slow
 def test_two_phrases_two_masks():
     """The same image, "left square" and "right square": after training, eval mode gives two different masks.
 

@@ -73,6 +73,7 @@ def test_benchmark_json_may_not_be_its_checkpoint_nor_unwritable(ckpt, tmp_path,
     assert "--json: cannot write in /proc" in err
 
 
+@pytest.mark.slow
 def test_cris_convert_refuses_a_file_it_did_not_write(cris_file, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -105,6 +106,7 @@ def test_save_masks_never_overwrites_a_users_file(ckpt, data_dir, tmp_path):
     assert mine.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_outputs_that_are_not_regular_files_are_refused_not_waited_on(ckpt, data_dir, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -122,6 +124,7 @@ def test_outputs_that_are_not_regular_files_are_refused_not_waited_on(ckpt, data
     assert "--out /dev/null" in err and "not a regular file" in err
 
 
+@pytest.mark.slow
 def test_inputs_that_are_not_regular_files_or_cannot_be_resolved_are_refused(ckpt, data_dir, tmp_path):
     fifo, loop = tmp_path / "pipe", tmp_path / "loop"
     os.mkfifo(fifo)
@@ -140,6 +143,7 @@ def test_inputs_that_are_not_regular_files_or_cannot_be_resolved_are_refused(ckp
 # --- the life of a train.py run -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
     args = ["train.py", "--preset", "smoke", "--out", out, "--cache-dir", cache, "--epochs", "100000",
@@ -214,9 +218,8 @@ def test_temporary_files_of_a_killed_process_are_removed_by_the_next_write(tmp_p
 
 
 SCRIPT = """
-import sys, time
-sys.path.insert(0, {repo!r})
-import cli, files
+import time
+from helpers import cli, files
 
 def work():
     with files.atomic_path({out!r}) as tmp:
@@ -227,11 +230,11 @@ cli.run_tool("demo.py", work)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_a_signal_ends_a_tool_with_one_line_and_no_temporary_file(tmp_path, sig, name):
     out = tmp_path / "result.json"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(repo=str(REPO), out=str(out))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_tool("-c", SCRIPT.format(out=str(out)))
     try:
         assert proc.stdout.readline() == "writing\n"
         assert list(tmp_path.glob(".result.json.tmp-*"))
@@ -246,6 +249,7 @@ def test_a_signal_ends_a_tool_with_one_line_and_no_temporary_file(tmp_path, sig,
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_benchmark_is_one_line(tmp_path):
     proc = start_tool("benchmark.py", *FAST_BENCH[:-4], "--repeats", "100000000")
     try:

@@ -14,12 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from coco_files import coco_folder, refer_root, voc_root
 from cris_files import write_cris_checkpoint
 
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # every command of README and docs/, in order: minutes
 
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)

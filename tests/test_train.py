@@ -79,6 +79,7 @@ def test_bad_flags_are_rejected_before_work(argv, message, capsys):
         assert "valid flags:" in err and "--batch-size" in err
 
 
+@pytest.mark.slow
 def test_an_out_holding_a_run_is_refused_and_path_flags_say_what_they_are(tmp_path, cache, capsys):
     """Data loss: --out of an existing run, without --resume, would overwrite its checkpoints."""
     run_dir = tmp_path / "run"
@@ -293,6 +294,7 @@ def test_a_fractional_milestone_decays_at_its_batch():
 # --- runs ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_smoke_run_one_process(tmp_path, cache):
     out = tmp_path / "run"
     proc = run([sys.executable, "train.py", *smoke_args(out, cache, "--epochs", "2")])
@@ -420,6 +422,7 @@ def run_worker(tmp_path, cache, name, *extra, env=None) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grouping", [[], ["--group-by-image"]])
 def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache, grouping):
     """Every weight and BatchNorm statistic equal on both ranks after DDP's epochs (train_one_epoch),
@@ -434,6 +437,7 @@ def test_smoke_run_torchrun_two_processes_keeps_ranks_identical(tmp_path, cache,
     assert any(not torch.equal(a[k], fresh[k]) for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_ddp_without_a_buffer_broadcast_every_step_trains_the_same_model(tmp_path, cache):
     """wrap_model turns off DDP's per-forward broadcast of BatchNorm statistics (a collective every step):
     weights and statistics after two epochs equal those of DDP's default, bit for bit."""
@@ -444,6 +448,7 @@ def test_ddp_without_a_buffer_broadcast_every_step_trains_the_same_model(tmp_pat
     assert any("running_mean" in k for k in models[0])
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, cache):
     full, part = tmp_path / "full", tmp_path / "part"
     common = ["--no-eval-test", "--seed", "3"]
@@ -501,6 +506,7 @@ def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
     assert not distributed.initialized()
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_ends_the_run_at_the_collective_timeout(tmp_path, cache, monkeypatch):
     from helpers import distributed
 
