@@ -33,13 +33,13 @@ import torch
 from torch.utils.data import Dataset
 
 from helpers.cli import run_tool
-from helpers.transforms import _tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
+from helpers.transforms import cached_tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
 from sources import phrasecut
 from sources.build import make_parser, run
 from sources.lmdb_store import read_header, read_record, reader, task_masks
 from sources.phrasecut import (
-    _image_info,
     frequency_ranks,
+    image_info_of,
     image_path,
     load_tasks,
     phrasecut_subsets,
@@ -110,7 +110,7 @@ class _PhraseCutItems(Dataset):
         _, image, (h, w) = self._last_image
         image = image.clone()  # each item its own tensor
         gt, ignore = task_masks({**task, "width": w, "height": h})
-        tokens = _tokens(task["phrase"], self.word_len).clone()
+        tokens = cached_tokens(task["phrase"], self.word_len).clone()
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
                                                    " (said once per process: other long phrases are cut too)")
@@ -199,7 +199,7 @@ class PhraseCutFolder(_PhraseCutItems):
 
     def _read(self, index):
         task = self.tasks[index]
-        task = {**task, "image_info": _image_info(self.infos, task)}
+        task = {**task, "image_info": image_info_of(self.infos, task)}
         return task, image_path(self.images, task).read_bytes()
 
 

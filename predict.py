@@ -31,7 +31,7 @@ import warnings
 
 from helpers.cli import check_output, check_path, parse_device, parse_threshold, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
-from helpers.inference import _check_phrase, load_model, open_image, overlay, predict
+from helpers.inference import check_phrase, load_model, open_image, overlay, predict
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
@@ -77,7 +77,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     try:
-        phrase = _check_phrase(args.phrase)
+        phrase = check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
         model = load_model(args.ckpt, args.device, fast=args.fast)
         mask = predict(model, image, phrase, args.threshold)

@@ -238,15 +238,23 @@ def _clip(name: str) -> str:
     return f"CLIP {name}" if name in BACKBONES else name
 
 
-def _fit(sd: dict, cfg: SegVLMConfig):
-    """(missing, unexpected, wrong shapes) of a state dict against SegVLM(cfg), built on the meta device (no memory)."""
+def compare_state_dict(expected: dict, sd: dict) -> tuple:
+    """(missing, unexpected, [(key, shape found, shape expected)]) of a state dict against the
+    {name: shape} a model expects; a value that is not a tensor counts as of another shape."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [str(k) for k in sd if k not in expected]
+    wrong = [(k, tuple(getattr(sd[k], "shape", ())), tuple(s)) for k, s in expected.items()
+             if k in sd and not (torch.is_tensor(sd[k]) and tuple(sd[k].shape) == tuple(s))]
+    return missing, unexpected, wrong
+
+
+def fit_to_config(sd: dict, cfg: SegVLMConfig):
+    """(missing, unexpected, wrong shapes as text) of a state dict against SegVLM(cfg), built on the meta
+    device (no memory)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in SegVLM(cfg).state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in expected.items()
-             if k in sd and tuple(sd[k].shape) != tuple(s)]
-    return missing, unexpected, wrong
+    missing, unexpected, wrong = compare_state_dict(expected, sd)
+    return missing, unexpected, [f"{k} {got} vs {want}" for k, got, want in wrong]
 
 
 def _plain(value):
@@ -274,7 +282,7 @@ def to_segvlm_checkpoint(obj, path, **overrides) -> dict:
     sd = convert_state_dict(cris_sd, source)
     check_finite(sd, source, cris_name)
     cfg = config_from_state_dict(sd, source, **overrides)
-    missing, unexpected, wrong = _fit(sd, cfg)
+    missing, unexpected, wrong = fit_to_config(sd, cfg)
     if missing or unexpected or wrong:
         problems = []
         if missing:
@@ -351,7 +359,7 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
                     + (f"; to fine-tune on the file's, name it (train.py --clip-weights {backbone_name(file_cfg)})"
                        if backbone_name(file_cfg) in BACKBONES else ""))
         raise ValueError(f"{path} ({kind}) does not fit the run's architecture: " + "; ".join(differ) + hint)
-    missing, unexpected, wrong = _fit(ckpt["model"], cfg)
+    missing, unexpected, wrong = fit_to_config(ckpt["model"], cfg)
     new = [k for k in missing if k.startswith("enhance.")]
     missing = [k for k in missing if not k.startswith("enhance.")]
     if missing or unexpected or wrong:
@@ -410,11 +418,8 @@ def state_dict_misfit(model, state_dict, show=3) -> str:
     missing, unexpected or of another shape, and the first `show` of each (not torch's full list)."""
     if not isinstance(state_dict, dict):
         return f"'model' is a {type(state_dict).__name__}, not a state dict"
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [str(k) for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(getattr(state_dict[k], 'shape', ()))} for {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and not (torch.is_tensor(state_dict[k]) and state_dict[k].shape == v.shape)]
+    missing, unexpected, wrong = compare_state_dict({k: v.shape for k, v in model.state_dict().items()}, state_dict)
+    shapes = [f"{k} {got} for {want}" for k, got, want in wrong]
     return "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:show])})" for what, keys in
                      (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
 
 
-def _short(value, limit=60):
+def short_repr(value, limit=60):
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -45,8 +45,8 @@ def read_json(path, expected=list):
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not JSON text: {err.reason} at byte {err.start}") from None
     if not isinstance(content, expected):
-        raise ValueError(f"{path}: the top level is a JSON {_JSON_TYPES.get(type(content))}, expected "
-                         f"an {_JSON_TYPES[expected]}")
+        raise ValueError(f"{path}: the top level is a JSON {JSON_TYPES.get(type(content))}, expected "
+                         f"an {JSON_TYPES[expected]}")
     return content
 
 
@@ -188,7 +188,7 @@ def check_task_id(task_id):
     like "2412359__1373393"). Path separators, '..', absolute paths, NUL or empty are refused."""
     if not isinstance(task_id, str) or len(task_id) > 200 or ".." in task_id \
             or not _SAFE_TASK_ID.fullmatch(task_id):
-        raise ValueError(f"unsafe task id for a file name: {_short(task_id)} (allowed: letters, digits, '_', '-', "
+        raise ValueError(f"unsafe task id for a file name: {short_repr(task_id)} (allowed: letters, digits, '_', '-', "
                          "'.', no leading '.', no '..')")
 
 

@@ -187,7 +187,7 @@ def open_image(path):
         raise ValueError(f"{path}: cannot decode the image ({e})") from None
 
 
-def _check_phrase(phrase):
+def check_phrase(phrase):
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError(f"the phrase is empty: {phrase!r}")
     return phrase.strip()
@@ -215,12 +215,12 @@ def as_image(image):
 def _phrase_list(phrases):
     """(the phrases, checked and stripped, as a list; whether one bare string was given)."""
     if isinstance(phrases, str):
-        return [_check_phrase(phrases)], True
+        return [check_phrase(phrases)], True
     if not isinstance(phrases, (list, tuple)):
         raise ValueError(f"phrases must be a string or a list of strings, got {type(phrases).__name__}")
     if not phrases:
         raise ValueError("no phrase given: pass a string or a non-empty list of strings")
-    return [_check_phrase(p) for p in phrases], False
+    return [check_phrase(p) for p in phrases], False
 
 
 @torch.no_grad()

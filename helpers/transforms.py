@@ -48,7 +48,7 @@ def tokenize(phrases, word_len=22):
 
 
 @functools.lru_cache(maxsize=16384)
-def _tokens(phrase, word_len):
+def cached_tokens(phrase, word_len):
     """tokenize(phrase, word_len)[0], kept per process: datasets repeat phrases, and CLIP's BPE runs in Python."""
     return tokenize(phrase, word_len)[0]
 

@@ -15,7 +15,7 @@ apply (a crowd region counts as one box). A task's id is `<image_id>_<category_i
 """
 from pathlib import Path
 
-from helpers.files import _short, read_json
+from helpers.files import read_json, short_repr
 from helpers.transforms import check_segmentation
 from sources.lmdb_store import check_out, write_lmdb
 
@@ -35,12 +35,12 @@ def read_instances(path):
     content = read_json(path, dict)
     for key in ("images", "annotations", "categories"):
         if not isinstance(content.get(key), list):
-            raise ValueError(f"{path}: {key!r} is {_short(content.get(key))}, expected a list (COCO's format)")
+            raise ValueError(f"{path}: {key!r} is {short_repr(content.get(key))}, expected a list (COCO's format)")
     images, anns, cats = {}, {}, {}
     for i, img in enumerate(content["images"]):
         if not (isinstance(img, dict) and type(img.get("id")) is int and isinstance(img.get("file_name"), str)
                 and img["file_name"] and _positive_int(img.get("width")) and _positive_int(img.get("height"))):
-            raise ValueError(f"{path}: images[{i}] is {_short(img)}, expected an object with id, file_name, and "
+            raise ValueError(f"{path}: images[{i}] is {short_repr(img)}, expected an object with id, file_name, and "
                              "width and height as positive integers")
         if "/" in img["file_name"] or "\\" in img["file_name"] or img["file_name"].startswith("."):
             raise ValueError(f"{path}: image {img['id']}: file_name {img['file_name']!r} is not a plain file name")
@@ -48,19 +48,19 @@ def read_instances(path):
     for i, cat in enumerate(content["categories"]):
         if not (isinstance(cat, dict) and type(cat.get("id")) is int and isinstance(cat.get("name"), str)
                 and cat["name"].strip()):
-            raise ValueError(f"{path}: categories[{i}] is {_short(cat)}, expected an object with id and name")
+            raise ValueError(f"{path}: categories[{i}] is {short_repr(cat)}, expected an object with id and name")
         cats[cat["id"]] = cat
     for i, ann in enumerate(content["annotations"]):
         if not (isinstance(ann, dict) and type(ann.get("id")) is int):
-            raise ValueError(f"{path}: annotations[{i}] is {_short(ann)}, expected an object with an integer id")
+            raise ValueError(f"{path}: annotations[{i}] is {short_repr(ann)}, expected an object with an integer id")
         where = f"{path}: annotation {ann['id']}"
         if ann.get("image_id") not in images:
-            raise ValueError(f"{where}: image_id {_short(ann.get('image_id'))} is not among the file's images")
+            raise ValueError(f"{where}: image_id {short_repr(ann.get('image_id'))} is not among the file's images")
         if ann.get("category_id") not in cats:
-            raise ValueError(f"{where}: category_id {_short(ann.get('category_id'))} is not among its categories")
+            raise ValueError(f"{where}: category_id {short_repr(ann.get('category_id'))} is not among its categories")
         box = ann.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(type(v) in (int, float) for v in box)):
-            raise ValueError(f"{where}: bbox is {_short(box)}, expected [x, y, w, h]")
+            raise ValueError(f"{where}: bbox is {short_repr(box)}, expected [x, y, w, h]")
         img = images[ann["image_id"]]
         try:
             check_segmentation(ann.get("segmentation"), img["height"], img["width"])

@@ -30,7 +30,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from helpers.files import _JSON_TYPES, atomic_path, check_task_id
+from helpers.files import JSON_TYPES, atomic_path, check_task_id, process_alive
 from helpers.transforms import coco_mask, decode_image, polygons_to_mask
 
 LMDB_FORMAT = "segvlm-phrasecut"
@@ -83,7 +83,7 @@ def read_record(path, key, raw):
     """An LMDB value decoded as a JSON object; a ValueError naming the file and the key otherwise."""
     try:
         record = json.loads(raw)  # TypeError when absent (None); ValueError when not UTF-8 JSON
-        problem = None if isinstance(record, dict) else f"corrupt (a JSON {_JSON_TYPES.get(type(record))})"
+        problem = None if isinstance(record, dict) else f"corrupt (a JSON {JSON_TYPES.get(type(record))})"
     except (TypeError, ValueError) as err:
         problem = "missing" if raw is None else f"corrupt ({err})"
     if problem:
@@ -137,16 +137,6 @@ def check_out(out, inputs, folders=(), what="--root"):
                              "delete it first if it should be replaced") from None
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
-
-
 def stale_temporaries(out):
     """Temporary files (.NAME.tmp-PID, files.atomic_path) that a killed build left beside `out`: those
     whose process is gone are removed; one whose process still runs is named. Returns one line each."""
@@ -160,7 +150,7 @@ def stale_temporaries(out):
         if not match or not path.is_file() or int(match[1]) == os.getpid():
             continue
         size = path.stat().st_size
-        if _alive(int(match[1])):
+        if process_alive(int(match[1])):
             notes.append(f"{path} ({size:,} bytes) belongs to process {match[1]}, still running: another build "
                          "of the same --out? Left alone")
         else:

@@ -25,7 +25,7 @@ without it the header's name_att_rel_count is null and evaluation leaves the c*/
 """
 from pathlib import Path
 
-from helpers.files import _JSON_TYPES, _short, read_json
+from helpers.files import JSON_TYPES, read_json, short_repr
 from sources.lmdb_store import check_out, write_lmdb
 
 SPLITS = ("train", "val", "test", "miniv")
@@ -66,14 +66,14 @@ def _is_point(p):  # [x, y], numbers within 10 million pixels (comparisons also 
 def _check_task(task, file, index):
     """A refer record's fields, types and points, checked; a ValueError names the file, task and field."""
     if not isinstance(task, dict):
-        raise ValueError(f"{file}: record #{index} is a JSON {_JSON_TYPES.get(type(task))}, expected an object")
+        raise ValueError(f"{file}: record #{index} is a JSON {JSON_TYPES.get(type(task))}, expected an object")
     missing = [k for k in TASK_FIELDS if k not in task]
     if missing:
         raise ValueError(f"{file}: task {task.get('task_id', f'#{index}')!r} lacks fields {missing}")
     where = f"{file}: task {task['task_id']!r}"
 
     def fail(field, value, expected):
-        raise ValueError(f"{where}: {field} is {_short(value)}, expected {expected}")
+        raise ValueError(f"{where}: {field} is {short_repr(value)}, expected {expected}")
     ps = task.get("phrase_structure")
     for field, value, ok, expected in (
             ("task_id", task["task_id"], _is_id, "a string or an integer"),
@@ -88,7 +88,7 @@ def _check_task(task, file, index):
         if not (value is None or isinstance(value, expected)) or \
                 (key == "attributes" and not all(isinstance(a, str) for a in value or [])):
             fail(f"phrase_structure.{key}", value, "a list of strings" if key == "attributes" else
-                 f"a JSON {_JSON_TYPES[expected]} or null")
+                 f"a JSON {JSON_TYPES[expected]} or null")
     if not isinstance(task["Polygons"], list):
         fail("Polygons", task["Polygons"], "a list of instances, each a list of polygons of [x, y] points")
     for i, instance in enumerate(task["Polygons"]):
@@ -125,7 +125,7 @@ def read_image_info(root):
             for i, d in enumerate(read_json(path, list)):
                 if not (isinstance(d, dict) and _is_id(d.get("image_id"))
                         and all(type(d.get(k)) is int and d[k] > 0 for k in ("width", "height"))):
-                    raise ValueError(f"{path}: record #{i} is {_short(d)}, expected an object with image_id, "
+                    raise ValueError(f"{path}: record #{i} is {short_repr(d)}, expected an object with image_id, "
                                      "and width and height as positive integers")
                 infos[str(d["image_id"])] = d
             return infos
@@ -144,7 +144,7 @@ def read_counts(root):
         pairs = counts.get(key)
         if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
                                                 for p in pairs)):
-            raise ValueError(f"{path}: {key!r} is {_short(pairs)}, expected a list of [word, count] pairs")
+            raise ValueError(f"{path}: {key!r} is {short_repr(pairs)}, expected a list of [word, count] pairs")
     return {"cat": counts["cat"], "att": counts["att"]}
 
 
@@ -158,7 +158,7 @@ def image_path(images, task):
     return path
 
 
-def _image_info(infos, task):
+def image_info_of(infos, task):
     """What the subsets need from the task's image record: width, height, coco_id."""
     info = infos.get(str(task["image_id"]))
     if info is None:
@@ -283,7 +283,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
             paths[str(task["image_id"])] = image_path(images, task)
     refer_bytes = (root / f"refer_{split}.json").stat().st_size
     infos = read_image_info(root)
-    image_info = {str(t["image_id"]): _image_info(infos, t) for t in tasks}
+    image_info = {str(t["image_id"]): image_info_of(infos, t) for t in tasks}
     listed = {i: (info["width"], info["height"]) for i, info in image_info.items()}
     stats = write_lmdb(out, {"dataset": "phrasecut", "split": split, "source": str(root.resolve()),
                              "name_att_rel_count": read_counts(root)},

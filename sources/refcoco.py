@@ -24,7 +24,7 @@ and the ref and sentence ids kept.
 import pickle
 from pathlib import Path
 
-from helpers.files import _short, read_json
+from helpers.files import read_json, short_repr
 from sources.coco import read_instances
 from sources.lmdb_store import check_out, write_lmdb
 
@@ -67,11 +67,11 @@ def load_refs(path):
     for i, ref in enumerate(refs):
         if not (isinstance(ref, dict) and all(type(ref.get(k)) is int for k in ("ref_id", "ann_id", "image_id"))
                 and isinstance(ref.get("split"), str) and isinstance(ref.get("sentences"), list)):
-            raise ValueError(f"{path}: ref #{i} is {_short(ref)}, expected ref_id, ann_id and image_id as integers, "
+            raise ValueError(f"{path}: ref #{i} is {short_repr(ref)}, expected ref_id, ann_id and image_id as integers, "
                              "split a string and sentences a list")
         for j, sent in enumerate(ref["sentences"]):
             if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
-                raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {_short(sent)}, expected "
+                raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {short_repr(sent)}, expected "
                                  "{sent_id: integer, sent: string, ...}")
     return refs
 

@@ -132,6 +132,15 @@ def test_no_module_outside_tests_and_notebooks_edits_sys_path():
     assert not edits, f"these modules edit sys.path: {edits}"
 
 
+def test_no_private_name_is_imported_across_modules():
+    """A `_name` is its module's own business: another module that needs it gets a public name."""
+    known = project_modules()
+    private = [f"{name} imports {node.module}.{alias.name}" for name, path in known.items()
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
+               and node.module in known for alias in node.names if alias.name.startswith("_")]
+    assert not private, private
+
+
 def test_root_names_do_not_shadow_well_known_packages():
     """A root module or folder named like a package users install (Hugging Face's `datasets`, `utils`, ...)
     would hide it from every script run here."""
