@@ -18,9 +18,9 @@ parameters) and the model is exactly the CRIS baseline.
     from model import build_model
     model = build_model("demo")                     # random weights, small, CPU-trainable
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
-    python model.py --preset demo                   # parameter counts; timing: benchmark.py
+    python model.py --preset demo                   # parameter counts; timing: python -m tools.benchmark
 
-Checkpoints (this project's and CRIS's released best_model.pth) are read by checkpoints.py.
+Checkpoints (this project's, and files written by CRIS's own training code) are read by helpers/checkpoints.py.
 """
 
 import argparse
@@ -408,14 +408,14 @@ class SegVLM(nn.Module):
         With image_index (B,), image holds each distinct image once, (U, 3, H, W), and phrase i is
         about image[image_index[i]]: the image encoder, and the neck's projections of its maps,
         run U times instead of B (training with several phrases per image,
-        datasets.ImageGroupedSampler). The result is the same as passing image[image_index], except
+        data.ImageGroupedSampler). The result is the same as passing image[image_index], except
         that BatchNorm in train mode sees each image once in those parts."""
         self.check_inputs(image, tokens, image_index)
         return self.segment(image, tokens, image_index)
 
     def segment(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None) -> torch.Tensor:
         """The forward pass without `check_inputs`: no Python decision depends on tensor values, so
-        it can be captured in a CUDA graph (inference.FastSegVLM checks the inputs first)."""
+        it can be captured in a CUDA graph (helpers/inference.FastSegVLM checks the inputs first)."""
         c3, c4, c5 = self.backbone.encode_image(image)  # one map per image
         words, state = self.backbone.encode_text(tokens)
         x = self.neck(c3, c4, c5, state, image_index)  # (B, C, H/16, W/16): each phrase with its image
@@ -482,7 +482,7 @@ def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Parameter counts of a preset (timing: benchmark.py).")
+    parser = argparse.ArgumentParser(description="Parameter counts of a preset (timing: python -m tools.benchmark).")
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     args = parser.parse_args()
     for name, n in parameter_counts(build_model(args.preset)).items():

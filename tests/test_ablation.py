@@ -79,7 +79,11 @@ class StandIn:
 def stand_in(tmp_path_factory):
     """(out, StandIn, cache): a two-seed ablation made by the stand-in on a 12-image synthetic set."""
     root = tmp_path_factory.mktemp("stand_in")
-    trainer = StandIn(ensure_synthetic(root / "data", num_images=12, size=64))
+    return run_ablation(root, StandIn(ensure_synthetic(root / "data", num_images=12, size=64)))
+
+
+def run_ablation(root, trainer):
+    """ablation.main with `trainer` as its run_train, a two-seed smoke ablation into root/out -> (out, trainer, cache)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(ablation, "run_train", trainer)
     try:
@@ -96,15 +100,7 @@ def args(out, cache):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """(out, trainer, cache): a real two-seed smoke ablation (slow)."""
-    root = tmp_path_factory.mktemp("ablation")
-    trainer = Trainer()
-    mp = pytest.MonkeyPatch()
-    mp.setattr(ablation, "run_train", trainer)
-    try:
-        ablation.main(args(root / "out", root / "cache"))
-    finally:
-        mp.undo()
-    return root / "out", trainer, root / "cache"
+    return run_ablation(tmp_path_factory.mktemp("ablation"), Trainer())
 
 
 @pytest.mark.slow
