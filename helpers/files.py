@@ -29,12 +29,16 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 
 def _short(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure nested deeper than Python's recursion limit
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_json(path, expected=list):
-    """A JSON file whose top level is `expected` (list or dict); errors name the file and the position."""
+    """A JSON file whose top level is `expected` (list or dict); errors name the file and the position. JSON
+    nested deeper than Python's recursion limit (a hostile file) is refused as such, naming the file."""
     try:
         with open(path, "rb") as f:
             content = json.load(f)
@@ -44,6 +48,9 @@ def read_json(path, expected=list):
                          f"{'; the file ends early: truncated?' if early else ''}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not JSON text: {err.reason} at byte {err.start}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested deeper than Python's recursion limit "
+                         f"({sys.getrecursionlimit()} levels); no file of this project's inputs is") from None
     if not isinstance(content, expected):
         raise ValueError(f"{path}: the top level is a JSON {_JSON_TYPES.get(type(content))}, expected "
                          f"an {_JSON_TYPES[expected]}")
