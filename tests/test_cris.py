@@ -343,8 +343,8 @@ def test_tensors_of_the_wrong_kind_or_name_are_refused_by_name(files, tmp_path):
         sd = cris_state_dict(rn50)
         edit(sd)
         path = write_cris_checkpoint(rn50, tmp_path / f"case{k}.pth", state_dict=sd)
-        calls = [lambda: load_checkpoint(path)] + [lambda: checkpoints.init_model(path, rn50.config),
-                                                   lambda: cris.convert(path, tmp_path / "out.pth")] * (k == 0)
+        calls = [lambda p=path: load_checkpoint(p)] + [lambda p=path: checkpoints.init_model(p, rn50.config),
+                                                       lambda p=path: cris.convert(p, tmp_path / "out.pth")] * (k == 0)
         for call in calls:
             with pytest.raises(ValueError, match=rf"case{k}\.pth: {message}"):
                 call()
