@@ -134,18 +134,16 @@ def _cris_state_dict(obj):
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) for k in sd):
         return None
     keys = list(_strip_module(sd))
-    if not all(k.startswith(CRIS_TOP) for k in keys):
+    if not all(any(k.startswith(top) for k in keys) for top in ("backbone.", "neck.", "proj.")):
         return None
-    if not any(k.startswith("proj.") for k in keys) or not any(k.startswith("neck.") for k in keys):
-        return None
-    return sd
+    return sd  # a key outside CRIS's modules is named by convert_state_dict
 
 
 def is_cris_checkpoint(obj) -> bool:
     """True for what torch.load returns from CRIS's best_model.pth (or from a bare CRIS state dict).
 
-    Recognised by its names: every key of its state dict, after "module.", starts with one of
-    CRIS's modules (backbone., neck., decoder., proj.), and neck. and proj. are present.
+    Recognised by its names: after "module.", keys of CRIS's modules backbone., neck. and proj. are
+    present (decoder. besides); a key of any other name is then refused by name on loading.
     A checkpoint of this project has "model" and "config" and a "projector." module instead.
     """
     return _cris_state_dict(obj) is not None
@@ -280,6 +278,7 @@ def to_segvlm_checkpoint(obj, path, **overrides) -> dict:
                          f"'state_dict' has keys module.backbone.*, module.neck.*, module.decoder.*, module.proj.*")
     source = f"CRIS checkpoint {path}"
     sd = convert_state_dict(cris_sd, source)
+    check_tensors(sd, source, cris_name)
     check_finite(sd, source, cris_name)
     cfg = config_from_state_dict(sd, source, **overrides)
     missing, unexpected, wrong = fit_to_config(sd, cfg)
@@ -374,6 +373,7 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
         if wrong:
             problems.append(f"wrong shape(s) {_listing(wrong)}")
         raise ValueError(f"{path} ({kind}) does not fit the run's model: " + "; ".join(problems))
+    check_tensors(ckpt["model"], path)
     check_finite(ckpt["model"], path)
     model = SegVLM(cfg)
     model.load_state_dict(ckpt["model"], strict=False)  # only the block's tensors are missing, checked above
@@ -424,6 +424,22 @@ def state_dict_misfit(model, state_dict, show=3) -> str:
                      (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
 
 
+def check_tensors(state_dict, where, name=str) -> None:
+    """A ValueError naming the first entry of `state_dict` that is not a dense tensor of the kind SegVLM keeps:
+    not a tensor; sparse (torch would fail on it later, far from the file); a weight of an integer, boolean or
+    complex type (SegVLM's weights are floating: integer values load as whole numbers, a CRIS weight
+    truncated to 0). BatchNorm's counters (num_batches_tracked) are integers. name: how to show a key."""
+    for key, value in state_dict.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"{where}: the entry {name(key)} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided:
+            raise ValueError(f"{where}: the tensor {name(key)} is sparse ({value.layout}); the model's weights are "
+                             "dense tensors")
+        if not str(key).endswith("num_batches_tracked") and not value.is_floating_point():
+            raise ValueError(f"{where}: the weight {name(key)} is of type {value.dtype}, expected a floating type "
+                             f"(float32, float16 or bfloat16): its values would load as whole numbers")
+
+
 def check_finite(state_dict, where, name=str) -> None:
     """A ValueError naming the first floating tensor of `state_dict` that holds a NaN or an infinity: such
     weights give a blank or full mask, or a score of 0, without any other sign. name: how to show a key."""
@@ -466,6 +482,7 @@ def load_checkpoint(path, map_location="cpu"):
     misfit = state_dict_misfit(model, ckpt["model"])
     if misfit:
         raise ValueError(f"{path}: the weights do not fit the model its config describes: {misfit}")
+    check_tensors(ckpt["model"], path)
     check_finite(ckpt["model"], path)
     model.load_state_dict(ckpt["model"], strict=True)
     if isinstance(map_location, (str, torch.device)):

@@ -7,6 +7,7 @@ folder through `claim_files`, and its main through `run_tool` (Ctrl-C and SIGTER
 """
 import argparse
 import errno
+import numbers
 import os
 import signal
 import stat
@@ -28,6 +29,17 @@ def parse_threshold(text) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def check_threshold(value, name="threshold") -> float:
+    """The Python API's threshold (inference.predict): a real number strictly between 0 and 1, parse_threshold's
+    rule; a ValueError naming `name` otherwise (NaN would give an empty mask, -1 a full one, without a word)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    try:
+        return parse_threshold(value)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{name} {e}") from None
 
 
 def parse_device(text) -> torch.device:

@@ -29,12 +29,16 @@ JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float
 
 
 def short_repr(value, limit=60):
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure nested deeper than Python's recursion limit
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_json(path, expected=list):
-    """A JSON file whose top level is `expected` (list or dict); errors name the file and the position."""
+    """A JSON file whose top level is `expected` (list or dict); errors name the file and the position. JSON
+    nested deeper than Python's recursion limit (a hostile file) is refused as such, naming the file."""
     try:
         with open(path, "rb") as f:
             content = json.load(f)
@@ -44,6 +48,9 @@ def read_json(path, expected=list):
                          f"{'; the file ends early: truncated?' if early else ''}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not JSON text: {err.reason} at byte {err.start}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested deeper than Python's recursion limit "
+                         f"({sys.getrecursionlimit()} levels); no file of this project's inputs is") from None
     if not isinstance(content, expected):
         raise ValueError(f"{path}: the top level is a JSON {JSON_TYPES.get(type(content))}, expected "
                          f"an {JSON_TYPES[expected]}")
@@ -198,6 +205,9 @@ def mask_path(out_dir, task_id):
     out_dir = Path(out_dir)
     path = out_dir / f"{task_id}.png"
     if path.resolve().parent != out_dir.resolve():  # belt and braces against symlink tricks in the name
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link to {os.readlink(path)}, outside {out_dir}; refused: "
+                             "a mask must be a file in the folder (copy it there)")
         raise ValueError(f"task id {task_id!r} resolves outside {out_dir}")
     return path
 
@@ -235,6 +245,26 @@ def save_mask(mask, path):
 
 
 def load_mask(path):
-    """Read a saved mask back as (H, W) bool: any nonzero pixel is foreground, as the official reader does."""
+    """Read a mask back as (H, W) bool, by the pixels' values, never their colours (README: non-zero =
+    foreground): a palette image by its index (index 1 drawn black is foreground), a single-channel
+    image (1, L, I, I;16, F) by its value, a colour image as non-zero in any channel. With an alpha
+    channel (LA, PA, RGBA) a fully transparent pixel is background whatever its colour, and the other
+    pixels follow the rule above; a palette's transparency table is not an alpha channel (the index
+    decides). Lossy data is refused by its content, not its name (JPEG under .png, a TIFF compressed
+    as JPEG): its artefacts would be scored. A ValueError names the file."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 0
+        lossy = im.format not in LOSSLESS_MASK_FORMATS or "jpeg" in str(im.info.get("compression", "")).lower()
+        if lossy:
+            raise ValueError(f"{path} holds {im.format or 'unknown'} data{' (JPEG-compressed)' * (im.format == 'TIFF')}"
+                             f", a lossy format whose artefacts would be scored as the mask; save masks as PNG "
+                             f"(or BMP, TIFF without JPEG compression)")
+        alpha = None
+        if im.mode in ("LA", "PA", "RGBA"):
+            alpha = np.asarray(im.getchannel("A")) > 0
+            im = im.convert({"LA": "L", "PA": "P", "RGBA": "RGB"}[im.mode]) if im.mode != "PA" else \
+                Image.fromarray(np.asarray(im)[..., 0], "L")  # the index channel
+        elif im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F", "RGB"):
+            im = im.convert("RGB")
+        pixels = np.asarray(im)
+    foreground = (pixels != 0).any(axis=2) if pixels.ndim == 3 else pixels != 0
+    return foreground & alpha if alpha is not None else foreground

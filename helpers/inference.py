@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from helpers import distributed, transforms
 from helpers.checkpoints import load_checkpoint
+from helpers.cli import check_threshold
 from model import DEFAULT_THRESHOLD
 
 
@@ -188,7 +189,9 @@ def open_image(path):
 
 
 def check_phrase(phrase):
-    if not isinstance(phrase, str) or not phrase.strip():
+    if not isinstance(phrase, str):
+        raise ValueError(f"a phrase must be a string, got {type(phrase).__name__} {phrase!r}")
+    if not phrase.strip():
         raise ValueError(f"the phrase is empty: {phrase!r}")
     return phrase.strip()
 
@@ -264,7 +267,9 @@ def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
         masks = predict(model, "dog.jpg", ["black dog", "the ball"])   # a list in, a list out
 
     image: a path, a PIL image or an (H, W, 3) uint8 numpy array; phrases: one string (one mask) or
-    a list (a list of masks, the image encoded once); predict_proba says more."""
+    a list (a list of masks, the image encoded once); predict_proba says more. threshold: strictly between
+    0 and 1 (as the command line's --threshold), else a ValueError naming it."""
+    threshold = check_threshold(threshold)
     probs = predict_proba(model, image, phrases)
     return probs > threshold if isinstance(probs, np.ndarray) else [p > threshold for p in probs]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from helpers import distributed
-from helpers.checkpoints import check_finite, read_checkpoint_file, state_dict_misfit
+from helpers.checkpoints import check_finite, check_tensors, read_checkpoint_file, state_dict_misfit
 from helpers.files import atomic_path, hold_dir
 from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
 from helpers.visualize import plot_curves
@@ -48,6 +48,7 @@ def read_resume(path: str) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"--resume {path}: its model config is not SegVLM's: {e}") from e
     if isinstance(ckpt.get("model"), dict):
+        check_tensors(ckpt["model"], f"--resume {path}")
         check_finite(ckpt["model"], f"--resume {path}")
     return ckpt
 

@@ -207,14 +207,16 @@ def rle_counts(text):
 
 def check_segmentation(seg, height, width):
     """A ValueError saying what is wrong unless `seg` is a COCO segmentation that fits a height x width
-    image: polygons (lists of an even number, at least 4, of finite coordinates within one image size
+    image: polygons (lists of an even number, at least 6, of finite coordinates within one image size
     of the image: pycocotools allocates by the polygon's extent) or an RLE {size: [height, width],
     counts: run lengths (a list, "uncompressed") or COCO's compressed string} covering every pixel once."""
     if isinstance(seg, list):
         for j, poly in enumerate(seg):
-            if not (isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
-                    and all(type(v) in (int, float) for v in poly)):
-                raise ValueError(f"polygon {j} is not an even number (at least 4) of coordinates")
+            if not (isinstance(poly, list) and len(poly) % 2 == 0 and all(type(v) in (int, float) for v in poly)):
+                raise ValueError(f"polygon {j} is not an even number of coordinates")
+            if len(poly) < 6:  # pycocotools would read a 4-number polygon as a box [x, y, w, h], or fail
+                raise ValueError(f"polygon {j} has {len(poly)} coordinates, {len(poly) // 2} point(s); a polygon "
+                                 "needs at least 3 points (6 coordinates)")
             xs, ys = poly[0::2], poly[1::2]
             if not all(-width <= x <= 2 * width for x in xs) or not all(-height <= y <= 2 * height for y in ys):
                 raise ValueError(f"polygon {j} has points far outside the {width}x{height} image")

@@ -84,7 +84,9 @@ def print_build(out, s):
              "use the file's size, the size subsets the listed one)"),
             ("empty_tasks", "empty_task_ids", "tasks have an empty ground truth (every prediction scores IoU 0 on them)"),
             ("multi_frame_images", "multi_frame_examples", "images have several frames (GIF, TIFF); the first was used"),
-            ("missing_masks", "missing_mask_names", "images listed have no class PNG (skipped)")):
+            ("missing_masks", "missing_mask_names", "images listed have no class PNG (skipped)"),
+            ("unreadable_masks", "unreadable_mask_names", "class PNGs cannot be read (skipped with their images)"),
+            ("empty_phrases", "empty_phrase_examples", "sentences are empty or only spaces: no phrase, so no task")):
         if s.get(key):
             print(f"warning: {s[key]} {what}, e.g. {'; '.join(map(str, s[examples][:5]))}")
     if "annotation_bytes" in s:

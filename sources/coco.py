@@ -24,12 +24,26 @@ def _positive_int(value):
     return type(value) is int and value > 0
 
 
+def _unique(path, key, seen, record, index):
+    """seen[id] = (record, its index in the list); a ValueError naming both records when the id is taken:
+    a later record would silently replace the earlier (a task lost, or another category's name)."""
+    if record["id"] in seen:
+        first, where = seen[record["id"]]
+        raise ValueError(f"{path}: {key}[{where}] and {key}[{index}] have the same id {record['id']} "
+                         f"({short_repr(first)} and {short_repr(record)}); each id must be unique")
+    seen[record["id"]] = (record, index)
+
+
 def read_instances(path):
     """A COCO instances file, checked: ({image id: image record}, {ann id: annotation}, {category id:
     category}). Images need id, file_name, width and height; annotations id, image_id (a listed image),
     category_id (a listed category), bbox [x, y, w, h] and a segmentation that fits the image
-    (check_segmentation); categories id and name. Errors name the file and the record."""
+    (check_segmentation); categories id and name. Two records of one list with the same id are refused, naming
+    both (the later would silently replace the earlier). Errors name the file and the record."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name the COCO instances file in it, e.g. "
+                         f"{path / 'instances_val2017.json'}")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (a COCO instances file)")
     content = read_json(path, dict)
@@ -44,12 +58,12 @@ def read_instances(path):
                              "width and height as positive integers")
         if "/" in img["file_name"] or "\\" in img["file_name"] or img["file_name"].startswith("."):
             raise ValueError(f"{path}: image {img['id']}: file_name {img['file_name']!r} is not a plain file name")
-        images[img["id"]] = img
+        _unique(path, "images", images, img, i)
     for i, cat in enumerate(content["categories"]):
         if not (isinstance(cat, dict) and type(cat.get("id")) is int and isinstance(cat.get("name"), str)
                 and cat["name"].strip()):
             raise ValueError(f"{path}: categories[{i}] is {short_repr(cat)}, expected an object with id and name")
-        cats[cat["id"]] = cat
+        _unique(path, "categories", cats, cat, i)
     for i, ann in enumerate(content["annotations"]):
         if not (isinstance(ann, dict) and type(ann.get("id")) is int):
             raise ValueError(f"{path}: annotations[{i}] is {short_repr(ann)}, expected an object with an integer id")
@@ -61,13 +75,14 @@ def read_instances(path):
         box = ann.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(type(v) in (int, float) for v in box)):
             raise ValueError(f"{where}: bbox is {short_repr(box)}, expected [x, y, w, h]")
-        img = images[ann["image_id"]]
+        img = images[ann["image_id"]][0]
         try:
             check_segmentation(ann.get("segmentation"), img["height"], img["width"])
         except ValueError as err:
             raise ValueError(f"{where}: segmentation: {err}") from None
-        anns[ann["id"]] = ann
-    return images, anns, cats
+        _unique(path, "annotations", anns, ann, i)
+    return ({k: v for k, (v, _) in images.items()}, {k: v for k, (v, _) in anns.items()},
+            {k: v for k, (v, _) in cats.items()})
 
 
 def coco_tasks(images, anns, cats, template="{}"):

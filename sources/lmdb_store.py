@@ -30,6 +30,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
+from helpers.cli import check_writable
 from helpers.files import JSON_TYPES, atomic_path, check_task_id, process_alive
 from helpers.transforms import coco_mask, decode_image, polygons_to_mask
 
@@ -114,8 +115,8 @@ def task_masks(task):
 
 def check_out(out, inputs, folders=(), what="--root"):
     """Refuse, before any work, an `out` that is one of `inputs` (files or folders) or inside one of
-    `folders` (of images, of masks), a directory, or an existing file that is not an LMDB of this format
-    (one that is gets replaced)."""
+    `folders` (of images, of masks), a directory, a folder this process cannot write in (cli.check_writable,
+    naming --out), or an existing file that is not an LMDB of this format (one that is gets replaced)."""
     out = Path(out)
     target = out.resolve()
     for given in [*inputs, *folders]:
@@ -124,6 +125,7 @@ def check_out(out, inputs, folders=(), what="--root"):
             raise ValueError(f"--out {out} is one of {what}'s inputs ({path}); write the LMDB elsewhere")
     if target.is_dir():
         raise ValueError(f"--out {out} is a directory; give the LMDB file's name, e.g. {out / 'val.lmdb'}")
+    check_writable(out.parent, "--out")  # before any input is read: its folder must take the new file
     if out.exists():
         try:
             if not out.is_file():
@@ -182,7 +184,11 @@ def _absurd(listed, real):
     return any(a > MAX_SIZE_RATIO * b or b > MAX_SIZE_RATIO * a for a, b in zip(listed, real))
 
 
-def _read_image(path, listed, exact_size, image_id):
+def _record(image_id):
+    return f"its record (image id {image_id})"
+
+
+def _read_image(path, listed, exact_size, image_id, listed_by=_record):
     """(bytes, (w, h), frames) of one image file; an error naming it and its record when it cannot be used."""
     if not path.is_file():
         raise FileNotFoundError(f"image {path} is missing (image id {image_id}; --skip-missing converts without it)")
@@ -199,20 +205,21 @@ def _read_image(path, listed, exact_size, image_id):
     if listed is not None and tuple(listed) != (w, h) and (exact_size or _absurd(listed, (w, h))):
         why = ("its masks are made at the listed size" if exact_size else
                f"more than {MAX_SIZE_RATIO}x apart, so the record is not this image's")
-        raise ValueError(f"image {path} is {w}x{h} but its record (image id {image_id}) lists {listed[0]}x{listed[1]} "
+        raise ValueError(f"image {path} is {w}x{h} but {listed_by(image_id)} lists {listed[0]}x{listed[1]} "
                          f"({why}); --skip-missing converts without it")
     with Image.open(io.BytesIO(data)) as im:
         return data, (w, h), getattr(im, "n_frames", 1)
 
 
 def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_size=False, progress=True,
-               commit_every=1000):
+               commit_every=1000, listed_by=_record):
     """Write one split to a single-file LMDB at `out` (this module's layout); returns the header + stats.
 
     header: the source's own fields (dataset, split, source, ...), merged into the written header.
     images: {image_id (str): (path, listed (width, height) or None)}; each file is stored once.
     tasks: records with task_id, image_id (as str, a key of images), phrase and the mask fields of `task_masks`;
-        the image file's width and height are added. where: the input file named in errors.
+        the image file's width and height are added. where: the input file named in errors. listed_by(image_id):
+        what gave an image its listed size, as errors name it (default "its record (image id ...)").
     Refused (ValueError): unsafe or colliding task ids; an image that is missing, unreadable, over PIL's
     decompression-bomb limit, or whose listed size differs (exact_size: the masks are made at the
     listed size) or is absurd (over MAX_SIZE_RATIO) beside the file's - with skip_missing such images
@@ -236,7 +243,7 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
                                               disable=not progress)):
                 path, listed = images[image_id]
                 try:
-                    data, (w, h), n_frames = _read_image(path, listed, exact_size, image_id)
+                    data, (w, h), n_frames = _read_image(path, listed, exact_size, image_id, listed_by)
                 except (OSError, ValueError):
                     if not skip_missing:
                         raise

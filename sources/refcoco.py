@@ -17,7 +17,8 @@ here by `PlainUnpickler`, which builds only lists, dicts, strings and numbers an
 global (naming it) before anything in the file runs; refs(<splitBy>).json with the same records is
 accepted too. The refs of a split are chosen as REFER.getRefIds(split=...) chooses them
 (`select_refs`), and each of a ref's sentences is one task: its phrase the sentence's `sent`, its id
-the `sent_id`, its mask the ref's annotation as REFER.getMask makes it (polygons or RLE, parts
+the `sent_id` (a sentence that is empty or only spaces makes no task: build counts them, names a few
+in the LMDB's header and says so), its mask the ref's annotation as REFER.getMask makes it (polygons or RLE, parts
 united, at the size instances.json gives the image: transforms.coco_mask), with the annotation's box
 and the ref and sentence ids kept.
 """
@@ -51,7 +52,8 @@ class PlainUnpickler(pickle.Unpickler):
 
 def load_refs(path):
     """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
-    the file and the ref."""
+    the file and the ref. Two refs with one ref_id, or two sentences with one sent_id (a task's id),
+    are refused naming both; so is a structure nested deeper than Python's recursion limit."""
     path = Path(path)
     if path.suffix == ".json":
         refs = read_json(path, list)
@@ -64,16 +66,33 @@ def load_refs(path):
             raise ValueError(f"{path}: not a refs pickle that can be read safely: {err}") from None
     if not isinstance(refs, list):
         raise ValueError(f"{path}: holds a {type(refs).__name__}, expected a list of refs")
+    try:
+        _check_refs(refs, path)
+    except RecursionError:
+        raise ValueError(f"{path}: a ref is nested deeper than Python's recursion limit; not a refs file") from None
+    return refs
+
+
+def _check_refs(refs, path):
+    ref_ids, sent_ids = {}, {}
     for i, ref in enumerate(refs):
         if not (isinstance(ref, dict) and all(type(ref.get(k)) is int for k in ("ref_id", "ann_id", "image_id"))
                 and isinstance(ref.get("split"), str) and isinstance(ref.get("sentences"), list)):
             raise ValueError(f"{path}: ref #{i} is {short_repr(ref)}, expected ref_id, ann_id and image_id as integers, "
                              "split a string and sentences a list")
+        if ref["ref_id"] in ref_ids:
+            raise ValueError(f"{path}: refs #{ref_ids[ref['ref_id']]} and #{i} have the same ref_id {ref['ref_id']}; "
+                             "each ref_id must be unique")
+        ref_ids[ref["ref_id"]] = i
         for j, sent in enumerate(ref["sentences"]):
             if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
                 raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {short_repr(sent)}, expected "
                                  "{sent_id: integer, sent: string, ...}")
-    return refs
+            if sent["sent_id"] in sent_ids:
+                other = sent_ids[sent["sent_id"]]
+                raise ValueError(f"{path}: ref {other[0]} sentences[{other[1]}] and ref {ref['ref_id']} sentences[{j}] "
+                                 f"have the same sent_id {sent['sent_id']} (a task's id); each must be unique")
+            sent_ids[sent["sent_id"]] = (ref["ref_id"], j)
 
 
 def select_refs(refs, split):
@@ -124,8 +143,9 @@ def images_dir(root, given=None):
                             "pass --images DIR")
 
 
-def refcoco_tasks(refs, images, anns, where):
-    """One task per sentence of each ref, in file order (see the module docstring)."""
+def refcoco_tasks(refs, images, anns, where, empty=None):
+    """One task per sentence of each ref, in file order (see the module docstring). A sentence that is
+    empty or only spaces is no phrase: it makes no task, and is listed in `empty` ("ref R sentence S")."""
     tasks = []
     for ref in refs:
         ann = anns.get(ref["ann_id"])
@@ -135,6 +155,10 @@ def refcoco_tasks(refs, images, anns, where):
             raise ValueError(f"{where}: ref {ref['ref_id']}: image_id {ref['image_id']}, but its annotation "
                              f"{ann['id']} is on image {ann['image_id']} in instances.json")
         for sent in ref["sentences"]:
+            if not sent["sent"].strip():
+                if empty is not None:
+                    empty.append(f"ref {ref['ref_id']} sent_id {sent['sent_id']}")
+                continue
             tasks.append({"task_id": str(sent["sent_id"]), "image_id": str(ann["image_id"]), "phrase": sent["sent"],
                           "ref_id": ref["ref_id"], "sent_id": sent["sent_id"], "ann_id": ann["id"],
                           "category_id": ann["category_id"], "bbox": ann["bbox"], "instance_boxes": [ann["bbox"]],
@@ -151,14 +175,17 @@ def build_refcoco(root, dataset, split_by, split, out, images=None, skip_missing
     check_out(out, [instances, refs_file], folders=[folder])
     refs = select_refs(load_refs(refs_file), split)
     image_records, anns, _ = read_instances(instances)
-    tasks = refcoco_tasks(refs, image_records, anns, refs_file)
+    empty = []
+    tasks = refcoco_tasks(refs, image_records, anns, refs_file, empty)
     if not tasks:
-        raise ValueError(f"{refs_file}: split {split!r} holds no sentences")
+        raise ValueError(f"{refs_file}: split {split!r} holds no sentences"
+                         f"{f' but {len(empty)} empty ones' if empty else ''}")
     files = {}
     for t in tasks:
         img = image_records[int(t["image_id"])]
         files[t["image_id"]] = (folder / img["file_name"], (img["width"], img["height"]))
     header = {"dataset": "refcoco", "refer": {"dataset": dataset, "split_by": split_by}, "split": split,
-              "source": str(root.resolve()), "images_dir": str(folder.resolve()), "num_refs": len(refs)}
+              "source": str(root.resolve()), "images_dir": str(folder.resolve()), "num_refs": len(refs),
+              "empty_phrases": len(empty), "empty_phrase_examples": empty[:20]}
     return write_lmdb(out, header, files, tasks, where=refs_file, skip_missing=skip_missing, exact_size=True,
                       progress=progress)

@@ -17,6 +17,7 @@ intersection nor the union, as in VOC's own scoring (metrics.task_iou). Both are
 compressed RLE (transforms.mask_to_rle).
 """
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,17 @@ _NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 def read_class_png(path):
     """A SegmentationClass PNG as (H, W) uint8 class indices; a ValueError naming the file unless it is a
-    palette image whose indices are 0-20 or 255."""
+    palette image whose indices are 0-20 or 255, within PIL's decompression-bomb limit."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error, as for images
             if im.mode != "P":
                 raise ValueError(f"{path}: a mode {im.mode} image, expected a palette (mode P) PNG whose index is "
                                  "the class, as VOC's SegmentationClass holds")
             labels = np.asarray(im)
-    except (OSError, SyntaxError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path}: the class PNG is too large to decode safely ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path}: cannot read the class PNG ({err})") from None
     wrong = sorted(set(np.unique(labels).tolist()) - set(range(len(CLASSES) + 1)) - {VOID})
     if wrong:
@@ -63,9 +67,13 @@ def image_names(root, split):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is --root VOC2012's folder (VOCdevkit/VOC2012)?")
     names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    lines = {}
     for i, name in enumerate(names):
         if not _NAME.fullmatch(name):
             raise ValueError(f"{path}: line {i + 1} {name[:80]!r} is not an image name (letters, digits, _ and -)")
+        if name in lines:
+            raise ValueError(f"{path}: entries {lines[name]} and {i + 1} both name {name}; each image once")
+        lines[name] = i + 1
     return path, names
 
 
@@ -83,7 +91,7 @@ def build_voc(root, split, out, skip_missing=False, progress=True):
     root, out = Path(root), Path(out)
     list_file, names = image_names(root, split)
     check_out(out, [root, list_file], folders=[root / "JPEGImages", root / "SegmentationClass"])
-    tasks, files, missing = [], {}, []
+    tasks, files, missing, unreadable = [], {}, [], []
     for name in names:
         png = root / "SegmentationClass" / f"{name}.png"
         if not png.is_file():
@@ -92,12 +100,20 @@ def build_voc(root, split, out, skip_missing=False, progress=True):
                                         "without it)")
             missing.append(name)
             continue
-        labels = read_class_png(png)
+        try:
+            labels = read_class_png(png)
+        except ValueError as err:
+            if not skip_missing:
+                raise ValueError(f"{err}; --skip-missing converts without it") from None
+            unreadable.append(name)
+            continue
         new = voc_tasks(labels, name)
         if new:  # an image of background and void alone has no task, and is not stored
             files[name] = (root / "JPEGImages" / f"{name}.jpg", (labels.shape[1], labels.shape[0]))
             tasks += new
     header = {"dataset": "voc", "split": split, "source": str(root.resolve()), "categories": list(NAMES),
-              "missing_masks": len(missing), "missing_mask_names": missing[:20]}
+              "missing_masks": len(missing), "missing_mask_names": missing[:20],
+              "unreadable_masks": len(unreadable), "unreadable_mask_names": unreadable[:20]}
     return write_lmdb(out, header, files, tasks, where=list_file, skip_missing=skip_missing, exact_size=True,
-                      progress=progress)
+                      progress=progress,
+                      listed_by=lambda i: f"its class PNG {root / 'SegmentationClass' / f'{i}.png'} (image id {i})")

@@ -6,6 +6,7 @@ numbers and untrained smoke models. One real smoke-sized ablation with two seeds
 in this process so they are counted) is kept, in the slow tier, for the tests that need trained runs.
 """
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -249,7 +250,9 @@ def test_bad_input_is_one_line_without_a_traceback(tmp_path):
              (["--seeds", "0", "0"], "ablation.py: error: --seeds 0 0: a seed is given twice"),
              (["--nproc", "x"], "ablation.py: error: argument --nproc: invalid int value: 'x'"),
              (["--", "--epochs", "0"], "ablation.py: error: after --: --epochs must be"),
-             (["--out", "file"], "ablation.py: error: --out file is an existing file")]
+             (["--out", "file"], "ablation.py: error: --out file is an existing file"),
+             (["--preset", "nope"], "ablation.py: error: argument --preset: invalid choice: 'nope'"),
+             (["--seeds", "0", "-1"], "ablation.py: error: --seeds: -1 is not a seed")]
     for argv, message in cases:
         proc = subprocess.run(command("ablation.py", "--preset", "smoke", *argv), cwd=tmp_path, env=tool_env(),
                               capture_output=True, text=True, timeout=120)
@@ -271,3 +274,49 @@ def test_ctrl_c_is_one_line_and_leaves_no_temporary_file(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in err
     assert lines[-1] == "ablation.py: interrupted; the finished runs are kept: the same command resumes"
     assert not list((tmp_path / "out").rglob(".*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- careless input (issue 33)
+
+def test_a_damaged_finished_run_is_refused_naming_the_file_and_field(finished, tmp_path, monkeypatch):
+    out, _, cache = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    trainer = Trainer()
+    monkeypatch.setattr(ablation, "run_train", trainer)
+    metrics = copy / "raf" / "seed1" / "test_metrics.json"
+    good = json.loads(metrics.read_text())
+    for value, shown in ((float("nan"), "nan"), ("0.5", "'0.5'"), (None, "None"), (7, "7")):
+        metrics.write_text(json.dumps({**good, "prec@0.7": value}))  # json writes NaN as NaN, as Python reads it
+        with pytest.raises(ablation.AblationError, match=rf"raf/seed1/test_metrics.json: field 'prec@0.7' is {shown}, "
+                                                         "expected a number from 0 to 1"):
+            ablation.main(args(copy, cache))
+    metrics.write_text("{")
+    with pytest.raises(ablation.AblationError, match="test_metrics.json is not valid JSON"):
+        ablation.main(args(copy, cache))
+    assert trainer.runs == []
+
+
+def test_a_run_folder_without_config_is_refused_once_not_retried(tmp_path, monkeypatch):
+    trainer = Trainer()
+    monkeypatch.setattr(ablation, "run_train", trainer)
+    stray = tmp_path / "out" / "raf" / "seed0"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(ablation.AblationError, match=r"raf/seed0 holds files \(notes.txt\) but no config.json"):
+        ablation.main(args(tmp_path / "out", tmp_path / "cache"))
+    assert trainer.runs == [] and (stray / "notes.txt").read_text() == "mine"
+    with pytest.raises(ablation.AblationError, match="--seeds: -1 is not a seed"):
+        ablation.main(["--preset", "smoke", "--seeds", "-1", "--out", str(tmp_path / "new")])
+    assert trainer.runs == [] and not (tmp_path / "new").exists()
+
+
+def test_a_second_ablation_on_one_out_is_refused_naming_the_holder(tmp_path, monkeypatch):
+    from helpers.files import hold_dir
+    trainer = Trainer()
+    monkeypatch.setattr(ablation, "run_train", trainer)
+    out = tmp_path / "out"
+    with hold_dir(out, "--out"):  # as the first ablation holds it while it trains
+        with pytest.raises(ValueError, match=rf"--out {out} is in use by another run \(process {os.getpid()} on"):
+            ablation.main(args(out, tmp_path / "cache"))
+    assert trainer.runs == []

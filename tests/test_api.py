@@ -99,6 +99,18 @@ def test_bad_arguments_are_refused_clearly(net, photo):
             predict.predict(net, image, phrases)
 
 
+def test_a_threshold_outside_0_1_and_a_phrase_that_is_no_string_are_named(net, photo, monkeypatch):
+    monkeypatch.setattr(net, "forward", lambda *a, **k: pytest.fail("the model ran"))  # refused before any work
+    for threshold in (float("nan"), -1, 2, 0, 1.0, "0.5", None, True, float("inf")):
+        with pytest.raises(ValueError, match=f"^threshold must be .*between 0 and 1, got {threshold!r}"):
+            inference.predict(net, photo, "red circle", threshold=threshold)
+    for phrases, shown in (([1, "a"], "int 1"), (["a", None], "NoneType None"), ((b"x",), "bytes b'x'")):
+        with pytest.raises(ValueError, match=f"^a phrase must be a string, got {shown}"):
+            inference.predict(net, photo, phrases)
+    monkeypatch.undo()
+    assert inference.predict(net, photo, "red circle", threshold=np.float32(0.5)).dtype == bool  # numpy numbers too
+
+
 def test_overlay_gives_each_phrase_its_colour_and_a_legend():
     image = Image.new("RGB", (60, 80), (0, 0, 0))
     a, b = np.zeros((80, 60), bool), np.zeros((80, 60), bool)

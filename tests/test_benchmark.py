@@ -42,3 +42,31 @@ def test_bad_flags_are_rejected():
     for argv in (["--batch", "0"], ["--size", "100"], ["--deform-impl", "cuda"]):
         with pytest.raises(SystemExit):
             benchmark.parse_args(argv)
+
+
+def test_batch_1_measures_what_it_can_and_says_why_training_is_skipped(capsys):
+    result = benchmark.run(benchmark.parse_args(["--preset", "smoke", "--workers", "-1", "--batch", "1", "--repeats", "1",
+                                                 "--warmup", "0"]))
+    assert result["latency_eager_fp32_ms"]["with_block"] > 0 and result["latency_fast_ms"]["without_block"] > 0
+    assert "train_images_per_s" not in result and "BatchNorm" in result["train_skipped"]
+    assert "--batch 2" in result["train_skipped"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+
+
+def test_a_size_beyond_the_devices_memory_is_refused_before_allocating(monkeypatch):
+    from model import PRESETS
+    monkeypatch.setattr(benchmark, "make_models", lambda *a: pytest.fail("models were built"))
+    with pytest.raises(ValueError, match=r"--size 99968 at --batch 32: the decoder's self-attention .* the largest "
+                                         r"--size that fits is \d+"):
+        benchmark.run(benchmark.parse_args(["--preset", "smoke", "--size", "99968"]))
+    cfg = PRESETS["paper"].model  # hand-worked: 416 px -> 26 x 26 = 676 tokens; 2 x 8 heads x 676^2 x 4 bytes
+    assert benchmark.attention_bytes(cfg, 416, 2) == 2 * 8 * 676 ** 2 * 4
+    benchmark.check_size(cfg, 416, 2, 2 * 8 * 676 ** 2 * 4)  # exactly fits
+    with pytest.raises(ValueError, match="the largest --size that fits is 416"):
+        benchmark.check_size(cfg, 448, 2, 2 * 8 * 676 ** 2 * 4)
+
+
+def test_an_absurd_size_exits_with_one_line():
+    from tooling import one_line_error, run_tool
+    proc = run_tool("benchmark.py", "--preset", "smoke", "--size", "99968", "--workers", "-1")
+    assert "--size 99968 at --batch 32" in one_line_error(proc, code=1)

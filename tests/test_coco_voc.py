@@ -1,5 +1,7 @@
 """Category prompts on MS COCO and PASCAL VOC (the paper's Fig. 7): tasks, masks, the void rule, scores."""
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -131,7 +133,7 @@ def test_voc_refuses_a_png_that_is_not_a_palette_image(tmp_path):
         voc.build_voc(root, "trainval2", tmp_path / "v.lmdb", progress=False)
     root = voc_root(tmp_path / "c")
     Image.new("RGB", (20, 20)).save(root / "JPEGImages" / "2007_000032.jpg")  # not the PNG's 40x30
-    with pytest.raises(ValueError, match="is 20x20 but its record .* lists 40x30"):
+    with pytest.raises(ValueError, match="is 20x20 but its class PNG .* lists 40x30"):
         voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
     with pytest.raises(ValueError, match="one of --root's inputs"):
         voc.build_voc(root, "val", root / "SegmentationClass" / "x.lmdb", progress=False)
@@ -160,3 +162,100 @@ def test_pred_masks_of_the_wrong_size_or_unreadable_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--pred-masks", str(preds)])
     assert "--pred-masks needs --data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile and careless input (issue 33)
+
+def test_coco_duplicate_ids_are_refused_naming_both_records(tmp_path):
+    annotations, images = coco_folder(tmp_path)
+    good = annotations.read_text()
+    for key, index, first, message in (
+            ("annotations", 4, 0, r"annotations\[0\] and annotations\[4\] have the same id 11"),
+            ("categories", 1, 0, r"categories\[0\] and categories\[1\] have the same id 1 .*'person'.*'dining table'"),
+            ("images", 2, 1, r"images\[1\] and images\[2\] have the same id 2")):
+        content = json.loads(good)
+        content[key][index]["id"] = content[key][first]["id"]
+        if key == "categories":  # the annotations of the second category now point at no category: keep them valid
+            for ann in content["annotations"]:
+                ann["category_id"] = 1
+        if key == "images":
+            content["images"][2].update(width=36, height=24)
+            content["annotations"] = [a for a in content["annotations"] if a["image_id"] != 3]
+        annotations.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            coco.build_coco(annotations, images, tmp_path / "x.lmdb", progress=False)
+    assert not (tmp_path / "x.lmdb").exists()
+
+
+def test_coco_a_polygon_of_two_points_and_a_folder_are_named(tmp_path, capsys):
+    annotations, images = coco_folder(tmp_path)
+    content = json.loads(annotations.read_text())
+    content["annotations"][1]["segmentation"] = [[2, 2, 12, 2]]  # pycocotools would take it for a box
+    annotations.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"{annotations}: annotation 12: segmentation: polygon 0 has 4 coordinates"):
+        coco.build_coco(annotations, images, tmp_path / "x.lmdb", progress=False)
+    with pytest.raises(ValueError, match=f"{annotations.parent} is a folder; name the COCO instances file"):
+        coco.build_coco(annotations.parent, images, tmp_path / "x.lmdb", progress=False)
+
+
+def test_deep_json_is_a_clean_error_naming_the_file(tmp_path):
+    annotations, images = coco_folder(tmp_path)
+    annotations.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{annotations}: JSON nested deeper than Python's recursion limit"):
+        coco.build_coco(annotations, images, tmp_path / "x.lmdb", progress=False)
+    annotations.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="nested deeper"):
+        files.read_json(annotations, dict)
+
+
+def test_build_refuses_an_unwritable_out_naming_it_before_reading_input(tmp_path, capsys, monkeypatch):
+    annotations, images = coco_folder(tmp_path)
+    monkeypatch.setattr(coco, "read_instances", lambda path: pytest.fail("the input was read first"))
+    with pytest.raises(SystemExit):
+        data.main(["build", "--source", "coco", "--annotations", str(annotations), "--images", str(images),
+                   "--out", "/proc/coco.lmdb"])
+    err = capsys.readouterr().err
+    assert "data.py: error: --out: cannot write in /proc" in err and ".tmp-" not in err
+
+
+def big_header_png(path, width, height):
+    """A palette PNG whose header claims width x height, with one tiny IDAT: PIL sees the size on opening."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+                     + chunk(b"PLTE", bytes(768)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_voc_class_png_of_absurd_size_is_refused_and_can_be_skipped(tmp_path, capsys):
+    root = voc_root(tmp_path)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n2007_000033\n")
+    Image.new("RGB", (40, 30)).save(root / "JPEGImages" / "2007_000033.jpg")
+    bomb = root / "SegmentationClass" / "2007_000033.png"
+    big_header_png(bomb, 100_000, 100_000)
+    with pytest.raises(ValueError, match=f"{bomb}: the class PNG is too large to decode safely.*--skip-missing"):
+        voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
+    build = ["build", "--source", "voc", "--root", str(root), "--split", "val", "--out", str(tmp_path / "v.lmdb")]
+    data.main(build + ["--skip-missing"])
+    out = capsys.readouterr().out
+    assert "v.lmdb: 2 tasks, 1 images" in out and "1 class PNGs cannot be read" in out and "2007_000033" in out
+    assert datasets.PhraseCutLMDB(tmp_path / "v.lmdb", input_size=32, train=False).header["unreadable_masks"] == 1
+
+
+def test_voc_size_mismatch_names_the_class_png_and_a_repeated_name_both_lines(tmp_path):
+    root = voc_root(tmp_path)
+    Image.new("RGB", (20, 20)).save(root / "JPEGImages" / "2007_000032.jpg")  # not the PNG's 40x30
+    png = root / "SegmentationClass" / "2007_000032.png"
+    with pytest.raises(ValueError, match=f"is 20x20 but its class PNG {png} .* lists 40x30"):
+        voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\nx\n2007_000032\n")
+    with pytest.raises(ValueError, match="val.txt: entries 1 and 3 both name 2007_000032"):
+        voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
+
+
+def test_data_build_exits_2_with_one_line_for_hostile_input(tmp_path):
+    from tooling import one_line_error, run_tool
+    annotations, images = coco_folder(tmp_path)
+    annotations.write_text("[" * 100_000 + "]" * 100_000)
+    proc = run_tool("data.py", "build", "--source", "coco", "--annotations", annotations, "--images", images,
+                    "--out", tmp_path / "c.lmdb")
+    assert "nested deeper than Python's recursion limit" in one_line_error(proc)

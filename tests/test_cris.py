@@ -326,3 +326,42 @@ def test_truncated_foreign_and_code_carrying_files_are_refused(files, tmp_path):
     proc = run([str(REPO / "predict.py"), "--ckpt", str(evil), "--image", "x.jpg", "--phrase", "cap"], cwd=tmp_path)
     assert proc.returncode == 1 and "could run code" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "out.pth").exists()
+
+
+def test_tensors_of_the_wrong_kind_or_name_are_refused_by_name(files, tmp_path):
+    """An integer weight would load truncated to whole numbers, a sparse one fail inside torch, an extra one be
+    taken for a foreign file: each is named, whether the file is CRIS's or this project's."""
+    rn50, _ = files["RN50"]
+    key, shown = "module.neck.f1_v_proj.0.weight", "neck.f1_v_proj.0.weight"
+    cases = [(lambda sd: sd.__setitem__(key, sd[key].to(torch.int64)),
+              f"the weight {shown} is of type torch.int64, expected a floating type"),
+             (lambda sd: sd.__setitem__(key, sd[key] > 0), f"the weight {shown} is of type torch.bool"),
+             (lambda sd: sd.__setitem__(key, sd[key].to_sparse()), f"the tensor {shown} is sparse"),
+             (lambda sd: sd.__setitem__(key, 3), f"the entry {shown} is a int, not a tensor"),
+             (lambda sd: sd.__setitem__("module.extra.weight", torch.zeros(1)),
+              "tensors CRIS's model does not have: extra.weight")]
+    for k, (edit, message) in enumerate(cases):
+        sd = cris_state_dict(rn50)
+        edit(sd)
+        path = write_cris_checkpoint(rn50, tmp_path / f"case{k}.pth", state_dict=sd)
+        calls = [lambda p=path: load_checkpoint(p)] + [lambda p=path: checkpoints.init_model(p, rn50.config),
+                                                       lambda p=path: cris.convert(p, tmp_path / "out.pth")] * (k == 0)
+        for call in calls:
+            with pytest.raises(ValueError, match=rf"case{k}\.pth: {message}"):
+                call()
+    own, (ours,) = rn50.state_dict(), checkpoints.convert_state_dict({key: None})  # this project's name of key
+    own[ours] = own[ours].to(torch.int32)
+    torch.save({"model": own, "config": rn50.config.to_dict()}, tmp_path / "own.pth")
+    with pytest.raises(ValueError, match=rf"own\.pth: the weight {ours} is of type torch.int32"):
+        load_checkpoint(tmp_path / "own.pth")
+
+
+@pytest.mark.slow
+def test_cris_convert_exits_with_one_line_for_a_sparse_tensor(files, tmp_path):
+    rn50, _ = files["RN50"]
+    sd = cris_state_dict(rn50)
+    sd["module.neck.f1_v_proj.0.weight"] = sd["module.neck.f1_v_proj.0.weight"].to_sparse()
+    path = write_cris_checkpoint(rn50, tmp_path / "sparse.pth", state_dict=sd)
+    proc = run(["cris.py", "convert", str(path), str(tmp_path / "out.pth")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "is sparse" in proc.stderr
+    assert not (tmp_path / "out.pth").exists()

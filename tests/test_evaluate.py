@@ -467,3 +467,64 @@ def test_phrases_of_one_image_share_its_encoder_pass_and_score_the_same(smoke):
     assert [t["index"] for t in grouped["per_task"]] == [t["index"] for t in plain["per_task"]]
     assert [t["iou"] for t in grouped["per_task"]] == pytest.approx([t["iou"] for t in plain["per_task"]], abs=1e-3)
     assert grouped["mIoU"] == pytest.approx(plain["mIoU"], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- saved masks read by value (issue 33)
+
+def test_load_mask_reads_values_not_colours(tmp_path):
+    """Hand-worked 1x4 masks: the expected foreground is written beside each, by the documented rule."""
+    from PIL import Image
+    black = [0] * 768  # every palette entry black: a palette image must be read by its index
+    p = Image.fromarray(np.array([[0, 1, 0, 2]], np.uint8), "P")
+    p.putpalette(black)
+    p.save(tmp_path / "palette.png")
+    Image.fromarray(np.array([[[0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0]]], np.uint8), "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(np.array([[0, 1, 0, 300]], np.uint16)).save(tmp_path / "i16.png")  # 16-bit grey: by value
+    Image.fromarray(np.array([[0, 1, 255, 0]], np.uint8), "L").save(tmp_path / "l.png")
+    # alpha: a fully transparent pixel is background whatever its colour; the others by their colour
+    Image.fromarray(np.array([[[255, 255, 255, 0], [0, 0, 0, 255], [0, 0, 1, 255], [9, 9, 9, 1]]], np.uint8),
+                    "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.array([[[255, 0], [0, 255], [1, 255], [7, 3]]], np.uint8), "LA").save(tmp_path / "la.png")
+    expected = {"palette.png": [0, 1, 0, 1], "rgb.png": [1, 0, 1, 0], "i16.png": [0, 1, 0, 1], "l.png": [0, 1, 1, 0],
+                "rgba.png": [0, 0, 1, 1], "la.png": [0, 0, 1, 1]}
+    for name, row in expected.items():
+        assert files.load_mask(tmp_path / name).tolist() == [[bool(v) for v in row]], name
+
+
+def test_load_mask_refuses_lossy_data_by_content(tmp_path):
+    from PIL import Image
+    mask = Image.fromarray(np.full((8, 8), 255, np.uint8), "L")
+    mask.save(tmp_path / "named.png", format="JPEG")  # JPEG data under a .png name
+    with pytest.raises(ValueError, match="named.png holds JPEG data, a lossy format"):
+        files.load_mask(tmp_path / "named.png")
+    mask.convert("RGB").save(tmp_path / "t.tif", compression="jpeg")
+    with pytest.raises(ValueError, match=r"t.tif holds TIFF data \(JPEG-compressed\)"):
+        files.load_mask(tmp_path / "t.tif")
+    mask.save(tmp_path / "ok.tif")  # TIFF without JPEG compression is lossless
+    assert files.load_mask(tmp_path / "ok.tif").all()
+
+
+def test_pred_masks_score_palette_masks_by_index_and_name_a_symlink(tmp_path):
+    from coco_files import voc_labels, voc_root
+    from PIL import Image
+
+    from sources import voc
+    root = voc_root(tmp_path)
+    voc.build_voc(root, "val", tmp_path / "v.lmdb", progress=False)
+    labels = voc_labels()
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for c in (11, 15):
+        p = Image.fromarray((labels == c).astype(np.uint8), "P")
+        p.putpalette([0] * 768)  # index 1 drawn black
+        p.save(preds / f"2007_000032_{c}.png")
+    argv = ["--data", str(tmp_path / "v.lmdb"), "--pred-masks", str(preds), "--no-progress"]
+    assert ev.main(argv) is None and ev.evaluate_masks(
+        __import__("data").PhraseCutLMDB(tmp_path / "v.lmdb", train=False), preds, progress=False)["mIoU"] == 1.0
+    outside = tmp_path / "elsewhere.png"
+    os.replace(preds / "2007_000032_15.png", outside)
+    os.symlink(outside, preds / "2007_000032_15.png")
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    message = str(exit_info.value.code)
+    assert "2007_000032_15.png is a symbolic link to" in message and "task id" not in message

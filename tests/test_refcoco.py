@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,60 @@ def test_train_and_evaluate_run_on_a_refcoco_lmdb_folder(tmp_path):
                    str(tmp_path / "again.json"), "--no-progress"])
     again = json.loads((tmp_path / "again.json").read_text())
     assert (again["mIoU"], again["oIoU"]) == (result["mIoU"], result["oIoU"])  # the saved masks score the same
+
+
+# ----------------------------------------------------------------------------- hostile and careless input (issue 33)
+
+def test_duplicate_ref_and_sentence_ids_are_refused_naming_both(tmp_path):
+    root = refer_root(tmp_path)
+    refs = [json.loads(json.dumps(r)) for r in UNC]
+    refs[3]["ref_id"] = refs[1]["ref_id"]
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(ValueError, match=r"refs\(unc\).p: refs #1 and #3 have the same ref_id 2"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)
+    refs = [json.loads(json.dumps(r)) for r in UNC]
+    refs[4]["sentences"][0]["sent_id"] = 101
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(ValueError, match=r"ref 1 sentences\[1\] and ref 5 sentences\[0\] have the same sent_id 101"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)
+    content = json.loads((root / "refcoco" / "instances.json").read_text())
+    content["annotations"][1]["id"] = 11  # the later would replace ref 1's annotation
+    (root / "refcoco" / "instances.json").write_text(json.dumps(content))
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(UNC, protocol=2))
+    with pytest.raises(ValueError, match=r"instances.json: annotations\[0\] and annotations\[1\] have the same id 11"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)
+    assert not (tmp_path / "x.lmdb").exists()
+
+
+def test_empty_sentences_make_no_task_and_are_counted(tmp_path, capsys):
+    root = refer_root(tmp_path)
+    refs = [json.loads(json.dumps(r)) for r in UNC]
+    refs[0]["sentences"][1]["sent"] = "   "
+    refs[0]["sentences"][2]["sent"] = ""
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    ds = build(root, tmp_path, split="train")
+    assert [ds[i]["task_id"] for i in range(len(ds))] == ["100"]
+    assert ds.header["empty_phrases"] == 2 and ds.header["empty_phrase_examples"] == ["ref 1 sent_id 101",
+                                                                                       "ref 1 sent_id 102"]
+    data.main(["build", "--source", "refcoco", "--root", str(root), "--dataset", "refcoco", "--split-by", "unc",
+               "--split", "train", "--out", str(tmp_path / "t.lmdb")])
+    assert "warning: 2 sentences are empty or only spaces: no phrase, so no task, e.g. ref 1 sent_id 101" \
+        in capsys.readouterr().out
+
+
+def test_deeply_nested_refs_are_a_clean_error_naming_the_file(tmp_path):
+    root = refer_root(tmp_path)
+    path = root / "refcoco" / "refs(unc).p"
+    path.write_bytes(b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".")  # [[[...]]] 100,000 deep
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*nested (too|deeper)"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)
+    deep = {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "sentences": [{"sent_id": 1, "sent": "x"}]}
+    # [deep, [[[...]]]], by hand (pickle.dumps itself would recurse): MARK, deep, 100,000 lists, APPENDS
+    path.write_bytes(b"\x80\x02](" + pickle.dumps(deep, protocol=2)[2:-1] + b"]" * 100_000 + b"a" * 99_999 + b"e.")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: ref #1 is a list nested too deeply to show"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)
+    path.unlink()
+    json_path = root / "refcoco" / "refs(unc).json"
+    json_path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(json_path))}: JSON nested deeper"):
+        refcoco.build_refcoco(root, "refcoco", "unc", "val", tmp_path / "x.lmdb", progress=False)

@@ -31,6 +31,11 @@ named in one line and the others go on; the files are written from the runs that
 command exits non-zero. The flags that define a variant (--loss, --w-*, --dice-weight, --deform,
 --se) or a run's place (--out, --resume, --seed, --preset) are ablation.py's business and refused
 after --. On a shared or busy CPU, OMP_NUM_THREADS=1 keeps each run from fighting for cores.
+
+Refused before any run starts: an unknown --preset, a seed outside 0 to 2**32 - 1, a run folder that holds
+files but no config.json, a finished run whose test_metrics.json lacks a metric or holds one that is not a
+number from 0 to 1 (NaN included), naming the file and the field, and a second ablation on an --out that
+one holds (files.hold_dir, as train.py holds its run folder), naming the holder.
 """
 from __future__ import annotations
 
@@ -51,9 +56,10 @@ from data import PhraseCutLMDB
 from helpers import figures
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import make_dir
-from helpers.files import atomic_path, read_json
+from helpers.files import atomic_path, hold_dir, read_json
 from helpers.train_config import TrainConfig
 from helpers.train_config import parse_args as parse_train_args
+from model import PRESETS
 
 VARIANTS = [
     # (Table 2's row, run dir, train.py flags)
@@ -138,8 +144,9 @@ def expected_config(cmd: list[str]) -> TrainConfig:
     try:
         with contextlib.redirect_stderr(err):
             return parse_train_args(cmd)
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if "error:" in line] or ["train.py: error"]
+    except SystemExit as e:  # argparse's error is on stderr; train.py's own checks exit with their message
+        said = e.code if isinstance(e.code, str) else err.getvalue()
+        lines = [line for line in said.splitlines() if "error:" in line] or ["train.py: error: its flags were refused"]
         raise AblationError(f"after --: {lines[0].split('error:', 1)[1].strip()}") from None
 
 
@@ -148,6 +155,10 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
     to resume) or "new"; an AblationError for a run dir that holds another ablation's run."""
     config = run_dir / "config.json"
     if not config.is_file():
+        left = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) if run_dir.is_dir() else []
+        if left:  # train.py would refuse it on every retry: say so now, once (hidden files: a killed run's lock)
+            raise AblationError(f"{run_dir} holds files ({', '.join(left[:3])}{' ...' * (len(left) > 3)}) but no "
+                                "config.json, so no run of train.py's; move it away or pick another --out")
         return "new"
     try:
         saved = read_json(config, dict)["train"]
@@ -159,6 +170,7 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
         changes = ", ".join(f"{k}={saved.get(k)!r} (now {wanted[k]!r})" for k in differ)
         raise AblationError(f"{run_dir} holds a run with other settings: {changes}; pick another --out")
     if (run_dir / "test_metrics.json").is_file() and (run_dir / "best.pth").is_file():
+        read_test_metrics(run_dir / "test_metrics.json")  # refused now, before any training, if unusable
         return "done"
     if (run_dir / "checkpoint.pth").is_file():
         return "started"
@@ -168,6 +180,21 @@ def run_state(run_dir: Path, cfg: TrainConfig) -> str:
             (run_dir / name).unlink()
         return "new"
     raise AblationError(f"{run_dir} holds files but no checkpoint.pth; move it away or pick another --out")
+
+
+def read_test_metrics(path: Path) -> dict:
+    """A finished run's test_metrics.json, with every metric of the table (KEPT) a number from 0 to 1; an
+    AblationError naming the file and the field otherwise (a NaN would reach Table 2 as "nan")."""
+    try:
+        metrics = read_json(path, dict)
+    except (ValueError, OSError) as e:
+        raise AblationError(f"{e}; delete that run's folder to train it again") from None
+    for key in KEPT:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise AblationError(f"{path}: field {key!r} is {value!r}, expected a number from 0 to 1; the file is "
+                                "damaged: delete that run's folder to train it again")
+    return metrics
 
 
 def run_train(cmd: list[str], run_dir: Path) -> int:
@@ -194,7 +221,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise AblationError(message)
 
     parser = Parser(prog="ablation.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="demo", help="train.py preset for every run")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="train.py preset for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                         help="train every variant once per seed; each cell is their mean +- std")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
@@ -207,6 +234,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise AblationError(f"--nproc must be >= 1, got {args.nproc}")
     if args.epochs is not None and args.epochs < 1:
         raise AblationError(f"--epochs must be >= 1, got {args.epochs}")
+    bad = [seed for seed in args.seeds if not 0 <= seed < 2 ** 32]
+    if bad:
+        raise AblationError(f"--seeds: {bad[0]} is not a seed; seeds are integers from 0 to 2**32 - 1")
     if len(set(args.seeds)) != len(args.seeds):
         raise AblationError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
     args.fig6_seed = args.seeds[0] if args.fig6_seed is None else args.fig6_seed
@@ -346,10 +376,16 @@ def write_all(done: list[dict], out: Path, fig6_seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    runs = plan(args)
     out = make_dir(args.out, "--out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise AblationError(f"--out {out}: not writable")
+    with hold_dir(out, "--out"):  # a second ablation on this --out is refused, naming this one
+        return ablate(args, out)
+
+
+def ablate(args, out: Path) -> dict:
+    """main's work, while it holds --out: plan, train what is not done, write the table and figures."""
+    runs = plan(args)
     failed = []
     for r in runs:
         name = f"{r['label']}, seed {r['seed']}"
@@ -372,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not done:
         raise AblationError("no run finished, so there is no table")
     for r in done:
-        r["test"] = read_json(r["dir"] / "test_metrics.json", dict)
+        r["test"] = read_test_metrics(r["dir"] / "test_metrics.json")
     table = write_all(done, out, fig6_seed=args.fig6_seed)
     if failed:
         raise AblationError(f"{len(failed)} run(s) failed ({'; '.join(failed)}); {out} holds the others' "

@@ -24,11 +24,15 @@ alternated so that a change in load hits both alike. Printed:
   PhraseCut-format images of 500x375 (PhraseCut's typical size), the rate that
   training can at most reach with that many workers.
 
-The last line is one JSON object with every figure (`--json FILE` writes it too).
+The last line is one JSON object with every figure (`--json FILE` writes it too). At --batch 1 the
+training figure is skipped (BatchNorm cannot train on one value per channel) and the JSON says why
+("train_skipped"); a --size whose decoder attention alone would not fit the device's memory is refused
+before anything is allocated, naming the largest that fits.
 """
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -114,7 +118,27 @@ def inference(models, cfg, size, batch, device, repeats, warmup, compile=False) 
     return out
 
 
+BATCHNORM_AT_1 = "Expected more than 1 value per channel when training"  # torch's BatchNorm, one value a channel
+
+
 def training(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
+    """Training images/s (and, on CUDA, the peak memory of a step). At batch 1 the BatchNorm layers of the
+    text projection see one value per channel, which torch refuses in training: the figure is then skipped,
+    and {"train_skipped": why} returned instead."""
+    try:
+        return _training(models, cfg, size, batch, device, repeats, warmup, compile)
+    except ValueError as e:
+        if BATCHNORM_AT_1 not in str(e):
+            raise
+        return {"train_skipped": f"not measured at batch {batch}: training mode's BatchNorm needs more than one "
+                                 f"value per channel ({e}); use --batch 2 or more"}
+    finally:
+        for m in models.values():
+            m.eval()
+            m.zero_grad(set_to_none=True)
+
+
+def _training(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
     image, tokens, mask = inputs(cfg, batch, size, device)
     recipe = train_config.preset_defaults("paper")
     dtype = train.amp_dtype(device, recipe)
@@ -136,8 +160,6 @@ def training(models, cfg, size, batch, device, repeats, warmup, compile=False) -
         torch.cuda.reset_peak_memory_stats(device)
         steps[True]()
         result["train_peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    for m in models.values():
-        m.eval()
     return result
 
 
@@ -161,6 +183,34 @@ def loader_rate(size, word_len, workers, batch, n_batches) -> float:
         return n_batches * batch / (time.perf_counter() - t)
 
 
+def device_memory(device) -> int:
+    """Bytes of memory on `device`: the GPU's total, or this machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def attention_bytes(cfg, size, batch) -> int:
+    """A lower bound on one training step's memory at `size`: the decoder's self-attention scores over the
+    (size / 16)^2 visual tokens, batch x heads x tokens^2 float32, which one layer holds for its backward.
+    It grows as size^4: past a few thousand pixels no device holds it."""
+    tokens = (size // 16) ** 2
+    return batch * cfg.decoder_heads * tokens * tokens * 4
+
+
+def check_size(cfg, size, batch, memory) -> None:
+    """Refuse, before anything is allocated, a --size (at --batch) whose attention_bytes exceed `memory`,
+    naming the largest --size that fits."""
+    if attention_bytes(cfg, size, batch) <= memory:
+        return
+    fits = 32
+    while attention_bytes(cfg, fits + 32, batch) <= memory:
+        fits += 32
+    raise ValueError(f"--size {size} at --batch {batch}: the decoder's self-attention over ({size}/16)^2 visual "
+                     f"tokens alone needs {attention_bytes(cfg, size, batch) / 2 ** 30:,.0f} GiB, more than this "
+                     f"device's {memory / 2 ** 30:,.0f} GiB; the largest --size that fits is {fits} (or lower --batch)")
+
+
 def run(args) -> dict:
     device = args.device or distributed.info().device
     if args.ckpt:
@@ -170,6 +220,7 @@ def run(args) -> dict:
     else:
         cfg, name = PRESETS[args.preset].model, args.preset
     size = args.size or cfg.input_size
+    check_size(cfg, size, args.batch, device_memory(device))
     models = make_models(cfg, device, args.deform_impl)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "model": name, "size": size, "batch": args.batch,
@@ -180,6 +231,8 @@ def run(args) -> dict:
     steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, **timing)),
              (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, **timing)),
              (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
+    if args.batch == 1:  # the latency figures are the batch-1 figures
+        del steps[1]
     for title, step in steps:
         figures = step()
         result.update(figures)
