@@ -171,11 +171,11 @@ def run(model, images, phrases, out, threshold, batch_size=4, workers=2, progres
         failures = []
         if not todo:
             return summary, failures
+        tokens = transforms.tokenize(phrases, cfg.word_len)  # (P, L), each phrase tokenised once
         with warnings.catch_warnings():  # said on every run, as predict_proba says it
             warnings.simplefilter("always")
             for phrase in phrases:
                 transforms.warn_if_cut(phrase, cfg.word_len)
-        tokens = transforms.tokenize(phrases, cfg.word_len)  # (P, L), each phrase tokenised once
         device = net_device(model)
         loader = DataLoader(ImageFiles([path for path, *_ in todo], cfg.input_size), batch_size=batch_size,
                             num_workers=workers, collate_fn=_items)

@@ -199,6 +199,8 @@ def open_image(path):
         raise ValueError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not an image")
     limit = Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS * BYTES_PER_PIXEL
     if limit and path.stat().st_size > limit:  # before PIL reads any of it
         raise ValueError(f"{path} is {path.stat().st_size / 2 ** 30:.1f} GiB, far beyond any image PIL decodes "
