@@ -107,9 +107,9 @@ def parse_args(argv=None):
                                           ("--workers", argv_has(argv, "--workers"))) if value]
         if wrong:
             p.error(f"{', '.join(wrong)} belong(s) to the folder mode (--images)")
-        if not args.phrase or len(args.phrase) > 1:
-            p.error("--image takes one --phrase" + (" (several: use --images)" if args.phrase else ""))
-        args.phrase, args.out = args.phrase[0], args.out or "overlay.png"
+        if not args.phrase:
+            p.error("--image needs --phrase")
+        args.phrase, args.out = args.phrase[-1], args.out or "overlay.png"  # as ever, the last of a repeated flag
     else:
         if args.mask:
             p.error("--mask is for one --image; in folder mode every mask goes under --out")

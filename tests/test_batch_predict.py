@@ -144,7 +144,9 @@ def test_user_files_in_out_and_a_held_out_are_refused(files, net, tmp_path):
 def test_flags_of_the_two_modes_are_checked(files, tmp_path, capsys):
     cases = [(["--images", files / "photos", "--phrase", "x"], "needs --out"),
              (["--images", files / "photos", "--out", tmp_path], "--phrases FILE or --phrase"),
-             (["--image", files / "photos" / "a.jpg", "--phrase", "x", "--phrase", "y"], "takes one --phrase"),
+             (["--image", files / "photos" / "a.jpg"], "--image needs --phrase"),
+             (["--image", files / "photos" / "a.jpg", "--phrase", "x", "--phrases", files / "phrases.txt"],
+              "--phrases belong(s) to the folder mode"),
              (["--images", tmp_path / "nowhere", "--phrase", "x", "--out", tmp_path / "o"], "no such file or folder"),
              (["--images", files / "photos", "--phrase", "x", "--out", tmp_path, "--mask", tmp_path / "m.png"],
               "--mask is for one --image")]
