@@ -12,8 +12,9 @@ synchronised around each pass, and with the enhancement block on and off
 alternated so that a change in load hits both alike. Printed:
 
 - inference latency at batch 1: the eager model in float32, and the fast path
-  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; the eager model
-  on the CPU), with the block on/off ratio;
+  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; bf16 autocast on a
+  CPU with native bf16, AVX512-BF16 or AMX; the eager model in float32 on any other
+  CPU; "fast_precision" says which), with the block on/off ratio;
 - inference images/s at --batch through the fast path;
 - training images/s at --batch (train.train_step, train.py's step: forward,
   RAF loss, backward, Adam, fused on CUDA; bf16 autocast and channels-last on
@@ -47,7 +48,8 @@ from helpers import distributed, train_config
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_path, parse_device, run_tool
 from helpers.files import atomic_path
-from helpers.inference import FastSegVLM
+from helpers.inference import FastSegVLM, amp_for
+from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic
 
@@ -173,9 +175,11 @@ def run(args) -> dict:
     models = make_models(cfg, device, args.deform_impl)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "model": name, "size": size, "batch": args.batch,
-              "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__}
+              "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__,
+              "fast_precision": "bf16" if amp_for(device) else "fp32"}
     print(f"{name} at {size}x{size} on {result['device']} ({result['threads']} threads), "
-          f"deformable conv: {args.deform_impl}; median of {args.repeats} after {args.warmup} warm-up")
+          f"deformable conv: {args.deform_impl}; fast path in {result['fast_precision']}; "
+          f"median of {args.repeats} after {args.warmup} warm-up")
     timing = dict(device=device, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
     steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, **timing)),
              (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, **timing)),
@@ -232,9 +236,9 @@ def parse_args(argv=None):
     try:  # before any work: the checkpoint is a file, --json can be written and is not the checkpoint
         if args.ckpt:
             check_path(args.ckpt, "--ckpt")
-            if not Path(args.ckpt).is_file():
+            if not Path(args.ckpt).is_file() and not is_folder(args.ckpt):
                 raise ValueError(f"--ckpt {args.ckpt}: {'a directory' if Path(args.ckpt).is_dir() else 'no such file'}"
-                                 f"; name a checkpoint file (.pth)")
+                                 f"; name a checkpoint file (.pth) or a model folder (config.json, model.safetensors)")
         if args.json:
             check_output(args.json, "--json", [("--ckpt", args.ckpt)], example="figures.json")
     except ValueError as e:
