@@ -180,7 +180,9 @@ def folder_main(p, args):
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: error: {e}")
     print(f"predict.py: {summary['images']} image(s) x {summary['phrases']} phrase(s): {summary['written']} mask(s) "
-          f"written, {summary['skipped']} already in {out / batch_predict.INDEX}")
+          f"written, {summary['skipped']} already in {out / batch_predict.INDEX}"
+          + (f"; {summary['read']} image(s) in {summary['seconds']:.1f} s, "
+             f"{summary['read'] / summary['seconds']:.2f} images/s" if summary.get("read") else ""))
     if failures:
         sys.exit(f"predict.py: {len(failures)} of {summary['images']} image(s) could not be read (named above); "
                  f"the others are done")

@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def _items(batch):
 def run(model, images, phrases, out, threshold, batch_size=4, workers=2, progress=None):
     """Segment every image of `images` (paths) with every phrase into `out` -> (summary dict, failures).
 
+    summary: images, phrases, written (masks), skipped (pairs already in the index), and, when there was work,
+    read (images this run opened) and seconds (their time, loader start included).
+
     model: a SegVLM, FastSegVLM or OnnxSegVLM (its config gives input_size and word_len). failures:
     [(path, reason)] of the images that could not be read. Raises ValueError when OUT is held by another
     run, holds a file this tool would overwrite and did not write, or holds a foreign index.csv.
@@ -183,6 +187,7 @@ def run(model, images, phrases, out, threshold, batch_size=4, workers=2, progres
         new_index = not index_path.exists() or index_path.stat().st_size == 0
         was_training = model.training
         model.eval()
+        start = time.perf_counter()
         bar = tqdm(total=len(todo), unit="img", desc="predict", file=sys.stderr, disable={True: False, False: True}.get(progress),
                    dynamic_ncols=True)
         try:
@@ -204,6 +209,8 @@ def run(model, images, phrases, out, threshold, batch_size=4, workers=2, progres
         finally:
             bar.close()
             model.train(was_training)
+        summary["seconds"] = time.perf_counter() - start  # the images read (or failed) in this run, from the first
+        summary["read"] = len(todo)
     return summary, failures
 
 

@@ -48,7 +48,7 @@ from helpers import distributed, train_config
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_path, parse_device, run_tool
 from helpers.files import atomic_path
-from helpers.inference import FastSegVLM, amp_for
+from helpers.inference import PRECISIONS, FastSegVLM, amp_for
 from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic
@@ -99,14 +99,14 @@ def maybe_compile(model, compile):
 
 
 @torch.no_grad()
-def inference(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
+def inference(models, cfg, size, batch, device, repeats, warmup, compile=False, amp=None) -> dict:
     image, tokens, _ = inputs(cfg, batch, size, device)
     out = {}
     if batch == 1:
         eager = timed({b: (lambda m=maybe_compile(m, compile): m(image, tokens)) for b, m in models.items()},
                       device, repeats, warmup)
         out["latency_eager_fp32_ms"] = {b: 1000 * t for b, t in eager.items()}
-    fast = {b: FastSegVLM(m, cuda_graphs=device.type == "cuda") for b, m in models.items()}
+    fast = {b: FastSegVLM(m, amp=amp, cuda_graphs=device.type == "cuda") for b, m in models.items()}
     # warm-up runs the first (eager) pass of each shape and its capture
     t = timed({b: (lambda f=f: f(image, tokens)) for b, f in fast.items()}, device, repeats, warmup + 2)
     if batch == 1:
@@ -176,15 +176,16 @@ def run(args) -> dict:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "model": name, "size": size, "batch": args.batch,
               "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__,
-              "fast_precision": "bf16" if amp_for(device) else "fp32"}
+              "fast_precision": "bf16" if amp_for(device, args.precision) else "fp32"}
     print(f"{name} at {size}x{size} on {result['device']} ({result['threads']} threads), "
           f"deformable conv: {args.deform_impl}; fast path in {result['fast_precision']}; "
           f"median of {args.repeats} after {args.warmup} warm-up")
     timing = dict(device=device, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
-    steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, **timing)),
-             (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, **timing)),
+    amp = amp_for(device, args.precision)
+    steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, amp=amp, **timing)),
+             (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, amp=amp, **timing)),
              (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
-    for title, step in steps:
+    for title, step in steps[:1] if args.latency_only else steps:
         figures = step()
         result.update(figures)
         for key, value in figures.items():
@@ -195,7 +196,7 @@ def run(args) -> dict:
                       f"   block costs x{cost:.3f}")
             else:
                 print(f"  {title:<22} {key:<24} {value}")
-    if args.workers >= 0:
+    if args.workers >= 0 and not args.latency_only:
         rate = loader_rate(size, cfg.word_len, args.workers, args.batch, args.loader_batches)
         result["loader_samples_per_s"] = rate
         print(f"  LMDB loader, {args.workers} workers: {rate:.1f} samples/s")
@@ -226,6 +227,10 @@ def parse_args(argv=None):
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available, "
                                                         "else cpu)")
     p.add_argument("--json", help="also write the figures there")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the fast path's: auto (bf16 on CUDA and on a CPU with native bf16), bf16 or fp32")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the batch-1 latencies (eager fp32 and the fast path); no throughput, training, loader")
     args = p.parse_args(argv)
     for name, least in (("batch", 1), ("repeats", 1), ("loader_batches", 1), ("warmup", 0), ("workers", -1),
                         ("size", 0)):
