@@ -37,7 +37,7 @@ from pathlib import Path
 from helpers import transforms
 from helpers.cli import parse_device
 from helpers.files import read_json, save_mask
-from helpers.inference import PALETTE, as_image, load_model, open_image, overlay, predict_proba
+from helpers.inference import PALETTE, PRECISIONS, as_image, load_model, open_image, overlay, predict_proba
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
@@ -210,13 +210,15 @@ def main(argv=None):
     p.add_argument("--port", type=port_number, help="port (default 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on CUDA and on a CPU with native bf16, float32 elsewhere")
     args = p.parse_args(argv)
     ckpt = args.ckpt or newest_demo_checkpoint()
     if ckpt is None:
         sys.exit(f"app.py: no --ckpt and no demo run under runs/; make one with: {DEMO_COMMAND}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        model = load_model(ckpt, args.device)
+        model = load_model(ckpt, args.device, precision=args.precision)
         examples = synthetic_examples(ckpt)
     except (ValueError, OSError) as e:
         sys.exit(f"app.py: error: {e}")

@@ -200,7 +200,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     device: where to run; default the model's parameters' device.
     save_masks: a directory; each task's prediction is written there as
         <task_id>.png, 0/255 at the original size (each rank writes its shard).
-    amp: bf16 autocast on CUDA (the sigmoid and the scoring stay in float32).
+    amp: bf16 autocast on CUDA or the CPU (the sigmoid and the scoring stay in float32); off by default,
+        so that scores stay comparable (evaluate.py --precision bf16 turns it on).
     cuda_graphs: on CUDA, replay each batch shape's captured graph (inference.FastSegVLM).
     per_task: also return "per_task", [{"index", "iou", "subsets"}] for every task in dataset
         order (prediction_grid picks its examples from it).
@@ -236,7 +237,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
             if grouped:  # each distinct image once, and which one each phrase is about
                 image, index = unique_images(batch["image"], batch["image_id"])
                 inputs = image, batch["tokens"], index
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda" and not fast):
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=amp and device.type in ("cuda", "cpu") and not fast):
                 logits = forward(*(t.to(device) for t in inputs))  # (B, 1, S/4, S/4)
             prob = logits.float().sigmoid()
             size = batch["image"].shape[-1]  # the letterbox side S the logits' S/4 map covers
@@ -372,7 +374,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: this rank's GPU if "
                                                         "there is one, else cpu)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (CUDA only)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default: scores comparable across machines) or bf16 autocast (CUDA or CPU)")
+    p.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
     p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
     p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
@@ -383,6 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA graphs on CUDA (inference.FastSegVLM); no effect on the CPU (default on)")
     args = p.parse_args(argv)
+    args.amp = args.amp or args.precision == "bf16"
     if bool(args.ckpt) == bool(args.pred_masks):
         p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")
     if args.pred_masks:

@@ -24,14 +24,28 @@ mask fits the image as viewers display it.
 
 The CLI checks its outputs before any work: --out and --mask must be image names PIL
 can write, and neither may be --image, --ckpt (under any path) or each other.
+
+A folder of images at once, every image with every phrase, each image encoded once for all its
+phrases (helpers/batch_predict.py; docs/predict.md):
+
+    python predict.py --ckpt best.pth --images photos/ --phrases phrases.txt --out masks/
+    python predict.py --ckpt best.pth --images a.jpg b.jpg --phrase "the dog" --phrase "the ball" --out masks/
+
+--onnx model.onnx (tools/export.py's) runs the model through onnxruntime instead of PyTorch, in both modes;
+--ckpt also takes a safetensors folder (config.json + model.safetensors, tools/export.py --safetensors).
+--precision: "auto" runs bf16 autocast on CUDA and on a CPU with native bf16 (AVX512-BF16, AMX), float32
+elsewhere; "fp32" always float32.
 """
 import argparse
+import os
 import sys
 import warnings
 
-from helpers.cli import check_output, check_path, parse_device, parse_threshold, run_tool
+from helpers import batch_predict
+from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
-from helpers.inference import check_phrase, load_model, open_image, overlay, predict
+from helpers.inference import PRECISIONS, check_phrase, load_model, open_image, overlay, predict
+from helpers.onnx_model import load_onnx
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
@@ -42,9 +56,10 @@ def check_outputs(args):
     that PIL cannot write (a lossy format for --mask), that is a directory or not a regular file, or that
     would overwrite an input (--image or --ckpt, under any path) or the other output (a ValueError).
     Their folders are created here."""
-    inputs = [("--image", args.image), ("--ckpt", args.ckpt)]
+    inputs = [("--image", args.image), ("--ckpt", args.ckpt), ("--onnx", args.onnx)]
     for flag, path in inputs:
-        check_path(path, flag)
+        if path is not None:
+            check_path(path, flag)
     outputs = [("--out", args.out), ("--mask", args.mask)]
     for (flag, path), other in zip(outputs, outputs[::-1]):
         if path is None:
@@ -56,22 +71,74 @@ def check_outputs(args):
             raise ValueError(f"{flag} {e}") from None
 
 
-def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="predict.py",
-                                description="Segment an image from a phrase with a SegVLM checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or CRIS's released best_model.pth")
-    p.add_argument("--image", required=True, help="image file (anything PIL reads)")
-    p.add_argument("--phrase", required=True, help='what to segment, e.g. "black baseball cap"')
-    p.add_argument("--out", default="overlay.png", help="overlay image to write (.png, .jpg, ...)")
+                                description="Segment an image (or a folder of images) from a phrase with a SegVLM "
+                                            "checkpoint.")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint written by train.py, CRIS's released best_model.pth, or a "
+                                      "safetensors folder (tools/export.py --safetensors)")
+    model.add_argument("--onnx", help="an ONNX file written by tools/export.py, run through onnxruntime")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", help="image file (anything PIL reads)")
+    inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                        help="folder mode: folders (searched recursively) and/or image files; needs --out DIR")
+    p.add_argument("--phrase", action="append",
+                   help='what to segment, e.g. "black baseball cap"; in folder mode it may be repeated')
+    p.add_argument("--phrases", metavar="FILE", help="folder mode: a text file, one phrase a line")
+    p.add_argument("--out", help="overlay image to write (default overlay.png); in folder mode the folder of "
+                                 "masks and index.csv")
     p.add_argument("--mask", help="also write the mask as a 0/255 image (.png, ...) at the image's size")
     p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
                    help=f"cut on the sigmoid (CRIS: {DEFAULT_THRESHOLD})")
     p.add_argument("--device", type=parse_device,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="CUDA graphs + bf16 autocast (FastSegVLM); default on for CUDA, off on the CPU")
+                   help="FastSegVLM: CUDA graphs + bf16 autocast on CUDA, bf16 autocast on a CPU with native bf16; "
+                        "default on there, off elsewhere")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on CUDA and on a CPU with native bf16, float32 elsewhere")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="folder mode: images per forward pass (4)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="folder mode: image-decoding processes (default min(2, CPUs); 0 decodes in this one)")
     args = p.parse_args(argv)
+    if args.images is None:
+        wrong = [flag for flag, value in (("--phrases", args.phrases), ("--batch-size", argv_has(argv, "--batch-size")),
+                                          ("--workers", argv_has(argv, "--workers"))) if value]
+        if wrong:
+            p.error(f"{', '.join(wrong)} belong(s) to the folder mode (--images)")
+        if not args.phrase:
+            p.error("--image needs --phrase")
+        args.phrase, args.out = args.phrase[-1], args.out or "overlay.png"  # as ever, the last of a repeated flag
+    else:
+        if args.mask:
+            p.error("--mask is for one --image; in folder mode every mask goes under --out")
+        if not args.out:
+            p.error("--images needs --out DIR, the folder for the masks and index.csv")
+        if bool(args.phrase) == bool(args.phrases):
+            p.error("--images needs --phrases FILE or --phrase (repeatable), one of the two")
+        if args.workers < 0:
+            p.error(f"--workers must be at least 0, got {args.workers}")
+    if args.onnx and (args.fast is not None or args.precision != "auto"):
+        p.error("--fast and --precision are for a PyTorch model (--ckpt); --onnx runs the exported float32 graph")
+    return p, args
+
+
+def argv_has(argv, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
+def open_model(args):
+    if args.onnx:
+        return load_onnx(args.onnx, args.device)
+    return load_model(args.ckpt, args.device, fast=args.fast, precision=args.precision)
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
+    p, args = parse_args(argv)
+    if args.images is not None:
+        return folder_main(p, args)
     try:
         check_outputs(args)
     except ValueError as e:
@@ -79,7 +146,7 @@ def main(argv=None):
     try:
         phrase = check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
-        model = load_model(args.ckpt, args.device, fast=args.fast)
+        model = open_model(args)
         mask = predict(model, image, phrase, args.threshold)
         with atomic_path(args.out) as tmp:
             overlay(image, mask, phrase).save(tmp, format=image_format(args.out))
@@ -90,6 +157,35 @@ def main(argv=None):
     print(f'{short_phrase(phrase)}: {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
           f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))
 
+
+def folder_main(p, args):
+    """--images: every image with every phrase (helpers/batch_predict.run); exit 1 when an image could not be read."""
+    try:
+        for flag in ("--ckpt", "--onnx", "--phrases"):
+            if getattr(args, flag[2:]) is not None:
+                check_path(getattr(args, flag[2:]), flag)
+        out = check_output_dir(args.out, "--out", [("--ckpt", args.ckpt), ("--onnx", args.onnx),
+                                                   ("--phrases", args.phrases)])
+        phrases = (batch_predict.read_phrases(args.phrases) if args.phrases
+                   else batch_predict.unique(p.strip() for p in args.phrase))
+        if not phrases:
+            raise ValueError("--phrase: every phrase given is empty")
+        images = batch_predict.find_images(args.images, out)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        model = open_model(args)
+        summary, failures = batch_predict.run(model, images, phrases, out, args.threshold, args.batch_size,
+                                              args.workers)
+    except (ValueError, OSError) as e:
+        sys.exit(f"predict.py: error: {e}")
+    print(f"predict.py: {summary['images']} image(s) x {summary['phrases']} phrase(s): {summary['written']} mask(s) "
+          f"written, {summary['skipped']} already in {out / batch_predict.INDEX}"
+          + (f"; {summary['read']} image(s) in {summary['seconds']:.1f} s, "
+             f"{summary['read'] / summary['seconds']:.2f} images/s" if summary.get("read") else ""))
+    if failures:
+        sys.exit(f"predict.py: {len(failures)} of {summary['images']} image(s) could not be read (named above); "
+                 f"the others are done")
 
 if __name__ == "__main__":
     run_tool("predict.py", main)

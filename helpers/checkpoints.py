@@ -59,7 +59,7 @@ import sys
 
 import torch
 
-from helpers import distributed
+from helpers import distributed, safetensors_folder
 from model import CLIP_FIELDS, SegVLM, SegVLMConfig, clip_fields_from_state_dict, config_fields
 
 CRIS_REPO = "github.com/DerrickWang005/CRIS.pytorch"
@@ -387,13 +387,19 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
 def read_checkpoint_file(path, map_location="cpu"):
     """torch.load(weights_only=True) with clear errors: tensors, numbers, strings and containers, never code.
 
+    A folder with config.json and model.safetensors (tools/export.py --safetensors) is read by
+    safetensors_folder.read_folder instead: the same checkpoint dict, without pickle.
+
     collections.Counter is allowed besides (torch.serialization.safe_globals): CRIS's
     best_model.pth holds a MultiStepLR state whose `milestones` is one. A file that needs any
     other object is refused, because unpickling it could run code.
     """
     path = os.fspath(path)
+    if safetensors_folder.is_folder(path):  # config.json + model.safetensors: tensors only, memory-mapped
+        return safetensors_folder.read_folder(path)
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it")
+        raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it, or a model folder holding "
+                         f"{safetensors_folder.CONFIG} and {safetensors_folder.WEIGHTS}")
     if not os.path.isfile(path):
         if os.path.exists(path):  # a FIFO or a device: torch.load would wait on it, or read forever
             raise ValueError(f"checkpoint {path} is not a regular file")

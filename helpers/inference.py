@@ -12,7 +12,9 @@ The pipeline is the evaluation's: `transforms.letterbox` to the checkpoint's inp
 to the original size and the threshold (0.35, CRIS's, metrics.DEFAULT_THRESHOLD). `open_image`
 applies the photo's EXIF orientation first, so the mask fits the image as viewers display it.
 
-On CUDA, `FastSegVLM` replays CUDA graphs of the model's forward (load_model's default there).
+On CUDA, `FastSegVLM` replays CUDA graphs of the model's forward under bf16 autocast (load_model's default
+there); on a CPU that computes bf16 natively (AVX512-BF16 or AMX, `native_bf16`) it runs the model under bf16
+autocast; elsewhere, or with precision="fp32", the model runs eagerly in float32.
 """
 import contextlib
 import re
@@ -28,23 +30,52 @@ from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_threshold
 from model import DEFAULT_THRESHOLD
 
+PRECISIONS = ("auto", "bf16", "fp32")  # the --precision of predict.py and app.py
 
-def load_model(ckpt_path, device=None, fast=None):
-    """Rebuild the model from a checkpoint (checkpoints.load_checkpoint), in eval mode on `device`.
 
-    device: default this process's GPU if there is one, else the CPU. fast: wrap it in
-    `FastSegVLM` (CUDA graphs + bf16 autocast); default on for CUDA, off on the
-    CPU. Errors for missing, truncated or foreign files are load_checkpoint's.
+def load_model(ckpt_path, device=None, fast=None, precision="auto"):
+    """Rebuild the model from a checkpoint (checkpoints.load_checkpoint: a .pth file or a safetensors
+    folder), in eval mode on `device`.
+
+    device: default this process's GPU if there is one, else the CPU. precision: "auto" (bf16 autocast on
+    CUDA and on a CPU with native bf16, `native_bf16`; float32 elsewhere), "bf16" or "fp32". fast: wrap it
+    in `FastSegVLM` (CUDA graphs on CUDA, the autocast of `precision`); default on for CUDA and wherever
+    precision gives bf16; off otherwise (the eager model in float32). Errors for missing, truncated or
+    foreign files are load_checkpoint's.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     net, _ = load_checkpoint(ckpt_path, map_location="cpu")
     net = net.to(device or distributed.info().device).eval()
+    cuda = net_device(net).type == "cuda"
+    amp = amp_for(net_device(net), precision)
     if fast is None:
-        fast = net_device(net).type == "cuda"
-    return FastSegVLM(net) if fast else net
+        fast = cuda or amp
+    return FastSegVLM(net, amp=amp, cuda_graphs=cuda) if fast else net
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, as torch reports it: AVX512-BF16 or AMX tiles (torch.cpu).
+    Without either, bf16 on a CPU is emulated and slower than float32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def amp_for(device, precision="auto") -> bool:
+    """Whether the fast path runs under low-precision autocast on `device` for --precision `precision`:
+    "fp32" never, "bf16" always, "auto" on CUDA and on a CPU with native bf16 (native_bf16)."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16())
 
 
 def net_device(model):
-    return next(model.parameters()).device
+    """The device of a model's parameters; the CPU for a model without any (inference.OnnxSegVLM's runtime)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 class FastSegVLM(torch.nn.Module):
@@ -61,9 +92,10 @@ class FastSegVLM(torch.nn.Module):
       capture) and kept; at most `max_graphs` shapes, the oldest dropped. A new
       shape never reuses another shape's graph, and the output is copied out
       of the graph's memory, so no result is stale or wrong-shaped.
-    - amp: bf16 autocast (fp16 where the GPU lacks bf16), default on for CUDA.
+    - amp: bf16 autocast (fp16 where the GPU lacks bf16), default on for CUDA and on a
+      CPU with native bf16 (amp_for's "auto"); `dtype` says which (None: float32).
     - On the CPU, in train mode, or if a capture fails (with one warning), it
-      runs the eager model instead.
+      runs the eager model instead (under the autocast amp asks for).
     """
 
     def __init__(self, model, amp=None, cuda_graphs=True, max_graphs=4):
@@ -71,7 +103,7 @@ class FastSegVLM(torch.nn.Module):
         self.model = model
         self.config = model.config
         cuda = net_device(model).type == "cuda"
-        amp = cuda if amp is None else amp
+        amp = amp_for(net_device(model)) if amp is None else amp
         self.dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
         if cuda_graphs and not cuda:
             warnings.warn("CUDA graphs need a CUDA device; running the model eagerly", stacklevel=2)
@@ -168,6 +200,8 @@ def open_image(path):
         raise ValueError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not an image")
     limit = Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS * BYTES_PER_PIXEL
     if limit and path.stat().st_size > limit:  # before PIL reads any of it
         raise ValueError(f"{path} is {path.stat().st_size / 2 ** 30:.1f} GiB, far beyond any image PIL decodes "
@@ -254,11 +288,18 @@ def predict_proba(model, image, phrases):
         else:  # one image, N phrases: phrase i is about image 0
             index = torch.zeros(len(phrases), dtype=torch.long, device=device)
             logits = model(pixels[None].to(device), tokens, image_index=index)  # (N, 1, S/4, S/4)
-        probs = [transforms.unletterbox(p[0], image.height, image.width, input_size=cfg.input_size)
-                 .cpu().numpy().astype(np.float32) for p in logits.float().sigmoid()]  # (S/4, S/4) -> (H, W)
+        probs = [probability_map(row, image.height, image.width, cfg.input_size) for row in logits]
     finally:
         model.train(was_training)
     return probs[0] if single else probs
+
+
+def probability_map(logits, height, width, input_size):
+    """One phrase's logits (1, S/4, S/4) -> its probability map, float32 numpy (height, width): the sigmoid,
+    then transforms.unletterbox (up to S, the content box, the image's size). predict_proba's and the
+    folder mode's (helpers/batch_predict.py) one way from logits to a mask."""
+    prob = logits.float().sigmoid()[0]  # (S/4, S/4)
+    return transforms.unletterbox(prob, height, width, input_size=input_size).cpu().numpy().astype(np.float32)
 
 
 def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):

@@ -29,13 +29,15 @@ LAYERS = {
     # 2: the model
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction
-    "helpers.checkpoints": 3, "helpers.inference": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
+    "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.inference": 3,
+    "helpers.onnx_model": 3, "helpers.batch_predict": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
     # 4: the metrics and the evaluation
     "evaluate": 4,
     # 5: a run's settings and folder, and the figures labelled with scores
     "helpers.train_config": 5, "helpers.runs": 5, "helpers.figures": 5,
     # 6: what a person runs
     "train": 6, "predict": 6, "app": 6, "tools.benchmark": 6, "tools.ablation": 6, "tools.cris": 6,
+    "tools.export": 6,
 }
 
 

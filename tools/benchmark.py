@@ -12,8 +12,9 @@ synchronised around each pass, and with the enhancement block on and off
 alternated so that a change in load hits both alike. Printed:
 
 - inference latency at batch 1: the eager model in float32, and the fast path
-  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; the eager model
-  on the CPU), with the block on/off ratio;
+  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; bf16 autocast on a
+  CPU with native bf16, AVX512-BF16 or AMX; the eager model in float32 on any other
+  CPU; "fast_precision" says which), with the block on/off ratio;
 - inference images/s at --batch through the fast path;
 - training images/s at --batch (train.train_step, train.py's step: forward,
   RAF loss, backward, Adam, fused on CUDA; bf16 autocast and channels-last on
@@ -51,7 +52,8 @@ from helpers import distributed, train_config
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_path, parse_device, run_tool
 from helpers.files import atomic_path
-from helpers.inference import FastSegVLM
+from helpers.inference import PRECISIONS, FastSegVLM, amp_for
+from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic
 
@@ -101,14 +103,14 @@ def maybe_compile(model, compile):
 
 
 @torch.no_grad()
-def inference(models, cfg, size, batch, device, repeats, warmup, compile=False) -> dict:
+def inference(models, cfg, size, batch, device, repeats, warmup, compile=False, amp=None) -> dict:
     image, tokens, _ = inputs(cfg, batch, size, device)
     out = {}
     if batch == 1:
         eager = timed({b: (lambda m=maybe_compile(m, compile): m(image, tokens)) for b, m in models.items()},
                       device, repeats, warmup)
         out["latency_eager_fp32_ms"] = {b: 1000 * t for b, t in eager.items()}
-    fast = {b: FastSegVLM(m, cuda_graphs=device.type == "cuda") for b, m in models.items()}
+    fast = {b: FastSegVLM(m, amp=amp, cuda_graphs=device.type == "cuda") for b, m in models.items()}
     # warm-up runs the first (eager) pass of each shape and its capture
     t = timed({b: (lambda f=f: f(image, tokens)) for b, f in fast.items()}, device, repeats, warmup + 2)
     if batch == 1:
@@ -224,16 +226,19 @@ def run(args) -> dict:
     models = make_models(cfg, device, args.deform_impl)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "model": name, "size": size, "batch": args.batch,
-              "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__}
+              "deform_impl": args.deform_impl, "compile": args.compile, "torch": torch.__version__,
+              "fast_precision": "bf16" if amp_for(device, args.precision) else "fp32"}
     print(f"{name} at {size}x{size} on {result['device']} ({result['threads']} threads), "
-          f"deformable conv: {args.deform_impl}; median of {args.repeats} after {args.warmup} warm-up")
+          f"deformable conv: {args.deform_impl}; fast path in {result['fast_precision']}; "
+          f"median of {args.repeats} after {args.warmup} warm-up")
     timing = dict(device=device, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
-    steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, **timing)),
-             (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, **timing)),
+    amp = amp_for(device, args.precision)
+    steps = [("inference, batch 1", lambda: inference(models, cfg, size, 1, amp=amp, **timing)),
+             (f"inference, batch {args.batch}", lambda: inference(models, cfg, size, args.batch, amp=amp, **timing)),
              (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
     if args.batch == 1:  # the latency figures are the batch-1 figures
         del steps[1]
-    for title, step in steps:
+    for title, step in steps[:1] if args.latency_only else steps:
         figures = step()
         result.update(figures)
         for key, value in figures.items():
@@ -244,7 +249,7 @@ def run(args) -> dict:
                       f"   block costs x{cost:.3f}")
             else:
                 print(f"  {title:<22} {key:<24} {value}")
-    if args.workers >= 0:
+    if args.workers >= 0 and not args.latency_only:
         rate = loader_rate(size, cfg.word_len, args.workers, args.batch, args.loader_batches)
         result["loader_samples_per_s"] = rate
         print(f"  LMDB loader, {args.workers} workers: {rate:.1f} samples/s")
@@ -275,6 +280,10 @@ def parse_args(argv=None):
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available, "
                                                         "else cpu)")
     p.add_argument("--json", help="also write the figures there")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the fast path's: auto (bf16 on CUDA and on a CPU with native bf16), bf16 or fp32")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the batch-1 latencies (eager fp32 and the fast path); no throughput, training, loader")
     args = p.parse_args(argv)
     for name, least in (("batch", 1), ("repeats", 1), ("loader_batches", 1), ("warmup", 0), ("workers", -1),
                         ("size", 0)):
@@ -285,9 +294,9 @@ def parse_args(argv=None):
     try:  # before any work: the checkpoint is a file, --json can be written and is not the checkpoint
         if args.ckpt:
             check_path(args.ckpt, "--ckpt")
-            if not Path(args.ckpt).is_file():
+            if not Path(args.ckpt).is_file() and not is_folder(args.ckpt):
                 raise ValueError(f"--ckpt {args.ckpt}: {'a directory' if Path(args.ckpt).is_dir() else 'no such file'}"
-                                 f"; name a checkpoint file (.pth)")
+                                 f"; name a checkpoint file (.pth) or a model folder (config.json, model.safetensors)")
         if args.json:
             check_output(args.json, "--json", [("--ckpt", args.ckpt)], example="figures.json")
     except ValueError as e:
