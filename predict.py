@@ -22,6 +22,9 @@ size, `transforms.tokenize` to its word length, the model, a sigmoid, then
 as in evaluate.py). `open_image` applies the photo's EXIF orientation first, so the
 mask fits the image as viewers display it.
 
+A checkpoint trained on the synthetic set (the demo's) knows only its shapes and colours: predict.py
+then prints a note saying so once, on stderr (`model.trained_on` holds what a checkpoint was trained on).
+
 The CLI checks its outputs before any work: --out and --mask must be image names PIL
 can write, and neither may be --image, --ckpt (under any path) or each other.
 """
@@ -32,6 +35,7 @@ import warnings
 from helpers.cli import check_output, check_path, parse_device, parse_threshold, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
 from helpers.inference import _check_phrase, load_model, open_image, overlay, predict
+from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
@@ -80,6 +84,8 @@ def main(argv=None):
         phrase = _check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
         model = load_model(args.ckpt, args.device, fast=args.fast)
+        if knows_only_synthetic(model.trained_on):  # once, before the mask it qualifies
+            print(f"predict.py: note: {SYNTHETIC_NOTE}", file=sys.stderr, flush=True)
         mask = predict(model, image, phrase, args.threshold)
         with atomic_path(args.out) as tmp:
             overlay(image, mask, phrase).save(tmp, format=image_format(args.out))
