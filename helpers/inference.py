@@ -16,6 +16,7 @@ applies the photo's EXIF orientation first, so the mask fits the image as viewer
 On CUDA, `FastSegVLM` replays CUDA graphs of the model's forward (load_model's default there).
 """
 import contextlib
+import os
 import re
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from helpers import distributed, provenance, transforms
 from helpers.checkpoints import load_checkpoint
-from model import DEFAULT_THRESHOLD
+from model import DEFAULT_THRESHOLD, build_model
 
 
 def load_model(ckpt_path, device=None, fast=None):
@@ -47,6 +48,30 @@ def load_model(ckpt_path, device=None, fast=None):
     if fast is None:
         fast = net_device(net).type == "cuda"
     return FastSegVLM(net) if fast else net
+
+
+def trained_checkpoint(root="."):
+    """The trained checkpoint the notebooks show, or None for random weights: $SEGVLM_CKPT when it is set
+    ("none" or empty: random weights), else the newest runs/demo*/best.pth under `root` (the demo's
+    runs/demo, or a dated runs/demo-<date>-<time>)."""
+    chosen = os.environ.get("SEGVLM_CKPT")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none") else Path(chosen)
+    found = sorted(Path(root).glob("runs/demo*/best.pth"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def notebook_model(root=".", preset="demo", **overrides):
+    """(model in eval mode on the CPU, a line saying which weights it has): trained_checkpoint(root)'s, with
+    what it was trained on, else `preset`'s random weights (build_model(preset, **overrides), seed 0)."""
+    ckpt = trained_checkpoint(root)
+    if ckpt is not None:
+        model = load_model(ckpt, "cpu", fast=False)
+        return model, f"trained weights from {ckpt}: {provenance.describe(model.trained_on)}"
+    torch.manual_seed(0)
+    model = build_model(preset, **overrides).eval()
+    return model, (f"random weights (the {preset} preset): no runs/demo*/best.pth under {Path(root).resolve()} and no "
+                   f"$SEGVLM_CKPT; `python train.py --preset demo` trains one")
 
 
 def net_device(model):

@@ -203,3 +203,20 @@ def test_the_legend_is_scaled_to_the_picture():
     assert big_h == pytest.approx(4 * h, rel=0.25) and big_w == pytest.approx(4 * w, rel=0.25)  # the same share
     assert inference.legend_font_size(192, 192) == 8 and inference.legend_font_size(50, 4000) == 8
     assert inference.legend_font_size(4000, 3000) == 40
+
+
+def test_the_notebooks_find_the_newest_demo_run(tmp_path, monkeypatch):
+    import os
+    monkeypatch.delenv("SEGVLM_CKPT", raising=False)
+    assert inference.trained_checkpoint(tmp_path) is None
+    for k, name in enumerate(["demo-20260101-000000", "demo", "paper-20260103-000000"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.pth").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "best.pth", (1000 + k, 1000 + k))
+    assert inference.trained_checkpoint(tmp_path) == tmp_path / "runs" / "demo" / "best.pth"  # the newest demo run
+    monkeypatch.setenv("SEGVLM_CKPT", "elsewhere/best.pth")
+    assert inference.trained_checkpoint(tmp_path) == Path("elsewhere/best.pth")
+    monkeypatch.setenv("SEGVLM_CKPT", "none")  # random weights, whatever runs/ holds
+    assert inference.trained_checkpoint(tmp_path) is None
+    model, which = inference.notebook_model(tmp_path, "smoke")
+    assert which.startswith("random weights (the smoke preset)") and not hasattr(model, "trained_on")
