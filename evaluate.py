@@ -349,7 +349,7 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             for ax, (title, mask) in zip(fig.subplots(1, 3), [("image", None), ("ground truth", gt), ("prediction", pred)]):
                 draw_panel(ax, image, mask, title)
             score = iou(*task_iou(pred, gt, item.get("ignore_mask")))  # VOC's void counts in neither
-            fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
+            fig.suptitle(f'"{item["phrase"]}"   IoU {100 * score:.1f} %   ({item["task_id"]})')
             fig.tight_layout()
             mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
             path = out_dir / overlay_name(k, item["task_id"])
