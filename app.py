@@ -142,7 +142,8 @@ def build_app(model, examples=(), title="SegVLM"):
 
     record = getattr(model, "trained_on", None) or dict(provenance.UNKNOWN)
     with gr.Blocks(title=title, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown(f"## {html.escape(title)}\n{html.escape(provenance.describe(record)).capitalize()}.",
+        known = provenance.describe(record)
+        gr.Markdown(f"## {html.escape(title)}\n{html.escape(known[:1].upper() + known[1:])}.",
                     elem_id="trained-on")
         if provenance.knows_only_synthetic(record):
             gr.Markdown(f"**Note:** {SYNTHETIC_NOTE_HTML}", elem_id="synthetic-note",
