@@ -8,7 +8,10 @@
 Then open the address it prints (http://127.0.0.1:7860 unless that port is taken). The page takes a
 picture (uploaded, pasted, or one of the examples), one phrase per line, a threshold (default 0.35,
 the evaluation's) and a view: the masks, each in its own colour with a legend, or the probability
-maps. It shows the picture with every phrase drawn on it and offers each mask as a PNG.
+maps. It shows the picture with every phrase drawn on it and offers each mask as a PNG. Under the
+title it says what the checkpoint was trained on (`model.trained_on`: dataset, split sizes, preset,
+epochs, best val score); on a model trained on the synthetic set only, a note says that its masks
+on photos mean nothing.
 
 The page calls the Python API, nothing else: `inference.predict_proba` for all the phrases at once
 (the image encoded once, as `inference.predict` does) and `inference.overlay` for the picture, so
