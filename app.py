@@ -8,7 +8,10 @@
 Then open the address it prints (http://127.0.0.1:7860 unless that port is taken). The page takes a
 picture (uploaded, pasted, or one of the examples), one phrase per line, a threshold (default 0.35,
 the evaluation's) and a view: the masks, each in its own colour with a legend, or the probability
-maps. It shows the picture with every phrase drawn on it and offers each mask as a PNG.
+maps. It shows the picture with every phrase drawn on it and offers each mask as a PNG. Under the
+title it says what the checkpoint was trained on (`model.trained_on`: dataset, split sizes, preset,
+epochs, best val score); on a model trained on the synthetic set only, a note says that its masks
+on photos mean nothing.
 
 The page calls the Python API, nothing else: `inference.predict_proba` for all the phrases at once
 (the image encoded once, as `inference.predict` does) and `inference.overlay` for the picture, so
@@ -34,13 +37,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from helpers import transforms
+from helpers import provenance, transforms
 from helpers.cli import parse_device
 from helpers.files import read_json, save_mask
 from helpers.inference import PALETTE, PRECISIONS, as_image, load_model, open_image, overlay, predict_proba
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
+SYNTHETIC_NOTE_HTML = html.escape(provenance.SYNTHETIC_NOTE)
 MAX_UPLOAD = "20mb"
 NUM_EXAMPLES = 4
 VIEWS = ("masks", "probability")
@@ -103,7 +107,9 @@ def message(text):
 
 def build_app(model, examples=(), title="SegVLM"):
     """The Gradio page around `model` (a SegVLM or FastSegVLM): a gr.Blocks, queued, not launched.
-    examples: [(image path, phrases text)] shown under the inputs."""
+    examples: [(image path, phrases text)] shown under the inputs. Under the title: what the model was
+    trained on (load_model's `model.trained_on`, provenance.describe) and, for a model trained on the
+    synthetic set, a note that its masks on photos mean nothing (provenance.SYNTHETIC_NOTE)."""
     import gradio as gr  # here, so that `python app.py --help` and a missing run answer at once
 
     def decode_upload(payload):
@@ -137,9 +143,16 @@ def build_app(model, examples=(), title="SegVLM"):
             raise gr.Error("The model failed on this input; the server's log has the details.",
                            print_exception=False) from None
 
+    record = getattr(model, "trained_on", None) or dict(provenance.UNKNOWN)
     with gr.Blocks(title=title, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown(f"## {html.escape(title)}\nUpload a picture, type what to segment (one phrase per line, "
-                    f"up to {MAX_PHRASES}) and press **Segment**.")
+        known = provenance.describe(record)
+        gr.Markdown(f"## {html.escape(title)}\n{html.escape(known[:1].upper() + known[1:])}.",
+                    elem_id="trained-on")
+        if provenance.knows_only_synthetic(record):
+            gr.Markdown(f"**Note:** {SYNTHETIC_NOTE_HTML}", elem_id="synthetic-note",
+                        container=True, padding=True)
+        gr.Markdown(f"Upload a picture, type what to segment (one phrase per line, up to {MAX_PHRASES}) and press "
+                    f"**Segment**.")
         with gr.Row():
             with gr.Column():
                 picture = gr.Image(label="picture", type="pil", sources=["upload", "clipboard"], elem_id="picture")
@@ -163,9 +176,26 @@ def build_app(model, examples=(), title="SegVLM"):
 
 
 def launch(demo, host="127.0.0.1", port=None, share=False, block=True):
-    """Serve the page (127.0.0.1 unless host says otherwise); block=False returns at once (tests)."""
-    return demo.launch(server_name=host, server_port=port, share=share, show_error=False,
-                       max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=not block)
+    """Serve the page (127.0.0.1 unless host says otherwise); block=False returns at once (tests).
+
+    Gradio's own start-up lines are silenced (quiet): they tell a user to "set `share=True` in `launch()`",
+    while this tool's flag is --share. served_lines says where the page is instead."""
+    demo.launch(server_name=host, server_port=port, share=share, show_error=False,
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True)
+    if block:
+        print(served_lines(demo), flush=True)
+        demo.block_thread()
+    return demo
+
+
+def served_lines(demo) -> str:
+    """Where a launched page is served, and how to get a public link (this tool's --share)."""
+    lines = [f"app.py: open {demo.local_url} in a browser (Ctrl-C stops the page)"]
+    if demo.share_url:
+        lines.append(f"app.py: public link {demo.share_url} (anyone with it can use the page)")
+    else:
+        lines.append("app.py: for a public link as well, run it with --share")
+    return "\n".join(lines)
 
 
 def newest_demo_checkpoint(runs="runs"):
@@ -222,7 +252,9 @@ def main(argv=None):
         examples = synthetic_examples(ckpt)
     except (ValueError, OSError) as e:
         sys.exit(f"app.py: error: {e}")
-    print(f"app.py: {ckpt} on {next(model.parameters()).device}", flush=True)
+    print(f"app.py: {ckpt} on {next(model.parameters()).device}: {provenance.describe(model.trained_on)}", flush=True)
+    if provenance.knows_only_synthetic(model.trained_on):
+        print(f"app.py: note: {provenance.SYNTHETIC_NOTE}", flush=True)
     demo = build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}")
     try:
         launch(demo, args.host, args.port, args.share)

@@ -52,6 +52,7 @@ from helpers.cli import make_dir, parse_device, parse_threshold, run_tool
 from helpers.eval_files import check_outputs, claim_outputs, resolve_data_path
 from helpers.files import atomic_path, load_mask, mask_path, save_mask
 from helpers.inference import FastSegVLM, eval_mode
+from helpers.provenance import UNITS
 from helpers.visualize import draw_panel, overlay_name, predict_item
 from model import DEFAULT_THRESHOLD, SegVLM
 
@@ -350,7 +351,7 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
             for ax, (title, mask) in zip(fig.subplots(1, 3), [("image", None), ("ground truth", gt), ("prediction", pred)]):
                 draw_panel(ax, image, mask, title)
             score = iou(*task_iou(pred, gt, item.get("ignore_mask")))  # VOC's void counts in neither
-            fig.suptitle(f'"{item["phrase"]}"   IoU {score:.3f}   ({item["task_id"]})')
+            fig.suptitle(f'"{item["phrase"]}"   IoU {100 * score:.1f} %   ({item["task_id"]})')
             fig.tight_layout()
             mask_path(out_dir, str(item["task_id"]))  # refuses unsafe ids before naming a file after them
             path = out_dir / overlay_name(k, item["task_id"])
@@ -434,7 +435,7 @@ def run(args):
         print(format_table(result))
         if args.json:
             with atomic_path(args.json) as tmp:
-                tmp.write_text(json.dumps({**result, "definitions": DEFINITIONS}, indent=2) + "\n")
+                tmp.write_text(json.dumps({**result, "units": UNITS, "definitions": DEFINITIONS}, indent=2) + "\n")
         if args.vis:
             save_overlays(net, dataset, args.vis, num=args.num, threshold=args.threshold, device=device)
         print(f"{args.ckpt} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
@@ -455,7 +456,7 @@ def run_pred_masks(args):
     print(format_table(result))
     if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "definitions": DEFINITIONS}, indent=2) + "\n")
+            tmp.write_text(json.dumps({**result, "units": UNITS, "definitions": DEFINITIONS}, indent=2) + "\n")
     print(f"{args.pred_masks} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
           f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks)")
     return result

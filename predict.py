@@ -22,6 +22,9 @@ size, `transforms.tokenize` to its word length, the model, a sigmoid, then
 as in evaluate.py). `open_image` applies the photo's EXIF orientation first, so the
 mask fits the image as viewers display it.
 
+A checkpoint trained on the synthetic set (the demo's) knows only its shapes and colours: predict.py
+then prints a note saying so once, on stderr (`model.trained_on` holds what a checkpoint was trained on).
+
 The CLI checks its outputs before any work: --out and --mask must be image names PIL
 can write, and neither may be --image, --ckpt (under any path) or each other.
 
@@ -46,6 +49,7 @@ from helpers.cli import check_output, check_output_dir, check_path, parse_device
 from helpers.files import atomic_path, image_format, mask_format, save_mask
 from helpers.inference import PRECISIONS, check_phrase, load_model, open_image, overlay, predict
 from helpers.onnx_model import load_onnx
+from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
@@ -129,9 +133,14 @@ def argv_has(argv, flag):
 
 
 def open_model(args):
+    """The model of --onnx or --ckpt; a model trained only on the synthetic set says so once, on stderr,
+    before any mask it qualifies (an ONNX file does not record what it was trained on)."""
     if args.onnx:
         return load_onnx(args.onnx, args.device)
-    return load_model(args.ckpt, args.device, fast=args.fast, precision=args.precision)
+    model = load_model(args.ckpt, args.device, fast=args.fast, precision=args.precision)
+    if knows_only_synthetic(model.trained_on):
+        print(f"predict.py: note: {SYNTHETIC_NOTE}", file=sys.stderr, flush=True)
+    return model
 
 
 def main(argv=None):

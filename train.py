@@ -68,6 +68,7 @@ from helpers import distributed
 from helpers.checkpoints import init_model
 from helpers.cli import run_tool
 from helpers.figures import prediction_grid
+from helpers.provenance import UNITS, percent
 from helpers.runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
 from helpers.train_config import TrainConfig, parse_args
 from loss import RAFLoss
@@ -118,7 +119,8 @@ def train(cfg: TrainConfig) -> dict:
             improved, best = val["mIoU"] > best, max(best, val["mIoU"])
             if rank == 0:
                 log_epoch(out, history, cfg.epochs)
-                save_checkpoint(out, model, optimizer, scheduler, scaler, history, best, improved, cfg, data_dir)
+                save_checkpoint(out, model, optimizer, scheduler, scaler, history, best, improved, cfg, data_dir,
+                                (loader.dataset.header, val_set.header))
             distributed.barrier()
 
         last = history[-1] if history else {}
@@ -405,14 +407,15 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
     per_task = test.pop("per_task")          # bound CRIS's design sets at this input size
     if rank == 0:
         size = model.config.input_size
-        write_text(out / "test_metrics.json", json.dumps(test, indent=2))
+        write_text(out / "test_metrics.json", json.dumps({**test, "units": UNITS}, indent=2))
         prediction_grid(model, test_set, per_task, out / "predictions.png", threshold=cfg.threshold,
                                  device=device)
         ceiling = test["ceiling"]
-        print(f"test (best.pth): mIoU {test['mIoU']:.4f}  oIoU {test['oIoU']:.4f}  "
-              f"P@0.5 {test['prec@0.5']:.4f}  P@0.9 {test['prec@0.9']:.4f}  n={test['n']}\n"
-              f"ceiling at {size} px (a perfect {size // 16}x{size // 16} decoder map): mIoU {ceiling['mIoU']:.4f}  "
-              f"oIoU {ceiling['oIoU']:.4f}  P@0.5 {ceiling['prec@0.5']:.4f}  P@0.9 {ceiling['prec@0.9']:.4f}\n"
+        print(f"test (best.pth, percent): mIoU {percent(test['mIoU'])}  oIoU {percent(test['oIoU'])}  "
+              f"P@0.5 {percent(test['prec@0.5'])}  P@0.9 {percent(test['prec@0.9'])}  n={test['n']}\n"
+              f"ceiling at {size} px (a perfect {size // 16}x{size // 16} decoder map): mIoU {percent(ceiling['mIoU'])}  "
+              f"oIoU {percent(ceiling['oIoU'])}  P@0.5 {percent(ceiling['prec@0.5'])}  "
+              f"P@0.9 {percent(ceiling['prec@0.9'])}\n"
               f"pictures of typical tasks and failures: {out / 'predictions.png'}")
     return test
 

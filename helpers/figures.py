@@ -53,7 +53,7 @@ def prediction_grid(model, dataset, per_task, path, failures=3, threshold=DEFAUL
         for (label, index), cell in zip(picks, cells):
             item = dataset[index]
             score = _draw_example(cell.subplots(1, 3), net, item, threshold, device)
-            cell.suptitle(f'"{item["phrase"]}"  ({label}): IoU {score:.2f}', fontsize=10)
+            cell.suptitle(f'"{item["phrase"]}"  ({label}): IoU {100 * score:.1f} %', fontsize=10)
             chosen.append((label, index, score))
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=72, format="png")
@@ -124,7 +124,7 @@ def variant_grid(models: list[tuple[str, object]], dataset, rows: list[tuple[str
             with eval_mode(model, device) as (net, dev):
                 image, gt, pred = predict_item(net, item, threshold, dev)
             scores[name] = iou(*task_iou(pred, gt, item.get("ignore_mask")))
-            draw_panel(axes[2 + k], image, pred, f"{name}\nIoU {scores[name]:.2f}")
+            draw_panel(axes[2 + k], image, pred, f"{name}\nIoU {100 * scores[name]:.1f} %")
         draw_panel(axes[0], image, None, "image")
         draw_panel(axes[1], image, gt, "ground truth")
         cell.suptitle(f'"{item["phrase"]}"  ({label})', fontsize=10)

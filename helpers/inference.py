@@ -2,6 +2,7 @@
 
     from helpers.inference import load_model, predict
     model = load_model("best.pth")
+    print(model.trained_on)                                       # what the checkpoint was trained on
     mask = predict(model, "dog.jpg", "black dog")                # (H, W) bool at the image's size
     masks = predict(model, "dog.jpg", ["black dog", "the ball"])  # a list: the image encoded once
 
@@ -17,18 +18,19 @@ there); on a CPU that computes bf16 natively (AVX512-BF16 or AMX, `native_bf16`)
 autocast; elsewhere, or with precision="fp32", the model runs eagerly in float32.
 """
 import contextlib
+import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from helpers import distributed, transforms
+from helpers import distributed, provenance, transforms
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_threshold
-from model import DEFAULT_THRESHOLD
+from model import DEFAULT_THRESHOLD, build_model
 
 PRECISIONS = ("auto", "bf16", "fp32")  # the --precision of predict.py and app.py
 
@@ -42,11 +44,17 @@ def load_model(ckpt_path, device=None, fast=None, precision="auto"):
     in `FastSegVLM` (CUDA graphs on CUDA, the autocast of `precision`); default on for CUDA and wherever
     precision gives bf16; off otherwise (the eager model in float32). Errors for missing, truncated or
     foreign files are load_checkpoint's.
+
+    `model.trained_on` is what the checkpoint says the model was trained on (provenance.of_checkpoint: dataset,
+    split sizes, preset, epochs, best val score; "unknown" where the file does not tell);
+    `provenance.describe(model.trained_on)` is that as one line, and `provenance.knows_only_synthetic`
+    says when the masks on a photo mean nothing (provenance.SYNTHETIC_NOTE).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    net, _ = load_checkpoint(ckpt_path, map_location="cpu")
+    net, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     net = net.to(device or distributed.info().device).eval()
+    net.trained_on = provenance.of_checkpoint(ckpt)
     cuda = net_device(net).type == "cuda"
     amp = amp_for(net_device(net), precision)
     if fast is None:
@@ -70,6 +78,30 @@ def amp_for(device, precision="auto") -> bool:
         return True
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and native_bf16())
+
+
+def trained_checkpoint(root="."):
+    """The trained checkpoint the notebooks show, or None for random weights: $SEGVLM_CKPT when it is set
+    ("none" or empty: random weights), else the newest runs/demo*/best.pth under `root` (the demo's
+    runs/demo, or a dated runs/demo-<date>-<time>)."""
+    chosen = os.environ.get("SEGVLM_CKPT")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none") else Path(chosen)
+    found = sorted(Path(root).glob("runs/demo*/best.pth"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def notebook_model(root=".", preset="demo", **overrides):
+    """(model in eval mode on the CPU, a line saying which weights it has): trained_checkpoint(root)'s, with
+    what it was trained on, else `preset`'s random weights (build_model(preset, **overrides), seed 0)."""
+    ckpt = trained_checkpoint(root)
+    if ckpt is not None:
+        model = load_model(ckpt, "cpu", fast=False)
+        return model, f"trained weights from {ckpt}: {provenance.describe(model.trained_on)}"
+    torch.manual_seed(0)
+    model = build_model(preset, **overrides).eval()
+    return model, (f"random weights (the {preset} preset): no runs/demo*/best.pth under {Path(root).resolve()} and no "
+                   f"$SEGVLM_CKPT; `python train.py --preset demo` trains one")
 
 
 def net_device(model):
@@ -102,6 +134,7 @@ class FastSegVLM(torch.nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.trained_on = getattr(model, "trained_on", dict(provenance.UNKNOWN))  # load_model's record
         cuda = net_device(model).type == "cuda"
         amp = amp_for(net_device(model)) if amp is None else amp
         self.dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
@@ -339,8 +372,9 @@ def overlay(image, masks, phrases=None, color=None, alpha=0.55):
 
     masks: one (H, W) mask, or a list; bool masks are tinted where true, float maps (probabilities)
     by their value (tint). phrases: None, one string, or one per mask, written top left on a colour
-    swatch as a legend. color: one colour for a single mask (default red), or a list; default
-    PALETTE in order, so the first phrase is red. One mask and its phrase give predict.py's picture.
+    swatch as a legend, its text scaled to the picture (legend_font_size). color: one colour for a single
+    mask (default red), or a list; default PALETTE in order, so the first phrase is red. One mask and
+    its phrase give predict.py's picture.
     """
     single = not isinstance(masks, (list, tuple))
     masks = [masks] if single else list(masks)
@@ -358,15 +392,23 @@ def overlay(image, masks, phrases=None, color=None, alpha=0.55):
             raise ValueError(f"mask of shape {np.shape(mask)} on an image of {base.shape[1]}x{base.shape[0]} (W x H)")
         base = tint(base, mask, c, alpha)
     out = Image.fromarray(base.round().astype(np.uint8))
-    draw, y = ImageDraw.Draw(out), 4
+    size = legend_font_size(out.width, out.height)
+    font, pad = ImageFont.load_default(size), max(1, size // 4)  # PIL's own font (FreeType), scaled to the picture
+    draw, y = ImageDraw.Draw(out), pad
     for phrase, c in zip(phrases, colors):
         if not phrase:
             continue
-        swatch = 0 if single else 12  # one phrase: the text alone, as predict.py has always written it
-        box = draw.textbbox((4 + swatch, y), phrase)
-        draw.rectangle((box[0] - 3 - swatch, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+        swatch = 0 if single else size  # one phrase: the text alone, as predict.py has always written it
+        box = draw.textbbox((2 * pad + swatch, y), phrase, font=font)
+        draw.rectangle((pad, box[1] - pad, box[2] + pad, box[3] + pad), fill=(0, 0, 0))
         if swatch:
-            draw.rectangle((4, box[1], 4 + swatch - 4, box[3]), fill=tuple(c))
-        draw.text((4 + swatch, y), phrase, fill=(255, 255, 255))
-        y = box[3] + 6
+            draw.rectangle((2 * pad, box[1], 2 * pad + swatch - pad - 1, box[3]), fill=tuple(c))
+        draw.text((2 * pad + swatch, y), phrase, fill=(255, 255, 255), font=font)
+        y = box[3] + 2 * pad + 1
     return out
+
+
+def legend_font_size(width, height):
+    """The legend's text height in pixels: a 24th of the picture's shorter side, from 8 (still legible; a
+    192 px demo image) to 40, so that the legend covers about the same share of a small image as of a photo."""
+    return int(min(40, max(8, round(min(width, height) / 24))))

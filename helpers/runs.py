@@ -4,11 +4,14 @@
         config.json, command.txt, git.txt   the settings, every command that ran it, the code's commit
         metrics.jsonl, curves.png           one line per epoch, and its picture
         checkpoint.pth                      all --resume needs (every epoch)
-        best.pth                            the best val mean IoU's weights and config
+        best.pth                            the best val mean IoU's weights, config and `trained_on`
         test_metrics.json, predictions.png  best.pth on test.lmdb, when there is one
 
 Checkpoints hold plain tensors, numbers and strings (torch.load(weights_only=True) reads them),
-each file written whole (atomic_path). A run killed at any point resumes to the same files.
+each file written whole (atomic_path). A run killed at any point resumes to the same files. Each says
+what its model was trained on (`trained_on`: dataset, split sizes, preset, epochs, best val score;
+helpers/provenance.py). Scores are fractions in the files (metrics.jsonl, test_metrics.json, whose
+`units` says so) and percent where printed.
 """
 import contextlib
 import dataclasses
@@ -26,6 +29,7 @@ import torch
 from helpers import distributed
 from helpers.checkpoints import check_finite, check_tensors, read_checkpoint_file, state_dict_misfit
 from helpers.files import atomic_path, hold_dir
+from helpers.provenance import UNITS, percent, run_record
 from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
 from helpers.visualize import plot_curves
 from model import SegVLMConfig
@@ -125,7 +129,7 @@ def tidy_resumed_run(out: Path, ckpt: dict) -> None:
     for tmp in out.glob(".*.tmp-*"):  # atomic_path's names
         tmp.unlink(missing_ok=True)
     history = ckpt["history"]
-    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    write_text(out / "metrics.jsonl", "".join(metrics_line(h) for h in history))
     if max(history, key=lambda h: h["val_mIoU"]) is history[-1]:  # the first of equals: improvements are strict
         try:
             best = torch.load(out / "best.pth", map_location="cpu", weights_only=True, mmap=True)
@@ -142,32 +146,39 @@ def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     last = history[-1]
     try:
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(last) + "\n")
+            f.write(metrics_line(last))
     except OSError as e:  # a full disk, above all: name the file
         raise OSError(f"could not append to {out / 'metrics.jsonl'}: {e.strerror or e}") from None
     plot_curves(history, out / "curves.png")
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
-          f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "
-          f"oIoU {last['val_oIoU']:.4f} P@0.5 {last['val_prec@0.5']:.4f}  {last['seconds']:.0f}s", flush=True)
+          f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {percent(last['val_mIoU'])} "
+          f"oIoU {percent(last['val_oIoU'])} P@0.5 {percent(last['val_prec@0.5'])}  {last['seconds']:.0f}s", flush=True)
+
+
+def metrics_line(row: dict) -> str:
+    """One epoch's row of metrics.jsonl, with `units`: its scores are fractions (provenance.UNITS)."""
+    return json.dumps({**row, "units": UNITS}) + "\n"
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: list[dict], best: float,
-                    improved: bool, cfg: TrainConfig, data_dir: Path) -> None:
+                    improved: bool, cfg: TrainConfig, data_dir: Path, headers: tuple[dict, dict] = ({}, {})) -> None:
     """checkpoint.pth (all --resume needs) every epoch, then best.pth (weights, config) when val mIoU improved;
     plain tensors, numbers and strings (torch.load(weights_only=True) reads them), each written whole.
+    headers: the train and val LMDBs' headers, for `trained_on` (provenance.run_record).
     A kill between the two leaves a checkpoint whose last epoch is the best: resuming rewrites best.pth from it."""
+    trained_on = run_record(cfg.preset, history[-1]["epoch"], cfg.epochs, best, *headers, data_dir=data_dir)
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config.to_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "epoch": history[-1]["epoch"] - 1, "best_metric": best,
              "history": history, "rng": rng_state(), "args": dataclasses.asdict(cfg),
-             "data_dir": str(data_dir.resolve())}
+             "data_dir": str(data_dir.resolve()), "trained_on": trained_on}
     with atomic_path(out / "checkpoint.pth") as tmp:
         torch.save(state, tmp)
     if improved:
         write_best(out, state)
 
 
-BEST_KEYS = ("format", "model", "config", "epoch", "best_metric", "args", "data_dir")
+BEST_KEYS = ("format", "model", "config", "epoch", "best_metric", "args", "data_dir", "trained_on")
 
 
 def checkpoint_dict(model, **fields) -> dict:
@@ -179,9 +190,10 @@ def checkpoint_dict(model, **fields) -> dict:
 
 
 def write_best(out: Path, state: dict) -> None:
-    """best.pth: a checkpoint's weights, config, epoch and metric (no optimizer)."""
+    """best.pth: a checkpoint's weights, config, epoch, metric and record (no optimizer); a checkpoint written
+    before `trained_on` existed gives a best.pth without it."""
     with atomic_path(out / "best.pth") as tmp:
-        torch.save({k: state[k] for k in BEST_KEYS}, tmp)
+        torch.save({k: state[k] for k in BEST_KEYS if k in state}, tmp)
 
 
 # ---------------------------------------------------------------------------

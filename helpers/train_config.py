@@ -107,6 +107,13 @@ def epoch_number(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def help_description(preset: str) -> str:
+    """The head of `train.py --help`: whose defaults the flags show (they change with --preset)."""
+    others = ", ".join(name for name in sorted(PRESETS) if name != preset)
+    return (f"{__doc__.splitlines()[0]} The defaults shown are preset {preset}'s; "
+            f"`python train.py --preset NAME --help` shows another preset's ({others}).")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags from the TrainConfig fields; defaults come from --preset's recipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -117,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     except ValueError as e:
         sys.exit(f"train.py: error: {e}")
 
-    parser = _Parser(prog="train.py", description=__doc__.split("\n")[0],
+    parser = _Parser(prog="train.py", description=help_description(defaults.preset),
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         options = {**f.metadata, "default": getattr(defaults, f.name)}

@@ -33,7 +33,9 @@ SPLITS = ("train", "val", "test", "miniv")
 TASK_FIELDS = ("task_id", "image_id", "phrase", "instance_boxes", "Polygons")
 
 INPUT_FILES = ("image_data_split.json", "image_data_split3000.json", "name_att_rel_count.json",
-               *(f"refer_{s}.json" for s in SPLITS))
+               *(f"refer_{s}.json" for s in SPLITS), "synthetic.json")
+
+SYNTHETIC_MARK = "synthetic.json"  # written by sources/synthetic.synthesize; the header's "synthetic" copies it
 
 
 # The official evaluator's subsets (PhraseCut's utils/subset.py), in groups: instances, phrase
@@ -266,6 +268,7 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
       b"img/<image_id>" the image file's own bytes, once per image
       b"task/<i:08d>"   JSON task record: PhraseCut's fields + width, height of the image file +
                         image_info {width, height, coco_id} from image_data_split.json
+    The header's "synthetic" copies synthetic.json when the root has one (sources/synthetic.py's data).
     Written under a temporary name and renamed when complete; on any error the temporary is removed.
     Checked first (errors name the file, task and field): `out` (lmdb_store.check_out), every task (_check_task),
     image paths (image_path), and each image's decode, with PIL's decompression-bomb limit; with
@@ -285,8 +288,10 @@ def build_lmdb(root, split, out, skip_missing=False, progress=True, commit_every
     infos = read_image_info(root)
     image_info = {str(t["image_id"]): image_info_of(infos, t) for t in tasks}
     listed = {i: (info["width"], info["height"]) for i, info in image_info.items()}
-    stats = write_lmdb(out, {"dataset": "phrasecut", "split": split, "source": str(root.resolve()),
-                             "name_att_rel_count": read_counts(root)},
+    header = {"dataset": "phrasecut", "split": split, "source": str(root.resolve()), "name_att_rel_count": read_counts(root)}
+    if (root / SYNTHETIC_MARK).is_file():  # the synthetic set in PhraseCut's layout: models trained on it say so
+        header["synthetic"] = read_json(root / SYNTHETIC_MARK, dict)
+    stats = write_lmdb(out, header,
                        {i: (path, listed[i]) for i, path in paths.items()},
                        [{**t, "image_info": image_info[str(t["image_id"])]} for t in tasks],
                        where=root / f"refer_{split}.json", skip_missing=skip_missing, progress=progress,

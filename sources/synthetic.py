@@ -185,7 +185,8 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect
     and 2 sizes; about 4-5 phrases per image of each PhraseCut type (name, attribute, relation), for
     one shape or several ("all green shapes"). Splits by image: 10 % validation (at least 2), of which
     a fifth is miniv, 10 % test, the rest train; each image's tasks are in the refer file of its split
-    only. image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
+    only. synthetic.json says the data is this generator's (its settings), so that a model trained on it
+can say so (helpers/provenance.py). image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
     images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits.
     out_dir must be new or an empty folder; the JSON files, written last, are each whole or absent."""
     if num_images < 4:
@@ -241,7 +242,9 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect
                     "phrase_structure": structure}
             refer[split].append(task)
     counts = count_words([t for s in SPLITS for t in refer[s]])
-    for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts)]
+    mark = {"generator": "sources/synthetic.py", "version": SYNTH_VERSION, "num_images": num_images, "seed": seed,
+            "size": size, "aspect": aspect}  # build_lmdb copies it into the LMDB header: "synthetic"
+    for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts), ("synthetic", mark)]
                       + [(f"refer_{s}", refer[s]) for s in SPLITS]):
         with atomic_path(out / f"{name}.json") as tmp:
             tmp.write_text(json.dumps(obj, separators=(",", ":")))

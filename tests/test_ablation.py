@@ -188,7 +188,8 @@ def test_qualitative_rows_take_the_widest_gaps_then_the_typical_tasks():
     per_task = {"a": [0.1, 0.5, 0.9, 0.4, 0.6, 0.2, 0.3], "b": [0.1, 0.5, 0.1, 0.4, 0.0, 0.2, 0.3]}
     rows = ablation.qualitative_rows(per_task, differ=2, typical=2)
     assert [i for _, i in rows] == [2, 4, 6, 5]  # gaps 0.8, 0.6; then means 0.3 (the median), 0.2 (0.4 ties: lower)
-    assert rows[0][0].startswith("differ most") and rows[2][0].startswith("typical")
+    assert rows[0][0] == "differ most: IoU range 80.0 points"  # percent, as every printed score
+    assert rows[2][0] == "typical: mean IoU 30.0 %, median 30.0 %"
     with pytest.raises(ValueError, match="same, non-empty tasks"):
         ablation.qualitative_rows({"a": [0.1], "b": []})
 

@@ -147,3 +147,88 @@ def test_readme_three_lines_run(tmp_path, photo, monkeypatch):
     scope = {}
     exec(block, scope)
     assert [m.shape for m in scope["masks"]] == [(37, 53)] * 2 and all(m.dtype == bool for m in scope["masks"])
+
+
+# ----------------------------------------------------------------------------- what the model knows
+
+SYNTH_HEADER = {"format": "segvlm-phrasecut", "dataset": "phrasecut", "split": "train", "num_tasks": 4520,
+                "num_images": 1280, "synthetic": {"generator": "sources/synthetic.py", "seed": 0}}
+
+
+def test_load_model_exposes_what_the_checkpoint_was_trained_on(net, tmp_path):
+    from helpers import provenance
+    val = {**SYNTH_HEADER, "split": "val", "num_tasks": 700, "num_images": 160}
+    record = provenance.run_record("demo", 5, 8, 0.558, SYNTH_HEADER, val)
+    path = save_model_checkpoint(net, tmp_path / "best.pth", trained_on=record)
+    assert torch.load(path, weights_only=True)["trained_on"] == record  # plain strings and numbers
+    loaded = inference.load_model(path, "cpu")
+    assert loaded.trained_on == record and provenance.knows_only_synthetic(loaded.trained_on)
+    assert inference.FastSegVLM(loaded, cuda_graphs=False).trained_on == record
+    assert provenance.describe(record) == ("trained on synthetic shapes and colours (sources/synthetic.py) (train split: "
+                                           "4,520 phrases on 1,280 images), preset demo, 5 epochs of 8, best val mean "
+                                           "IoU 55.8 %")
+    # a real dataset: its name from the LMDB header, no note
+    refcoco = {"dataset": "refcoco", "refer": {"dataset": "refcoco+", "split_by": "unc"}, "split": "train",
+               "num_tasks": 120624, "num_images": 16994}
+    real = provenance.run_record("cris-refcoco", 50, 50, 0.62, refcoco, {**refcoco, "split": "val"})
+    assert real["dataset"] == "refcoco+" and not provenance.knows_only_synthetic(real)
+    assert "RefCOCO+ (train split, unc: 120,624 phrases on 16,994 images)" in provenance.describe(real)
+    phrasecut = provenance.run_record("paper", 1, 50, 0.3, {**SYNTH_HEADER, "synthetic": None}, val)
+    assert phrasecut["dataset"] == "phrasecut" and phrasecut["name"] == "PhraseCut"
+
+
+def test_older_and_cris_checkpoints_say_what_they_can(net, tmp_path):
+    from cris_files import small_model, write_cris_checkpoint
+
+    from helpers import provenance
+    bare = inference.load_model(save_model_checkpoint(net, tmp_path / "bare.pth"), "cpu")  # no record, no run
+    assert bare.trained_on["dataset"] == "unknown" and "unknown" in provenance.describe(bare.trained_on)
+    # a best.pth from before the record: a run without --data trained on the synthetic set
+    old = save_model_checkpoint(net, tmp_path / "old.pth", args={"preset": "demo", "data": "", "epochs": 8},
+                                data_dir="/cache/synthetic_n1600_seed0_px192_gen3_lmdb3", epoch=7, best_metric=0.705)
+    record = inference.load_model(old, "cpu").trained_on
+    assert record["dataset"] == "synthetic" and record["epochs"] == 8 and record["best_val_mIoU"] == 0.705
+    other = save_model_checkpoint(net, tmp_path / "other.pth", args={"preset": "paper", "data": "lmdb/", "epochs": 50},
+                                  data_dir="lmdb", epoch=9, best_metric=0.4)
+    assert inference.load_model(other, "cpu").trained_on["dataset"] == "unknown"
+    cris = inference.load_model(write_cris_checkpoint(small_model("RN50"), tmp_path / "best_model.pth"), "cpu")
+    assert cris.trained_on["format"] == "CRIS" and cris.trained_on["dataset"] == "unknown"
+    assert cris.trained_on["epochs"] == 50 and cris.trained_on["best_val_IoU"] == pytest.approx(0.6211)
+    line = provenance.describe(cris.trained_on)
+    assert line.startswith("a CRIS checkpoint; trained on unknown") and "62.11 %" in line
+    assert not provenance.knows_only_synthetic(cris.trained_on)
+
+
+def legend_box(image, phrases):
+    """(width, height) of the corner overlay's legend takes, and the share of the picture it hides."""
+    masks = [np.zeros((image.height, image.width), bool)] * len(phrases)
+    drawn = (np.asarray(inference.overlay(image, masks, phrases)) != np.asarray(inference.overlay(image, masks))).any(-1)
+    ys, xs = np.nonzero(drawn)
+    return xs.max() + 1, ys.max() + 1, drawn.mean()
+
+
+def test_the_legend_is_scaled_to_the_picture():
+    phrases = PHRASES + ["the big yellow star"]
+    w, h, hidden = legend_box(Image.new("RGB", (192, 192), (128, 128, 128)), phrases)
+    assert hidden < 1 / 6 and h < 192 / 2.5  # five phrases on a demo image (before: 23 % of it, 90 px down)
+    big_w, big_h, _ = legend_box(Image.new("RGB", (768, 768), (128, 128, 128)), phrases)
+    assert big_h == pytest.approx(4 * h, rel=0.25) and big_w == pytest.approx(4 * w, rel=0.25)  # the same share
+    assert inference.legend_font_size(192, 192) == 8 and inference.legend_font_size(50, 4000) == 8
+    assert inference.legend_font_size(4000, 3000) == 40
+
+
+def test_the_notebooks_find_the_newest_demo_run(tmp_path, monkeypatch):
+    import os
+    monkeypatch.delenv("SEGVLM_CKPT", raising=False)
+    assert inference.trained_checkpoint(tmp_path) is None
+    for k, name in enumerate(["demo-20260101-000000", "demo", "paper-20260103-000000"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.pth").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "best.pth", (1000 + k, 1000 + k))
+    assert inference.trained_checkpoint(tmp_path) == tmp_path / "runs" / "demo" / "best.pth"  # the newest demo run
+    monkeypatch.setenv("SEGVLM_CKPT", "elsewhere/best.pth")
+    assert inference.trained_checkpoint(tmp_path) == Path("elsewhere/best.pth")
+    monkeypatch.setenv("SEGVLM_CKPT", "none")  # random weights, whatever runs/ holds
+    assert inference.trained_checkpoint(tmp_path) is None
+    model, which = inference.notebook_model(tmp_path, "smoke")
+    assert which.startswith("random weights (the smoke preset)") and not hasattr(model, "trained_on")

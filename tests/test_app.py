@@ -348,3 +348,54 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- what the page says of its model
+
+def test_the_page_says_what_its_model_knows_and_how_to_share(ckpt, tmp_path, capsys):
+    import json
+
+    from helpers import provenance
+    header = {"dataset": "phrasecut", "split": "train", "num_tasks": 40, "num_images": 10, "synthetic": {"seed": 0}}
+    record = provenance.run_record("smoke", 2, 2, 0.25, header, {**header, "split": "val"})
+    net = inference.load_model(ckpt[0], "cpu")
+    path = save_model_checkpoint(net, tmp_path / "synthetic.pth", trained_on=record)
+    pages = {}
+    for name, checkpoint in (("synthetic", path), ("unknown", ckpt[0])):
+        demo, url = serve(inference.load_model(checkpoint, "cpu"))
+        try:
+            with urllib.request.urlopen(url + "config", timeout=30) as response:  # what the browser renders
+                pages[name] = json.dumps(json.load(response))
+            lines = app.served_lines(demo)
+        finally:
+            demo.close()
+    assert "Trained on synthetic shapes and colours (sources/synthetic.py) (train split: 40 phrases on 10 images), " \
+           "preset smoke, 2 epochs, best val mean IoU 25.0 %." in pages["synthetic"]
+    assert app.SYNTHETIC_NOTE_HTML in pages["synthetic"] and "synthetic-note" in pages["synthetic"]
+    assert "Trained on unknown" in pages["unknown"] and app.SYNTHETIC_NOTE_HTML not in pages["unknown"]
+    # Gradio's own advice names launch()'s argument; the tool's flag is --share
+    printed = capsys.readouterr().out + lines
+    assert "share=True" not in printed and "--share" in lines and url in lines
+
+
+@pytest.mark.slow
+def test_the_tool_names_its_own_share_flag(ckpt):
+    """app.py as a user starts it: its start-up lines give the address and --share, never Gradio's
+    `share=True` advice (a launch() argument the user cannot type)."""
+    from tooling import start_tool
+    proc = start_tool("app.py", "--ckpt", ckpt[0], "--device", "cpu", "--port", free_port(),
+                      env={"GRADIO_ANALYTICS_ENABLED": "False"})
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("--share" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    printed = "".join(lines) + out
+    assert "app.py: open http://127.0.0.1:" in printed and "run it with --share" in printed, (printed, err[-2000:])
+    assert "share=True" not in printed + err

@@ -323,6 +323,7 @@ def test_cli_one_process_and_torchrun_agree(run_dir, smoke, tmp_path):
     one_json = json.loads((tmp_path / "one.json").read_text())
     assert one_json == json.loads((tmp_path / "two.json").read_text())
     assert one_json.pop("definitions") == metrics.DEFINITIONS  # the file says which metric is which
+    assert one_json.pop("units") == metrics.UNITS  # and that its scores are fractions
     assert one_json == json.loads(json.dumps(expected))
     # every subset, each with n and its metrics; an empty one (no COCO image here) has null metrics
     assert list(one_json["subsets"]) == list(phrasecut.SUBSETS) and "note" not in one_json

@@ -29,7 +29,7 @@ LAYERS = {
     # 2: the model
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction
-    "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.inference": 3,
+    "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.provenance": 3, "helpers.inference": 3,
     "helpers.onnx_model": 3, "helpers.batch_predict": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
     # 4: the metrics and the evaluation
     "evaluate": 4,

@@ -232,3 +232,18 @@ def test_cuda_graphs_follow_every_shape_and_never_return_a_stale_result():
             assert out.shape == (batch, 1, size // 4, size // 4)
             assert torch.allclose(out.float(), ref.float(), atol=0.05, rtol=0.05)  # bf16 tolerance
     assert fast.cuda_graphs and len(fast.graphs) == 3  # (2, 64), (3, 64), (2, 96) captured and replayed
+
+
+def test_a_model_trained_on_synthetic_data_says_so_once(files, tmp_path, capsys):
+    from helpers import provenance
+    header = {"dataset": "phrasecut", "split": "train", "num_tasks": 40, "num_images": 10, "synthetic": {"seed": 0}}
+    net = predict.load_model(files / "best.pth", device="cpu")
+    synthetic = save_model_checkpoint(net, tmp_path / "synthetic.pth",
+                                      trained_on=provenance.run_record("smoke", 1, 1, 0.2, header, header))
+    argv = ["--image", str(files / "photo.jpg"), "--phrase", "red circle", "--out", str(tmp_path / "o.png"),
+            "--device", "cpu"]
+    predict.main(["--ckpt", str(synthetic), *argv])
+    err = capsys.readouterr().err
+    assert err.count(provenance.SYNTHETIC_NOTE) == 1 and "predict.py: note:" in err
+    predict.main(["--ckpt", str(files / "best.pth"), *argv])  # a checkpoint that does not say: no note
+    assert provenance.SYNTHETIC_NOTE not in capsys.readouterr().err

@@ -165,6 +165,7 @@ def test_evaluate_scores_saved_masks_against_the_lmdb(tmp_path, capsys):
     gt_sizes = [int(ds.targets(i)[1].sum()) for i in range(3)]
     assert result["oIoU"] == pytest.approx(sum(gt_sizes[1:]) / sum(gt_sizes))
     assert "mean over tasks" in result["definitions"]["mIoU"] and "LAVT" in result["definitions"]["oIoU"]
+    assert result["units"] == evaluate.UNITS and result["units"].startswith("fractions")  # 2 / 3 above, not 66.7
     (preds / "101.png").unlink()
     (preds / "102.png").unlink()
     with pytest.raises(SystemExit) as exit_info:

@@ -18,6 +18,7 @@ from tooling import run_tool
 import data
 import train
 from helpers import (
+    provenance,
     runs,
     train_config,
     transforms,
@@ -213,6 +214,15 @@ def test_help_shows_every_flag_with_its_help_and_the_presets_default(capsys, mon
     assert list(entries) == ["-h"]  # and nothing else
 
 
+def test_help_says_whose_defaults_it_shows(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")
+    for preset in ("demo", "paper"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--preset", preset, "--help"] if preset != "demo" else ["--help"])
+        head = capsys.readouterr().out.split("\noptions:\n")[0]
+        assert f"The defaults shown are preset {preset}'s" in head and "--preset NAME --help" in head
+
+
 def test_flags_override_the_preset():
     paper = train_config.preset_defaults("paper")
     assert (paper.epochs, paper.batch_size, paper.lr, paper.milestones) == (50, 64, 1e-4, [15, 30])
@@ -315,7 +325,19 @@ def test_smoke_run_one_process(tmp_path, cache):
     # the run ends with the test scores beside the ceiling of its grid, the evaluator's own figure
     ceiling = test["ceiling"]
     assert ceiling["n"] == test["n"] and 0.3 < ceiling["mIoU"] < 1
-    assert f"ceiling at 64 px (a perfect 4x4 decoder map): mIoU {ceiling['mIoU']:.4f}" in proc.stdout
+    # printed in percent, as evaluate.py prints them; the files keep fractions and say so
+    assert f"ceiling at 64 px (a perfect 4x4 decoder map): mIoU {100 * ceiling['mIoU']:.2f}" in proc.stdout
+    assert f"test (best.pth, percent): mIoU {100 * test['mIoU']:.2f}" in proc.stdout
+    assert f"val mIoU {100 * lines[-1]['val_mIoU']:.2f} " in proc.stdout
+    assert test["units"] == provenance.UNITS and all(row["units"] == provenance.UNITS for row in lines)
+    # best.pth says what it was trained on: the synthetic set, its splits' sizes from the LMDB headers
+    record = best["trained_on"]
+    train_set = data.PhraseCutLMDB(Path(best["data_dir"], "train.lmdb"))
+    assert record["dataset"] == "synthetic" and record["preset"] == "smoke"
+    assert record["train"] == {"split": "train", "tasks": len(train_set), "images": train_set.header["num_images"]}
+    assert record["epochs"] == best["epoch"] + 1 and record["planned_epochs"] == 2
+    assert record["best_val_mIoU"] == best["best_metric"] == max(row["val_mIoU"] for row in lines)
+    assert train_set.header["synthetic"]["generator"] == "sources/synthetic.py"
     import evaluate
     test_set = data.PhraseCutLMDB(Path(best["data_dir"], "test.lmdb"), input_size=64, word_len=10, train=False)
     assert evaluate.decoder_grid_ceiling(test_set)["mIoU"] == pytest.approx(ceiling["mIoU"])

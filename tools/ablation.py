@@ -323,8 +323,8 @@ def qualitative_rows(per_task: dict[str, list[float]], differ=FIG6_DIFFER, typic
     most = sorted(range(n), key=lambda i: (-gap[i], i))[:differ]
     median = statistics.median(mean)
     rest = sorted((i for i in range(n) if i not in most), key=lambda i: (abs(mean[i] - median), i))[:typical]
-    return ([(f"differ most: IoU range {gap[i]:.2f}", i) for i in most]
-            + [(f"typical: mean IoU {mean[i]:.2f}, median {median:.2f}", i) for i in rest])
+    return ([(f"differ most: IoU range {100 * gap[i]:.1f} points", i) for i in most]
+            + [(f"typical: mean IoU {100 * mean[i]:.1f} %, median {100 * median:.1f} %", i) for i in rest])
 
 
 FIG6_RULE = (f"Rows by rule (ablation.qualitative_rows): the {FIG6_DIFFER} test tasks where the variants' IoU "
