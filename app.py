@@ -269,6 +269,8 @@ def main(argv=None):
         launch(demo, args.host, args.port, args.share)
     except OSError as e:  # the port is taken, the host is not this machine's, ...
         sys.exit(f"app.py: error: cannot serve on {args.host}:{args.port or 'default port'}: {e}")
+    except KeyboardInterrupt:  # while the page was being built, before Gradio's own wait handles it
+        sys.exit("app.py: stopped; its temporary files removed")
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)

@@ -216,7 +216,7 @@ def test_temporary_files_of_a_killed_process_are_removed_by_the_next_write(tmp_p
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import cli, files
+from helpers import cli, files
 
 def work():
     with files.atomic_path({out!r}) as tmp:
