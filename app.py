@@ -13,9 +13,9 @@ title it says what the checkpoint was trained on (`model.trained_on`: dataset, s
 epochs, best val score); on a model trained on the synthetic set only, a note says that its masks
 on photos mean nothing.
 
-The page calls the Python API, nothing else: `inference.predict_proba` for all the phrases at once
-(the image encoded once, as `inference.predict` does) and `inference.overlay` for the picture, so
-the page's picture is exactly `overlay(image, predict(model, image, phrases), phrases)`. On a CUDA
+The page calls the Python API, nothing else: `inference.iter_proba` for all the phrases at once
+(the image encoded once, as `inference.predict` does) and overlay's `tint` and `draw_legend` for the
+picture, so the page's picture is exactly `overlay(image, predict(model, image, phrases), phrases)`. On a CUDA
 machine the model runs as `inference.FastSegVLM` (load_model's default there).
 
 Serving: it listens on 127.0.0.1, this machine only; `--host 0.0.0.0` opens it to the network and
@@ -26,26 +26,40 @@ phrase, more phrases than there are colours, or a phrase longer than the model r
 one-line message on the page; any other failure is logged here and the page says only that it
 failed, so no traceback reaches the page. Uploads and results are deleted from Gradio's cache
 after an hour.
+
+Memory: one request's work is bounded by the picture the page works on, whatever the upload. A
+picture over MAX_SIDE (3072) pixels a side is reduced to it while it is decoded (a JPEG at a reduced
+DCT scale, so a 1.6 MB JPEG of 9,400 x 9,400 never costs its full size), and the legend says so; its
+masks are at the reduced size. The phrases' full-size maps are made one at a time and kept only as
+bool masks (`segment`). docs/measurements.md has the server's peak memory for ten phrases on such a
+picture. The server's files (its masks, and Gradio's cache of the uploads, GRADIO_TEMP_DIR pointed
+there) live in one temporary folder, removed however it ends: Ctrl-C, SIGTERM, an error.
 """
 import argparse
 import atexit
 import html
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from helpers import provenance, transforms
 from helpers.cli import parse_device
 from helpers.files import read_json, save_mask
-from helpers.inference import PALETTE, PRECISIONS, as_image, load_model, open_image, overlay, predict_proba
+from helpers.inference import PALETTE, PRECISIONS, as_image, draw_legend, iter_proba, load_model, open_image, tint
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
 SYNTHETIC_NOTE_HTML = html.escape(provenance.SYNTHETIC_NOTE)
 MAX_UPLOAD = "20mb"
+MAX_SIDE = 3072  # a picture with a longer side is reduced to this many pixels (the model sees input_size)
 NUM_EXAMPLES = 4
 VIEWS = ("masks", "probability")
 DEMO_COMMAND = ".venv/bin/torchrun --standalone --nproc_per_node=2 train.py --preset demo"
@@ -68,13 +82,31 @@ def parse_phrases(text, word_len):
     return phrases
 
 
+def fit_picture(image):
+    """(the picture the page works on, its original (width, height) or None): a picture whose longer side
+    exceeds MAX_SIDE is reduced to it (aspect kept). decode_upload has already reduced an upload while
+    decoding it (image.info["original_size"] says from what); a path or an array given to segment is
+    reduced here."""
+    original = image.info.get("original_size")
+    if max(image.size) > MAX_SIDE:
+        original = original or image.size
+        image = image.copy()
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
+    return image, original
+
+
 def segment(model, image, text, threshold=DEFAULT_THRESHOLD, view="masks", out_dir=None):
     """What the page shows for one request: (picture, legend HTML, mask PNG paths).
 
     image: an RGB PIL image (the page's upload, decoded by open_image); text: the phrases, one per
     line. The picture is overlay(image, masks, phrases) with masks = predict's (probabilities >
     threshold), or, for view "probability", the probability maps themselves. Each mask is written to
-    out_dir as <k>_<phrase>.png (0/255, the image's size). Bad input: a ValueError with the message."""
+    out_dir as <k>_<phrase>.png (0/255, the image's size). Bad input: a ValueError with the message.
+
+    Memory is bounded by the picture, not by the number of phrases: the model runs once, then each
+    phrase's map is made at full size, tinted into the picture, thresholded into a bool mask, written
+    and dropped before the next (inference.iter_proba). A picture over MAX_SIDE is reduced first
+    (fit_picture), and the legend says so."""
     if image is None:
         raise ValueError("Upload a picture first (or pick an example below).")
     phrases = parse_phrases(text, model.config.word_len)
@@ -82,21 +114,25 @@ def segment(model, image, text, threshold=DEFAULT_THRESHOLD, view="masks", out_d
         raise ValueError(f"The threshold must be between 0 and 1, got {threshold!r}.")
     if view not in VIEWS:
         raise ValueError(f"Show one of {', '.join(VIEWS)}, not {view!r}.")
-    image = as_image(image)  # a path or an array too, as predict takes them
-    probs = predict_proba(model, image, phrases)  # one forward pass: the image encoded once
-    masks = [p > threshold for p in probs]
-    picture = overlay(image, probs if view == "probability" else masks, phrases)
-    rows = "".join(
-        f'<li><span style="display:inline-block;width:1em;height:1em;vertical-align:middle;'
-        f'background:rgb{tuple(c)}"></span> {html.escape(p)}: {100 * m.mean():.1f}% of the picture</li>'
-        for p, m, c in zip(phrases, masks, PALETTE))
-    legend = f'<ul style="list-style:none;padding:0">{rows}</ul>'
-    paths = []
-    if out_dir is not None:
-        for k, (phrase, mask) in enumerate(zip(phrases, masks), 1):
+    image, original = fit_picture(as_image(image))  # a path or an array too, as predict takes them
+    base = np.asarray(image, dtype=np.float32)  # overlay's own start: the page's picture is overlay's
+    rows, paths = [], []
+    for k, (phrase, prob, color) in enumerate(zip(phrases, iter_proba(model, image, phrases), PALETTE), 1):
+        mask = prob > threshold  # one forward pass for all phrases: the image encoded once
+        tint(base, prob if view == "probability" else mask, color, out=base)  # in place: no second copy
+        del prob  # the only float map of the picture's size, one phrase at a time
+        rows.append(f'<li><span style="display:inline-block;width:1em;height:1em;vertical-align:middle;'
+                    f'background:rgb{tuple(color)}"></span> {html.escape(phrase)}: {100 * mask.mean():.1f}% of the '
+                    f'picture</li>')
+        if out_dir is not None:
             slug = "".join(ch if ch.isalnum() else "_" for ch in phrase)[:40].strip("_") or "phrase"
             paths.append(Path(out_dir) / f"{k}_{slug}.png")
             save_mask(mask, paths[-1])
+    picture = draw_legend(Image.fromarray(np.round(base, out=base).astype(np.uint8)), phrases, PALETTE)
+    note = "" if original is None else (
+        f"<p>The picture is {original[0]}x{original[1]} pixels; the page works at most {MAX_SIDE} pixels a side, so "
+        f"it was reduced to {image.width}x{image.height}, and the masks are at that size.</p>")
+    legend = f'{note}<ul style="list-style:none;padding:0">{"".join(rows)}</ul>'
     return picture, legend, [str(p) for p in paths]
 
 
@@ -105,11 +141,13 @@ def message(text):
     return html.escape(text, quote=False)
 
 
-def build_app(model, examples=(), title="SegVLM"):
+def build_app(model, examples=(), title="SegVLM", work=None):
     """The Gradio page around `model` (a SegVLM or FastSegVLM): a gr.Blocks, queued, not launched.
     examples: [(image path, phrases text)] shown under the inputs. Under the title: what the model was
     trained on (load_model's `model.trained_on`, provenance.describe) and, for a model trained on the
-    synthetic set, a note that its masks on photos mean nothing (provenance.SYNTHETIC_NOTE)."""
+    synthetic set, a note that its masks on photos mean nothing (provenance.SYNTHETIC_NOTE). work: the
+    folder of this page's mask PNGs (main's, which also holds Gradio's cache); default a new temporary
+    one, removed at exit."""
     import gradio as gr  # here, so that `python app.py --help` and a missing run answer at once
 
     def decode_upload(payload):
@@ -121,12 +159,13 @@ def build_app(model, examples=(), title="SegVLM"):
             return None
         name = Path(payload.orig_name or "the upload").name
         try:
-            return open_image(payload.path)
+            return open_image(payload.path, max_side=MAX_SIDE)  # a huge picture decoded reduced
         except (ValueError, OSError) as e:
             raise gr.Error(message(str(e).replace(str(payload.path), name)), print_exception=False) from None
 
-    work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))  # this process's mask PNGs, one folder per request
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))  # this process's mask PNGs, one folder per request
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     state = {"request": 0}
 
     def run(image, text, threshold, view):
@@ -255,11 +294,26 @@ def main(argv=None):
     print(f"app.py: {ckpt} on {next(model.parameters()).device}: {provenance.describe(model.trained_on)}", flush=True)
     if provenance.knows_only_synthetic(model.trained_on):
         print(f"app.py: note: {provenance.SYNTHETIC_NOTE}", flush=True)
-    demo = build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}")
+    # This server's files, the masks it writes and the uploads Gradio caches for it, live in one temporary
+    # folder that every way out removes: a return, an error, Ctrl-C, SIGTERM (raised as Ctrl-C is, below).
+    work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(work / "gradio")  # read when the page is built
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        demo = build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}", work=work)
         launch(demo, args.host, args.port, args.share)
     except OSError as e:  # the port is taken, the host is not this machine's, ...
         sys.exit(f"app.py: error: cannot serve on {args.host}:{args.port or 'default port'}: {e}")
+    except KeyboardInterrupt:  # while the page was being built, before Gradio's own wait handles it
+        sys.exit("app.py: stopped; its temporary files removed")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def interrupt(signum, frame):
+    """SIGTERM as Ctrl-C: Gradio's wait for the server ends on it and closes the server; main then cleans up."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -215,8 +215,13 @@ def eval_mode(model, device=None):
 BYTES_PER_PIXEL = 8  # 16-bit RGBA, uncompressed: no real image file at PIL's pixel limit is larger
 
 
-def open_image(path):
+def open_image(path, max_side=None):
     """Open and fully decode an image file as RGB, upright; a clear ValueError when that is unsafe or impossible.
+
+    max_side: a picture whose longer side is larger comes out reduced to fit it (aspect kept), decoded at
+    a reduced scale where the format allows (a JPEG through PIL's draft: 1/2, 1/4, 1/8), so a small file of
+    huge pixel size never costs its full size in memory; its stored (width, height) is then in
+    `image.info["original_size"]`. Default None: the full size.
 
     The EXIF orientation is applied (ImageOps.exif_transpose): a phone photo stored sideways comes
     out upright, so the mask fits the photo as viewers show it. (The dataset does not: PhraseCut's
@@ -244,9 +249,18 @@ def open_image(path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                size = im.size
+                if max_side and max(size) > max_side and im.format == "JPEG":
+                    scale = max_side / max(size)  # the draft keeps at least this size, never less
+                    im.draft("RGB", (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
                 im.load()  # decode now, so a truncated file fails here and not later
                 # upright as displayed; 16-bit and float images scaled, as in the dataset
-                return transforms.to_rgb(ImageOps.exif_transpose(im))
+                image = transforms.to_rgb(ImageOps.exif_transpose(im))
+        if max_side and max(image.size) > max_side:
+            image.thumbnail((max_side, max_side), Image.BILINEAR)
+        if max_side and max(size) > max_side:
+            image.info["original_size"] = size
+        return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"{path}: image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
@@ -294,16 +308,12 @@ def _phrase_list(phrases):
 
 
 @torch.no_grad()
-def predict_proba(model, image, phrases):
-    """Foreground probability of each phrase on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
-
-    image: a path, a PIL image or an (H, W, 3) uint8 numpy array (as_image). phrases: one string ->
-    one map; a list -> a list of maps, in order. A list is one forward pass: the image is
-    letterboxed and encoded once, and every phrase is decoded against it (SegVLM's image_index),
-    so N phrases cost one image encoding, not N. model: a SegVLM or FastSegVLM (its config gives
-    input_size and word_len).
-    """
-    phrases, single = _phrase_list(phrases)
+def iter_proba(model, image, phrases):
+    """predict_proba's maps one at a time: a generator of float32 numpy (H, W) maps, one per phrase in
+    order, each made at the image's size only when asked for. The model runs once, on the first
+    map: the image encoded once for every phrase. For many phrases on a large picture, only one
+    full-size map need be held at a time (the page does so). phrases: a string or a list of them."""
+    phrases, _ = _phrase_list(phrases)
     image = as_image(image)
     cfg = model.config
     with warnings.catch_warnings():  # on every call (Python's default filter says a repeated warning once)
@@ -321,9 +331,23 @@ def predict_proba(model, image, phrases):
         else:  # one image, N phrases: phrase i is about image 0
             index = torch.zeros(len(phrases), dtype=torch.long, device=device)
             logits = model(pixels[None].to(device), tokens, image_index=index)  # (N, 1, S/4, S/4)
-        probs = [probability_map(row, image.height, image.width, cfg.input_size) for row in logits]
     finally:
         model.train(was_training)
+    for row in logits:  # (1, S/4, S/4) -> (H, W), one phrase at a time
+        yield probability_map(row, image.height, image.width, cfg.input_size)
+
+
+def predict_proba(model, image, phrases):
+    """Foreground probability of each phrase on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
+
+    image: a path, a PIL image or an (H, W, 3) uint8 numpy array (as_image). phrases: one string ->
+    one map; a list -> a list of maps, in order. A list is one forward pass: the image is
+    letterboxed and encoded once, and every phrase is decoded against it (SegVLM's image_index),
+    so N phrases cost one image encoding, not N. model: a SegVLM or FastSegVLM (its config gives
+    input_size and word_len). iter_proba gives the same maps one at a time.
+    """
+    _, single = _phrase_list(phrases)
+    probs = list(iter_proba(model, image, phrases))
     return probs[0] if single else probs
 
 
@@ -353,18 +377,34 @@ PALETTE = ((230, 30, 30), (30, 110, 240), (40, 190, 60), (250, 170, 0), (170, 50
            (0, 200, 200), (240, 80, 180), (140, 90, 30), (250, 250, 250), (20, 20, 20))
 
 
-def tint(rgb, mask, color, alpha=0.55):
+TINT_ROWS = 256  # tint works on bands of rows: a large picture needs no full-size temporaries
+
+
+def tint(rgb, mask, color, alpha=0.55, out=None):
     """rgb (H, W, 3) float numpy with the pixels of mask (H, W) blended towards color (same scale).
 
     A bool mask blends its pixels by alpha; a float mask in [0, 1] (a probability map) blends each
-    pixel by alpha times its value."""
+    pixel by alpha times its value. The rows are blended a band at a time (the same arithmetic,
+    pixel by pixel), so the only full-size array made is the result; out=rgb blends in place and
+    makes none (the page does so), out=None returns a new array."""
     mask = np.asarray(mask)
-    if mask.dtype != bool:
-        weight = alpha * np.clip(mask.astype(np.float32), 0, 1)[..., None]
-        return (1 - weight) * rgb + weight * np.array(color, dtype=rgb.dtype)
-    rgb = rgb.copy()
-    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color, dtype=rgb.dtype)
-    return rgb
+    color = np.array(color, dtype=rgb.dtype)
+    if out is None:
+        out = rgb.copy()
+    elif out is not rgb:
+        out[...] = rgb
+    for top in range(0, rgb.shape[0], TINT_ROWS):
+        band, m = out[top:top + TINT_ROWS], mask[top:top + TINT_ROWS]
+        if mask.dtype != bool:  # (1 - w) * rgb + w * color, computed in place: the same float32 arithmetic
+            weight = alpha * np.clip(m.astype(np.float32), 0, 1)[..., None]
+            band *= 1 - weight
+            band += weight * color
+        elif band.flags.c_contiguous:  # (1 - alpha) * rgb + alpha * color at the mask's pixels, by flat index
+            pixels, where = band.reshape(-1, rgb.shape[-1]), np.flatnonzero(m)  # a view: written through
+            pixels[where] = (1 - alpha) * pixels[where] + alpha * color
+        else:
+            band[m] = (1 - alpha) * band[m] + alpha * color
+    return out
 
 
 def overlay(image, masks, phrases=None, color=None, alpha=0.55):
@@ -391,7 +431,13 @@ def overlay(image, masks, phrases=None, color=None, alpha=0.55):
         if np.shape(mask) != base.shape[:2]:
             raise ValueError(f"mask of shape {np.shape(mask)} on an image of {base.shape[1]}x{base.shape[0]} (W x H)")
         base = tint(base, mask, c, alpha)
-    out = Image.fromarray(base.round().astype(np.uint8))
+    return draw_legend(Image.fromarray(base.round().astype(np.uint8)), phrases, colors, single)
+
+
+def draw_legend(out, phrases, colors, single=False):
+    """overlay's legend, drawn on the PIL image `out` and returned: each phrase top left, on a swatch of
+    its colour (single: the phrase alone, as predict.py writes it); a phrase None or "" is left out. The
+    text is legend_font_size high, so the legend covers about the same share of any picture."""
     size = legend_font_size(out.width, out.height)
     font, pad = ImageFont.load_default(size), max(1, size // 4)  # PIL's own font (FreeType), scaled to the picture
     draw, y = ImageDraw.Draw(out), pad

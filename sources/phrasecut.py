@@ -119,17 +119,22 @@ def load_tasks(root, split):
 
 def read_image_info(root):
     """{image_id as str: its record} from the root's image_data_split.json (the name PhraseCut's
-    downloader gives it; image_data_split3000.json, its name on PhraseCut's drive, is accepted too)."""
+    downloader gives it; image_data_split3000.json, its name on PhraseCut's drive, is accepted too). Two
+    records of one image_id (5 and "5" included) are refused, naming both."""
     for name in ("image_data_split.json", "image_data_split3000.json"):
         path = Path(root) / name
         if path.is_file():
-            infos = {}
+            infos, index = {}, {}
             for i, d in enumerate(read_json(path, list)):
                 if not (isinstance(d, dict) and _is_id(d.get("image_id"))
                         and all(type(d.get(k)) is int and d[k] > 0 for k in ("width", "height"))):
                     raise ValueError(f"{path}: record #{i} is {short_repr(d)}, expected an object with image_id, "
                                      "and width and height as positive integers")
-                infos[str(d["image_id"])] = d
+                key = str(d["image_id"])
+                if key in index:  # the later would silently replace the earlier's size and coco_id
+                    raise ValueError(f"{path}: records #{index[key]} and #{i} have the same image_id {d['image_id']!r};"
+                                     " each image once")
+                infos[key], index[key] = d, i
             return infos
     raise FileNotFoundError(f"{Path(root) / 'image_data_split.json'} not found: PhraseCut's list of images "
                             "(width, height, coco_id) is needed for its subsets")

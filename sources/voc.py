@@ -89,8 +89,11 @@ def voc_tasks(labels, name):
 def build_voc(root, split, out, skip_missing=False, progress=True):
     """Convert one VOC 2012 segmentation split to a single-file LMDB at `out`; returns stats."""
     root, out = Path(root), Path(out)
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: VOC's segmentation splits are {', '.join(SPLITS)}")
+    check_out(out, [root, root / "ImageSets" / "Segmentation" / f"{split}.txt"],  # before any input is read
+              folders=[root / "JPEGImages", root / "SegmentationClass"])
     list_file, names = image_names(root, split)
-    check_out(out, [root, list_file], folders=[root / "JPEGImages", root / "SegmentationClass"])
     tasks, files, missing, unreadable = [], {}, [], []
     for name in names:
         png = root / "SegmentationClass" / f"{name}.png"

@@ -12,6 +12,7 @@ import argparse
 import io
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -302,6 +303,112 @@ def test_the_newest_demo_run_and_its_test_images_are_the_default(tmp_path, monke
     assert app.synthetic_examples(tmp_path / newest) == [(str(data.resolve() / "VGPhraseCut_v0" / "images" / Path(p).name), t)
                                                          for p, t in examples]
     assert app.synthetic_examples(tmp_path / "elsewhere" / "best.pth") == []
+
+
+# ----------------------------------------------------------------------------- one heavy request, every way out
+
+TEN_PHRASES = [f"shape number {k}" for k in range(10)]
+
+
+def huge_jpeg(path, side=9400):
+    """A small JPEG of side x side pixels (a few MB of memory here, 88 million pixels decoded in full)."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", (side, side), (120, 80, 40))
+    ImageDraw.Draw(image).ellipse((side // 4, side // 4, side // 2, side // 2), fill=(200, 30, 30))
+    image.save(path, quality=60)
+    return path
+
+
+def start_server(ckpt, tmp_path):
+    """app.py in its own process, as a user starts it, with its temporary files under tmp_path/"tmp":
+    (process, url) once the page answers."""
+    from tooling import start_tool
+    (tmp_path / "tmp").mkdir()
+    port = free_port()
+    proc = start_tool("app.py", "--ckpt", ckpt, "--device", "cpu", "--port", port,
+                      env={"TMPDIR": str(tmp_path / "tmp"), "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    end = time.monotonic() + 240
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"app.py did not serve within 240 s:\n{proc.communicate()[1][-3000:]}")
+
+
+def peak_memory(pid):
+    """The process's peak resident memory in bytes (Linux: VmHWM of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def left_behind(tmp_path):
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir())
+
+
+def test_fit_picture_reduces_a_large_picture_and_says_so(ckpt, tmp_path):
+    model = inference.load_model(ckpt[0], "cpu")
+    big = Image.new("RGB", (app.MAX_SIDE * 2 + 10, 300), (10, 200, 30))
+    picture, legend, files = app.segment(model, big, "red circle\nblue square", out_dir=tmp_path)
+    assert picture.size == (app.MAX_SIDE, round(300 * app.MAX_SIDE / (app.MAX_SIDE * 2 + 10)))
+    assert f"The picture is {app.MAX_SIDE * 2 + 10}x300 pixels" in legend and f"reduced to {picture.width}x" in legend
+    with Image.open(files[0]) as mask:
+        assert mask.size == picture.size
+    jpeg = huge_jpeg(tmp_path / "big.jpg", side=5000)
+    decoded = inference.open_image(jpeg, max_side=app.MAX_SIDE)
+    assert decoded.size == (app.MAX_SIDE, app.MAX_SIDE) and decoded.info["original_size"] == (5000, 5000)
+    small = app.segment(model, ckpt[1], "red circle")[1]
+    assert "reduced" not in small
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc (Linux)")
+def test_one_huge_picture_with_ten_phrases_stays_bounded_and_sigterm_cleans_up(ckpt, tmp_path):
+    """docs/measurements.md's figure: a 9,400 x 9,400 JPEG with ten phrases, on the loopback."""
+    from gradio_client import Client, handle_file
+    jpeg = huge_jpeg(tmp_path / "huge.jpg")
+    proc, url = start_server(ckpt[0], tmp_path)
+    try:
+        before = peak_memory(proc.pid)
+        start = time.perf_counter()
+        picture, legend, files = Client(url, verbose=False).predict(
+            handle_file(str(jpeg)), "\n".join(TEN_PHRASES), 0.35, "masks", api_name="/segment")
+        seconds = time.perf_counter() - start
+        peak = peak_memory(proc.pid)
+        print(f"huge request: {jpeg.stat().st_size / 2 ** 20:.1f} MB JPEG of 9400x9400, ten phrases: "
+              f"{seconds:.1f} s, server peak {peak / 2 ** 30:.2f} GiB (at start {before / 2 ** 30:.2f} GiB)")
+        assert peak < 2 * 2 ** 30, f"the server's peak memory was {peak / 2 ** 30:.2f} GiB"
+        side = app.MAX_SIDE
+        assert len(files) == 10 and f"was reduced to {side}x{side}" in legend
+        with Image.open(picture) as shown:
+            assert shown.size == (side, side)
+        assert left_behind(tmp_path)  # the server's folder, with Gradio's cache of the upload in it
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err[-3000:]
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_removes_the_servers_files_too(ckpt, tmp_path):
+    from gradio_client import Client, handle_file
+    proc, url = start_server(ckpt[0], tmp_path)
+    try:
+        assert Client(url, verbose=False).predict(handle_file(str(ckpt[1])), "red circle", 0.35, "masks",
+                                                  api_name="/segment")[2]
+        assert left_behind(tmp_path)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and left_behind(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- README's screenshot, the timings

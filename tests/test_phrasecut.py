@@ -306,3 +306,17 @@ def test_cli_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
     assert "expected a positive integer" in cli_error(["synth", "--out", str(tmp_path / "s"), "--images", "0"], capsys)
     assert "not a readable LMDB file" in cli_error(["bench", str(refer)], capsys)
     assert "no LMDB file" in cli_error(["bench", str(tmp_path / "nowhere.lmdb")], capsys)
+
+
+def test_duplicate_ids_are_refused_naming_both_records(tmp_path):
+    root = tiny_root(tmp_path, sizes=((40, 30), (20, 20)))
+    infos = json.loads((root / "image_data_split.json").read_text())
+    infos[1]["image_id"] = "1"  # a string of image 1's id: the same image, so its size would be replaced
+    (root / "image_data_split.json").write_text(json.dumps(infos))
+    with pytest.raises(ValueError, match=r"image_data_split.json: records #0 and #1 have the same image_id '1'"):
+        phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    root = tiny_root(tmp_path / "b")
+    (root / "refer_train.json").write_text(json.dumps([good_task(), good_task(phrase="another")]))
+    with pytest.raises(ValueError, match=r"refer_train.json: task #1 '1__0' has the same id \(task #0\)"):
+        phrasecut.build_lmdb(root, "train", tmp_path / "t.lmdb", progress=False)
+    assert not (tmp_path / "t.lmdb").exists()
