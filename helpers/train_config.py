@@ -22,6 +22,7 @@ import torch
 
 from helpers.cli import check_path, check_writable, parse_threshold
 from helpers.files import dir_holder
+from helpers.safetensors_folder import is_folder
 from model import DEFAULT_THRESHOLD, PRESETS, ConfigError, SegVLMConfig, get_preset
 from sources.synthetic import DEMO_NUM_IMAGES
 
@@ -312,7 +313,8 @@ def check_files(cfg: TrainConfig) -> None:
         if not cfg.resume:
             check_new_run_dir(out)
     if cfg.init_from:
-        need_file("--init-from", cfg.init_from)
+        if not is_folder(cfg.init_from):  # a model folder (config.json + model.safetensors) is read as a file is
+            need_file("--init-from", cfg.init_from)
         if cfg.resume:
             raise ValueError("--resume continues a run from its own weights; drop --init-from")
         if weights.lower() != "none" and weights not in clip.available_models():

@@ -50,6 +50,12 @@ def test_safetensors_folder_round_trip(files, tmp_path):
     assert np.array_equal(mask_pth, mask_dir)
     model, note = checkpoints.init_model(tmp_path / "folder", original.config)
     assert "nothing new" in note and all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+    import train  # train.py --init-from takes the folder as it takes a file; an empty folder is no model
+    assert train.parse_args(["--preset", "smoke", "--init-from", str(tmp_path / "folder"),
+                             "--out", str(tmp_path / "run")]).init_from == str(tmp_path / "folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "smoke", "--init-from", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")])
 
 
 def test_a_folder_whose_files_disagree_is_refused_naming_both(files, tmp_path):

@@ -21,7 +21,10 @@ Face's folder layout, read without pickle and memory-mapped (helpers/safetensors
 takes --ckpt takes such a folder.
 """
 import argparse
+import contextlib
+import io
 import json
+import logging
 import sys
 import warnings
 
@@ -70,7 +73,7 @@ def export_onnx(model, path, opset=18, tolerance=1e-3):
     try:
         with atomic_path(path) as tmp:
             batch = torch.export.Dim("batch", min=1, max=1024)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet():
                 warnings.simplefilter("ignore")  # the exporter's notes on its own internals
                 torch.onnx.export(Segment(model), sample_inputs(model.config, 2), str(tmp), dynamo=True,
                                   input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset,
@@ -86,6 +89,22 @@ def export_onnx(model, path, opset=18, tolerance=1e-3):
         if impl == "torchvision":
             deform.impl = impl
     return worst
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporter's progress lines ("[torch.onnx] ...") and its optimizer's log kept off the terminal: the tool
+    says what it did in one line."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 @torch.no_grad()
