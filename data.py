@@ -114,7 +114,8 @@ class _PhraseCutItems(Dataset):
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
                                                    " (said once per process: other long phrases are cut too)")
-        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"])}
+        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"]),
+                "no_target": bool(task.get("no_target", False))}  # absent (older files, most sources): false
         if not self.train:
             ps = task.get("phrase_structure") or {}
             item.update(
@@ -167,10 +168,15 @@ class PhraseCutLMDB(_PhraseCutItems):
         """Each task's task_id as a string, in task order."""
         return self._field("task_id")
 
-    def _field(self, name):
+    def no_target_flags(self) -> list:
+        """Each task's no_target flag (a phrase that names nothing), in task order; absent reads as False."""
+        return self._field("no_target", bool, default=False)
+
+    def _field(self, name, convert=str, default=None):
         with reader(self.path).begin() as txn:
             keys = (b"task/%08d" % i for i in range(self.num_tasks))
-            return [str(read_record(self.path, k, txn.get(k))[name]) for k in keys]
+            records = (read_record(self.path, k, txn.get(k)) for k in keys)
+            return [convert(r[name] if default is None else r.get(name, default)) for r in records]
 
     def _read(self, index, image=True):
         key = b"task/%08d" % index

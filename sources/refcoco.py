@@ -49,9 +49,8 @@ class PlainUnpickler(pickle.Unpickler):
                                      "dicts, strings and numbers; refused, nothing in it was run")
 
 
-def load_refs(path):
-    """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
-    the file and the ref."""
+def read_refs_file(path):
+    """The list a refs pickle (PlainUnpickler) or .json file holds, unchecked inside; errors name the file."""
     path = Path(path)
     if path.suffix == ".json":
         refs = read_json(path, list)
@@ -64,15 +63,27 @@ def load_refs(path):
             raise ValueError(f"{path}: not a refs pickle that can be read safely: {err}") from None
     if not isinstance(refs, list):
         raise ValueError(f"{path}: holds a {type(refs).__name__}, expected a list of refs")
+    return refs
+
+
+def check_sentences(path, ref):
+    """Each of a ref's sentences a {sent_id: integer, sent: string, ...}; a ValueError naming the file and ref."""
+    for j, sent in enumerate(ref["sentences"]):
+        if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
+            raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {_short(sent)}, expected "
+                             "{sent_id: integer, sent: string, ...}")
+
+
+def load_refs(path):
+    """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
+    the file and the ref."""
+    refs = read_refs_file(path)
     for i, ref in enumerate(refs):
         if not (isinstance(ref, dict) and all(type(ref.get(k)) is int for k in ("ref_id", "ann_id", "image_id"))
                 and isinstance(ref.get("split"), str) and isinstance(ref.get("sentences"), list)):
             raise ValueError(f"{path}: ref #{i} is {_short(ref)}, expected ref_id, ann_id and image_id as integers, "
                              "split a string and sentences a list")
-        for j, sent in enumerate(ref["sentences"]):
-            if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
-                raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {_short(sent)}, expected "
-                                 "{sent_id: integer, sent: string, ...}")
+        check_sentences(path, ref)
     return refs
 
 
