@@ -51,6 +51,8 @@ class TrainConfig:
     data: str = flag("", "dir with train.lmdb, val.lmdb (and test.lmdb); empty: synthetic PhraseCut")
     cache_dir: str = flag(".cache/segvlm", "where the synthetic dataset is made once")
     synth_images: int = flag(DEMO_NUM_IMAGES, "synthetic images (all splits) when --data is empty")
+    synth_no_target: float = flag(0.0, "share of the synthetic phrases that name nothing in their image "
+                                       "(no target, an empty mask; data.py synth --no-target-rate), 0 to 0.5")
     num_workers: int = flag(2, "DataLoader workers per process")
     group_by_image: bool = flag(False, "batches hold the phrases of a few images, each image encoded once a step "
                                        "(datasets.ImageGroupedSampler); off: tasks shuffled one by one")
@@ -79,6 +81,7 @@ class TrainConfig:
     w_focal: float = flag(1.0, "RAF's weight of the focal loss (eq. 5)")
     w_dice: float = flag(1.0, "RAF's weight of the adaptive Dice loss (eq. 6)")
     dice_weight: str = flag("abs", "the adaptive Dice's pixel weight (eq. 7): abs, focal or none")
+    w_no_target: float = flag(1.0, "weight of the no-target BCE added to the loss (models with no_target_head)")
     # run
     out: str = flag("", "run dir; empty: --resume's own, else runs/<preset>-<time>")
     resume: str = flag("", "a run's checkpoint.pth to continue from")
@@ -210,7 +213,7 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("backbone_lr_scale", "weight_decay", "clip_grad", "w_bce", "w_focal", "w_dice",
+    for name in ("backbone_lr_scale", "weight_decay", "clip_grad", "w_bce", "w_focal", "w_dice", "w_no_target",
                  "num_workers", "input_size", "word_len"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -271,6 +274,8 @@ def check_data(cfg: TrainConfig) -> None:
     else:  # the synthetic set
         if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
             raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")
+        if not 0 <= cfg.synth_no_target <= 0.5:
+            raise ValueError(f"--synth-no-target must be between 0 and 0.5, got {cfg.synth_no_target}")
         if cfg.synth_images < 4:
             raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
 

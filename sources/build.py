@@ -31,6 +31,9 @@ def make_parser(prog, description):
     p.add_argument("--size", type=positive_int, default=160, help="longer image side in pixels")
     p.add_argument("--aspect", type=float, default=0.75,
                    help="shorter side / longer side, 0.5 to 1 (default 0.75: 4:3; 1: square)")
+    p.add_argument("--no-target-rate", type=float, default=0.0,
+                   help="share of phrases that name nothing in their image, 0 to 0.5 (default 0): an absent colour "
+                        "and shape pair, an absent shape, a relation that does not hold; empty mask, no_target true")
     p = sub.add_parser("build", help="convert one split to LMDB")
     p.add_argument("--source", default="phrasecut", choices=sorted(SOURCE_FLAGS),
                    help="phrasecut (default), refcoco (RefCOCO/+/g), grefcoco (gRefCOCO), coco (category "
@@ -105,7 +108,8 @@ def print_build(out, s):
 def run(args, parser):
     """synth or build, as parsed by make_parser; a bad record or file raises ValueError or OSError."""
     if args.command == "synth":
-        out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect)
+        out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect,
+                         no_target_rate=args.no_target_rate)
         print(f"wrote {args.images} images to {out}")
     else:
         print_build(args.out, build(args, parser))
