@@ -37,7 +37,7 @@ from pathlib import Path
 from helpers import transforms
 from helpers.cli import parse_device
 from helpers.files import read_json, save_mask
-from helpers.inference import PALETTE, as_image, load_model, open_image, overlay, predict_proba
+from helpers.inference import NOT_FOUND, PALETTE, as_image, load_model, open_image, overlay, predict_proba
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
@@ -82,10 +82,10 @@ def segment(model, image, text, threshold=DEFAULT_THRESHOLD, view="masks", out_d
     probs = predict_proba(model, image, phrases)  # one forward pass: the image encoded once
     masks = [p > threshold for p in probs]
     picture = overlay(image, probs if view == "probability" else masks, phrases)
-    rows = "".join(
+    rows = "".join(  # an empty mask is the answer "no target": said in words, without a colour
         f'<li><span style="display:inline-block;width:1em;height:1em;vertical-align:middle;'
-        f'background:rgb{tuple(c)}"></span> {html.escape(p)}: {100 * m.mean():.1f}% of the picture</li>'
-        for p, m, c in zip(phrases, masks, PALETTE))
+        f'background:rgb{tuple(c)}"></span> {html.escape(p)}: {100 * m.mean():.1f}% of the picture</li>' if m.any()
+        else f'<li class="not-found">{html.escape(p)}: {NOT_FOUND}</li>' for p, m, c in zip(phrases, masks, PALETTE))
     legend = f'<ul style="list-style:none;padding:0">{rows}</ul>'
     paths = []
     if out_dir is not None:

@@ -31,7 +31,7 @@ import warnings
 
 from helpers.cli import check_output, check_path, parse_device, parse_threshold, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
-from helpers.inference import _check_phrase, load_model, open_image, overlay, predict
+from helpers.inference import NOT_FOUND, _check_phrase, load_model, open_image, overlay, predict
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
@@ -87,8 +87,8 @@ def main(argv=None):
             save_mask(mask, args.mask)
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: error: {e}")
-    print(f'{short_phrase(phrase)}: {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
-          f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))
+    found = f"{int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%)" if mask.any() else NOT_FOUND
+    print(f'{short_phrase(phrase)}: {found}; overlay {args.out}' + (f", mask {args.mask}" if args.mask else ""))
 
 
 if __name__ == "__main__":

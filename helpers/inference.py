@@ -258,8 +258,13 @@ def predict_proba(model, image, phrases):
     return probs[0] if single else probs
 
 
+NOT_FOUND = "not found in the picture"  # what the page and predict.py say for an empty mask: "no target"
+
+
 def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
-    """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size.
+    """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size; empty (all False)
+    when the phrase names nothing there (the answer "no target": a model with the no-target head gives it,
+    as generalized referring segmentation scores it).
 
         masks = predict(model, "dog.jpg", ["black dog", "the ball"])   # a list in, a list out
 

@@ -147,3 +147,24 @@ def test_demo_gres_recipe():
         train_config.preset_defaults("demo")
     assert SegVLM(PRESETS["demo-gres"].model).no_target is not None
     assert np.isclose(train_config.TrainConfig().w_no_target, 1.0)
+
+
+def test_predict_and_predict_py_say_not_found(tmp_path):
+    from PIL import Image
+    from tooling import run_tool, save_model_checkpoint
+
+    from helpers import inference
+    torch.manual_seed(0)
+    net = build_model("smoke", no_target_head=True)
+    with torch.no_grad():
+        net.no_target.mlp[-1].bias.fill_(1e3)  # every phrase names nothing
+    save_model_checkpoint(net, tmp_path / "gres.pth")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    model = inference.load_model(tmp_path / "gres.pth", "cpu")
+    mask = inference.predict(model, tmp_path / "p.png", "the purple star")
+    assert mask.shape == (30, 40) and not mask.any()
+    run = run_tool("predict.py", "--ckpt", tmp_path / "gres.pth", "--image", tmp_path / "p.png", "--phrase",
+                   "the purple star", "--out", tmp_path / "o.png", "--mask", tmp_path / "m.png")
+    assert run.returncode == 0, run.stderr
+    assert "'the purple star': not found in the picture; overlay" in run.stdout
+    assert not np.asarray(Image.open(tmp_path / "m.png")).any()
