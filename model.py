@@ -207,7 +207,7 @@ PRESETS = {
     # The demo with phrases that name nothing (a share of the synthetic phrases) and the no-target head on:
     # generalized referring segmentation (gRefCOCO's task, docs/choices.md), on a CPU.
     "demo-gres": Preset(dataclasses.replace(DEMO_MODEL, no_target_head=True),
-                        recipe=dict(DEMO_RECIPE, synth_no_target=0.2)),
+                        recipe=dict(DEMO_RECIPE, synth_no_target=0.2, no_target_head=True)),
     # CRIS's own recipe on RefCOCO/RefCOCO+ (its config/refcoco*/cris_r101.yaml): CLIP RN101 at 416 px,
     # word length 17, 50 epochs, lr 1e-4 x 0.1 at epoch 35, backbone at 0.1x, batch 64, BCE, and CRIS's
     # model (no deformable conv, no SE). `--deform --se --loss raf` trains SegVLM by the same recipe.

@@ -18,7 +18,10 @@
     python train.py --help                             # every field, with the preset's default
 
 `--data DIR` holds `train.lmdb` and `val.lmdb` (and `test.lmdb`, evaluated at the
-end), as `python data.py build --out DIR/<split>.lmdb` writes them. Validation
+end), as `python data.py build --out DIR/<split>.lmdb` writes them. More folders or
+LMDB files after it (`--data grefcoco/ refcoco/`) add their training tasks, mixed
+(data.MixedTasks: every task of every source once an epoch, in one shuffle);
+validation, best.pth and the test stay on the first folder's. Validation
 (every epoch, and the choice of best.pth) runs on val.lmdb alone: PhraseCut's
 val split, whose files do not hold the 100 miniv images (those are in
 refer_miniv.json; convert them to score them with evaluate.py). The run
@@ -64,7 +67,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import evaluate
-from data import ImageGroupedSampler, PhraseCutLMDB, unique_images
+from data import ImageGroupedSampler, MixedTasks, PhraseCutLMDB, unique_images
 from helpers import distributed
 from helpers.checkpoints import init_model
 from helpers.cli import run_tool
@@ -148,7 +151,7 @@ def seed_everything(seed: int) -> None:
 def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
     """The preset's model with the flags' overrides (a resumed run: exactly its architecture), on `device`;
     random weights, CLIP's (--clip-weights) or --init-from's. `restore` loads a resumed run's."""
-    overrides = dict(deform=cfg.deform, se=cfg.se)
+    overrides = dict(deform=cfg.deform, se=cfg.se, no_target_head=cfg.no_target_head)
     if cfg.input_size:
         overrides["input_size"] = cfg.input_size
     if cfg.word_len:
@@ -190,7 +193,7 @@ def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
     Its images are square and exactly input_size wide, so no input pixel is letterbox padding
     and none is resampled (PhraseCut's photos vary in shape; `data.py synth` makes 4:3 ones)."""
     if cfg.data:
-        return Path(cfg.data)
+        return Path(cfg.data[0])
 
     def make():
         return ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed, size=input_size,
@@ -208,7 +211,9 @@ def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[D
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     sizes = dict(input_size=model_cfg.input_size, word_len=model_cfg.word_len)
-    train_set = PhraseCutLMDB(data_dir / "train.lmdb", **sizes, train=True)
+    sources = [data_dir / "train.lmdb"] + [Path(e) / "train.lmdb" if Path(e).is_dir() else Path(e) for e in cfg.data[1:]]
+    sets = [PhraseCutLMDB(path, **sizes, train=True) for path in sources]
+    train_set = sets[0] if len(sets) == 1 else MixedTasks(sets)
     val_set = PhraseCutLMDB(data_dir / "val.lmdb", **sizes, train=False)
     if cfg.group_by_image:
         sampler = ImageGroupedSampler(train_set.image_ids(), cfg.batch_size // world, rank, world, cfg.seed)

@@ -143,7 +143,8 @@ def test_synth_adds_no_target_phrases_and_the_lmdb_keeps_the_flag(tmp_path):
 
 def test_demo_gres_recipe():
     cfg = train_config.preset_defaults("demo-gres")
-    assert cfg.synth_no_target == 0.2 and dataclasses.replace(cfg, synth_no_target=0.0, preset="demo") == \
+    assert cfg.synth_no_target == 0.2 and cfg.no_target_head and not train_config.TrainConfig().no_target_head
+    assert dataclasses.replace(cfg, synth_no_target=0.0, preset="demo", no_target_head=False) == \
         train_config.preset_defaults("demo")
     assert SegVLM(PRESETS["demo-gres"].model).no_target is not None
     assert np.isclose(train_config.TrainConfig().w_no_target, 1.0)
