@@ -145,9 +145,11 @@ def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     except OSError as e:  # a full disk, above all: name the file
         raise OSError(f"could not append to {out / 'metrics.jsonl'}: {e.strerror or e}") from None
     plot_curves(history, out / "curves.png")
+    no_target = f" no_target {last['no_target']:.4f}" if "no_target" in last else ""  # the no-target head's BCE
+    gres = "".join(f" {k} {last['val_' + k]:.4f}" for k in ("gIoU", "N_acc", "T_acc") if last.get("val_" + k) is not None)
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
-          f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {last['val_mIoU']:.4f} "
-          f"oIoU {last['val_oIoU']:.4f} P@0.5 {last['val_prec@0.5']:.4f}  {last['seconds']:.0f}s", flush=True)
+          f"focal {last['focal']:.4f} dice {last['dice']:.4f}{no_target})  val mIoU {last['val_mIoU']:.4f} "
+          f"oIoU {last['val_oIoU']:.4f} P@0.5 {last['val_prec@0.5']:.4f}{gres}  {last['seconds']:.0f}s", flush=True)
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, history: list[dict], best: float,

@@ -97,3 +97,23 @@ def test_a_model_that_answers_nothing_or_everything(tmp_path):
     assert (full["N_acc"], full["T_acc"]) == (0.0, 1.0)
     assert full["cIoU"] == pytest.approx(sum(inter) / (2 * 36 * 24 + 2 * area))
     assert full["gIoU"] == pytest.approx(sum(i / (36 * 24) for i in inter) / 4)
+
+
+def test_ckpt_and_its_saved_masks_give_the_same_gres_figures(tmp_path):
+    from tooling import save_model_checkpoint
+
+    import model
+    ds = grefcoco_val(tmp_path)
+    torch.manual_seed(0)
+    net = model.build_model("smoke", no_target_head=True)
+    with torch.no_grad():
+        net.no_target.mlp[-1].bias.fill_(1e3)  # answers "no target" for every phrase
+    save_model_checkpoint(net, tmp_path / "gres.pth")
+    evaluate.main(["--ckpt", str(tmp_path / "gres.pth"), "--data", ds.path, "--json", str(tmp_path / "a.json"),
+                   "--save-masks", str(tmp_path / "masks"), "--no-progress"])
+    evaluate.main(["--data", ds.path, "--pred-masks", str(tmp_path / "masks"), "--json", str(tmp_path / "b.json"),
+                   "--no-progress"])
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert (a["N_acc"], a["T_acc"], a["gIoU"], a["cIoU"], a["n"]) == (1.0, 0.0, 0.5, 0.0, 4)
+    assert {k: a[k] for k in ("gIoU", "cIoU", "N_acc", "T_acc", "Pr@0.7", "mIoU")} == \
+        {k: b[k] for k in ("gIoU", "cIoU", "N_acc", "T_acc", "Pr@0.7", "mIoU")}
