@@ -53,7 +53,7 @@ from PIL import Image
 from helpers import provenance, transforms
 from helpers.cli import parse_device
 from helpers.files import read_json, save_mask
-from helpers.inference import PALETTE, PRECISIONS, as_image, draw_legend, iter_proba, load_model, open_image, tint
+from helpers.inference import NOT_FOUND, PALETTE, PRECISIONS, as_image, draw_legend, iter_proba, load_model, open_image, tint
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
@@ -121,9 +121,12 @@ def segment(model, image, text, threshold=DEFAULT_THRESHOLD, view="masks", out_d
         mask = prob > threshold  # one forward pass for all phrases: the image encoded once
         tint(base, prob if view == "probability" else mask, color, out=base)  # in place: no second copy
         del prob  # the only float map of the picture's size, one phrase at a time
-        rows.append(f'<li><span style="display:inline-block;width:1em;height:1em;vertical-align:middle;'
-                    f'background:rgb{tuple(color)}"></span> {html.escape(phrase)}: {100 * mask.mean():.1f}% of the '
-                    f'picture</li>')
+        if mask.any():
+            rows.append(f'<li><span style="display:inline-block;width:1em;height:1em;vertical-align:middle;'
+                        f'background:rgb{tuple(color)}"></span> {html.escape(phrase)}: {100 * mask.mean():.1f}% of '
+                        f'the picture</li>')
+        else:  # an empty mask is the answer "no target": said in words, without a colour
+            rows.append(f'<li class="not-found">{html.escape(phrase)}: {NOT_FOUND}</li>')
         if out_dir is not None:
             slug = "".join(ch if ch.isalnum() else "_" for ch in phrase)[:40].strip("_") or "phrase"
             paths.append(Path(out_dir) / f"{k}_{slug}.png")

@@ -2,13 +2,15 @@
 
     PhraseCutLMDB(path)               a split's LMDB (sources/lmdb_store.py), what train.py and evaluate.py read
     PhraseCutFolder(root, split)      the same items straight from a PhraseCut directory
+    MixedTasks([lmdb, ...])           several sources' training tasks as one (train.py --data A B ...)
     ImageGroupedSampler, collate      batches that hold each image's phrases together
 
 An item is the letterboxed, CLIP-normalised image (3, S, S), the phrase's CLIP tokens (word_len), and
 the ground-truth mask twice: letterboxed at the model's output size S/4 for the loss (eq. 4-8), and at
 the image's original size for the metrics (evaluate.py). Eval items also carry `subsets`, the task's
 official subsets (phrasecut_subsets) or, for COCO and VOC, its instance count and category; and
-`ignore_mask`, the pixels left out of the score (VOC's void) or None.
+`ignore_mask`, the pixels left out of the score (VOC's void) or None. Every item carries `no_target`:
+true for a phrase that names nothing in its image (gRefCOCO's ann_id [-1], synth's no-target phrases).
 
 Every source is first converted to one LMDB format, from the command line:
 
@@ -17,6 +19,7 @@ Every source is first converted to one LMDB format, from the command line:
     python data.py build --root VGPhraseCut_v0 --split val --out val.lmdb --skip-missing
     python data.py build --source refcoco --root refer/data --dataset refcoco --split-by unc --split val \
         --out refcoco/val.lmdb
+    python data.py build --source grefcoco --root R --split val --out grefcoco/val.lmdb
     python data.py build --source coco --annotations instances_val2017.json --images val2017/ --out coco.lmdb
     python data.py build --source voc --root VOCdevkit/VOC2012 --split val --out voc_val.lmdb
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
@@ -24,13 +27,14 @@ Every source is first converted to one LMDB format, from the command line:
 The converters live in sources/ (one file per source, and lmdb_store.py, the format they all write);
 docs/data.md says how to prepare each dataset.
 """
+import bisect
 import os
 import time
 from pathlib import Path
 
 import lmdb
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from helpers.cli import run_tool
 from helpers.transforms import cached_tokens, decode_image, letterbox, letterbox_mask, polygons_to_mask, warn_if_cut
@@ -114,7 +118,8 @@ class _PhraseCutItems(Dataset):
         if tokens[-1] and not _PhraseCutItems.said_cut:  # a full row: perhaps a cut phrase
             _PhraseCutItems.said_cut = warn_if_cut(task["phrase"], self.word_len, f"task {task['task_id']}: ",
                                                    " (said once per process: other long phrases are cut too)")
-        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"])}
+        item = {"image": image, "tokens": tokens, "mask": letterbox_mask(gt, size), "image_id": str(task["image_id"]),
+                "no_target": bool(task.get("no_target", False))}  # absent (older files, most sources): false
         if not self.train:
             ps = task.get("phrase_structure") or {}
             item.update(
@@ -167,10 +172,15 @@ class PhraseCutLMDB(_PhraseCutItems):
         """Each task's task_id as a string, in task order."""
         return self._field("task_id")
 
-    def _field(self, name):
+    def no_target_flags(self) -> list:
+        """Each task's no_target flag (a phrase that names nothing), in task order; absent reads as False."""
+        return self._field("no_target", bool, default=False)
+
+    def _field(self, name, convert=str, default=None):
         with reader(self.path).begin() as txn:
             keys = (b"task/%08d" % i for i in range(self.num_tasks))
-            return [str(read_record(self.path, k, txn.get(k))[name]) for k in keys]
+            records = (read_record(self.path, k, txn.get(k)) for k in keys)
+            return [convert(r[name] if default is None else r.get(name, default)) for r in records]
 
     def _read(self, index, image=True):
         key = b"task/%08d" % index
@@ -201,6 +211,31 @@ class PhraseCutFolder(_PhraseCutItems):
         task = self.tasks[index]
         task = {**task, "image_info": image_info_of(self.infos, task)}
         return task, image_path(self.images, task).read_bytes()
+
+
+class MixedTasks(ConcatDataset):
+    """The training tasks of several LMDBs as one dataset (train.py --data DIR MORE...), e.g. gRefCOCO's with
+    RefCOCO's, as ReLA trains.
+
+    The sampling rule: every task of every source once per epoch, all shuffled together (DistributedSampler
+    over the union; with group_by_image, ImageGroupedSampler shuffles the images of all sources together). A
+    source's share of the steps is its share of the tasks; no source is repeated or cut to balance them.
+    Image ids carry their source's position ("1/42"), so that two sources' images with the same id stay
+    apart (unique_images encodes an id once per batch)."""
+
+    def __init__(self, datasets):
+        super().__init__(datasets)
+        self.paths = [d.path for d in datasets]
+
+    def image_ids(self) -> list:
+        return [f"{k}/{i}" for k, d in enumerate(self.datasets) for i in d.image_ids()]
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        k = bisect.bisect_right(self.cumulative_sizes, index)
+        item = super().__getitem__(index)
+        return {**item, "image_id": f"{k}/{item['image_id']}"}
 
 
 class ImageGroupedSampler(torch.utils.data.Sampler):

@@ -24,13 +24,16 @@ threshold (0.35, CRIS's). Per task I = |G and P|, U = |G or P|, IoU = 0 when I =
 The same for each of the data's subsets (phrasecut_subsets; a category for COCO and VOC). Every
 number is a fraction in [0, 1]; the printed table shows percentages.
 
+Data with phrases that name nothing (gRefCOCO, `data.py synth --no-target-rate`) also get the GRES
+metrics of ReLA's evaluator (refer_evaluation.py, as fixed on 2023-08-26): an empty predicted mask is the
+answer "no target" (`summarize_gres`), and gIoU, cIoU, N_acc, T_acc, Pr@0.7/0.8/0.9 join the JSON.
+
 Under torchrun every rank scores one contiguous block of the tasks (no padding, so no task counts
 twice); the per-task (I, U, subsets) are gathered and the metrics computed once from the full list in
 dataset order: the result is exactly that of one process. On CUDA the forward passes go through CUDA
 graphs (helpers/inference.FastSegVLM; --no-fast runs the model eagerly): the same numbers, faster.
 The flags and outputs are checked before anything is loaded (helpers/eval_files.py).
 """
-import argparse
 import json
 import math
 import sys
@@ -48,8 +51,8 @@ from tqdm import tqdm
 from data import PhraseCutLMDB, collate, unique_images
 from helpers import distributed, transforms
 from helpers.checkpoints import load_checkpoint
-from helpers.cli import make_dir, parse_device, parse_threshold, run_tool
-from helpers.eval_files import check_outputs, claim_outputs, resolve_data_path
+from helpers.cli import make_dir, run_tool
+from helpers.eval_files import claim_outputs, parse_args, resolve_data_path
 from helpers.files import atomic_path, load_mask, mask_path, save_mask
 from helpers.inference import FastSegVLM, eval_mode
 from helpers.provenance import UNITS
@@ -67,6 +70,54 @@ DEFINITIONS = {  # what each key of the JSON is, as the field names it
     "size": "every mask at its image's original size; ignored pixels (VOC's void) in neither I nor U"}
 
 METRIC_KEYS = ("mIoU", "oIoU") + tuple(f"prec@{k}" for k in PREC_THRESHOLDS) + ("n",)
+
+# The GRES metrics, as ReLA's evaluator (gres_model/evaluation/refer_evaluation.py after commit 884ef17).
+
+GRES_PREC = (0.7, 0.8, 0.9)
+
+GRES_DEFINITIONS = {
+    "gIoU": "GRES: mean over all tasks of the per-task IoU, where a no-target task answered with an empty mask "
+            "scores 1 and one answered with a mask 0, and a target task answered with an empty mask 0",
+    "cIoU": "GRES: sum of I / sum of U; a no-target task answered empty adds nothing, one answered with a mask "
+            "adds its area to U; a target task answered empty adds I = 0 and its U",
+    "N_acc": "GRES: share of no-target tasks answered with an empty mask (no target)",
+    "T_acc": "GRES: share of target tasks answered with a non-empty mask",
+    "Pr@k": "GRES: share of target tasks whose IoU is at least k (ReLA's >=), k in 0.7, 0.8, 0.9"}
+
+
+def gres_task(intersection, union, no_target, answered_none):
+    """One task by ReLA's rules -> (IoU, I, U) it adds. intersection, union: |G and P|, |G or P|;
+    no_target: the phrase names nothing (G empty); answered_none: the predicted mask is empty."""
+    if no_target:
+        return (1.0, 0, 0) if answered_none else (0.0, 0, union)  # union is then the predicted area
+    if answered_none:
+        return 0.0, 0, union  # I = 0; union is then |G|
+    return (0.0 if union == 0 else intersection / union), intersection, union
+
+
+def summarize_gres(tasks):
+    """The GRES metrics of [(I, U, no_target, answered_none), ...]: {"gIoU", "cIoU", "N_acc", "T_acc",
+    "Pr@0.7", "Pr@0.8", "Pr@0.9"}, fractions. N_acc is None without no-target tasks; T_acc and Pr@k None
+    without target tasks."""
+    scored = [gres_task(*t) for t in tasks]
+    total_u = sum(u for _, _, u in scored)
+    targets = [s[0] for s, t in zip(scored, tasks) if not t[2]]
+    empty = [t[3] for t in tasks if t[2]]
+    out = {"gIoU": math.fsum(s[0] for s in scored) / len(tasks) if tasks else None,
+           "cIoU": sum(i for _, i, _ in scored) / total_u if total_u else 0.0,
+           "N_acc": sum(empty) / len(empty) if empty else None,
+           "T_acc": sum(not t[3] for t in tasks if not t[2]) / len(targets) if targets else None}
+    for k in GRES_PREC:
+        out[f"Pr@{k}"] = sum(v >= k for v in targets) / len(targets) if targets else None
+    return out
+
+
+def add_gres(result, tasks):
+    """result + summarize_gres of tasks [(I, U, subsets, no_target, answered_none), ...] when one of them is
+    a no-target task (the data holds phrases that name nothing); result unchanged otherwise."""
+    if any(t[3] for t in tasks):
+        result.update(summarize_gres([(t[0], t[1], t[3], t[4]) for t in tasks]))
+    return result
 
 
 def task_iou(pred, gt, ignore=None):
@@ -168,6 +219,9 @@ def format_table(result):
     for name, m in [("all", result)] + named:
         cells = [m["mIoU"], m["oIoU"]] + [m[f"prec@{k}"] for k in PREC_THRESHOLDS]
         rows.append(f"{name:<{width}} {m['n']:>7d}" + "".join(f" {'-' if v is None else f'{100 * v:.2f}':>7}" for v in cells))
+    if "gIoU" in result:
+        rows.append("GRES: " + "  ".join(f"{k} {'-' if result[k] is None else f'{100 * result[k]:.2f}'}"
+                                          for k in ("gIoU", "cIoU", "N_acc", "T_acc", *(f"Pr@{p}" for p in GRES_PREC))))
     if result.get("note"):
         rows.append(f"note: {result['note']}")
     return "\n".join(rows)
@@ -250,8 +304,11 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
                 pred = transforms.unletterbox(prob[i, 0], h, w, input_size=size) > threshold
                 ignore = batch.get("ignore_mask", [None] * len(batch["task_id"]))[i]  # VOC's void, or None
                 inter, union = task_iou(pred, gt, ignore)
-                # the item's subsets, decided by phrasecut_subsets from its PhraseCut records
-                tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i]))  # loader keeps shard order
+                no_target = bool(batch["no_target"][i]) if "no_target" in batch else False
+                # the item's subsets, decided by phrasecut_subsets from its PhraseCut records; an empty mask
+                # is the answer "no target" (add_gres)
+                tasks.append((indices[len(tasks)], inter, union, batch["subsets"][i], no_target,
+                              not bool(pred.any())))  # the loader keeps shard order
                 if save_masks is not None:
                     save_mask(pred, mask_path(save_masks, task_id))
                 if ceiling:
@@ -261,9 +318,10 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     tasks = gather_tasks(tasks)
     result = summarize_tasks([t[1:] for t in tasks], getattr(dataset, "subset_names", None),
                              getattr(dataset, "subset_note", None), getattr(dataset, "category_names", None))
+    add_gres(result, [t[1:] for t in tasks])
     if per_task:
         result["per_task"] = [{"index": i, "iou": iou(inter, union), "subsets": list(names)}
-                              for i, inter, union, names in tasks]
+                              for i, inter, union, names, *_ in tasks]
     if ceiling:
         ceiling_tasks = gather_tasks(ceiling_tasks)
         result["ceiling"] = summarize([t[1] for t in ceiling_tasks], [t[2] for t in ceiling_tasks])
@@ -273,7 +331,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
 def evaluate_masks(dataset, pred_dir, progress=True):
     """Score saved masks, pred_dir/<task_id>.png at each image's size (non-zero = foreground), against
     an LMDB's ground truth (PhraseCutLMDB.targets), with evaluate's metrics, subsets and categories.
-    Every file is looked for first: missing ones are a ValueError counting them and naming a few."""
+    Every file is looked for first: missing ones are a ValueError counting them and naming a few. With
+    no-target tasks also the GRES metrics (an all-zero mask is the answer "no target")."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise ValueError(f"--pred-masks {pred_dir} is not a folder of <task_id>.png masks")
@@ -282,7 +341,7 @@ def evaluate_masks(dataset, pred_dir, progress=True):
     if missing:
         raise ValueError(f"--pred-masks {pred_dir}: {len(missing)} of {len(paths)} masks are missing, e.g. "
                          f"{', '.join(m + '.png' for m in missing[:5])} (one <task_id>.png per task of --data)")
-    tasks = []
+    tasks, flags = [], dataset.no_target_flags()
     for i in tqdm(range(len(dataset)), desc="score", disable=not progress, leave=False):
         _, gt, ignore, subsets = dataset.targets(i)
         try:
@@ -294,8 +353,8 @@ def evaluate_masks(dataset, pred_dir, progress=True):
             pred = load_mask(paths[i])
         except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"{paths[i]}: not a readable mask image ({err})") from None
-        tasks.append((*task_iou(pred, gt, ignore), subsets))
-    return summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names)
+        tasks.append((*task_iou(pred, gt, ignore), subsets, flags[i], not pred.any()))
+    return add_gres(summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names), tasks)
 
 
 def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> dict:
@@ -361,53 +420,6 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
     return paths
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="evaluate.py",
-                                description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
-    p.add_argument("--ckpt", help="checkpoint written by train.py, or by CRIS's training code (docs/cris.md); "
-                                  "the model is rebuilt from it alone")
-    p.add_argument("--pred-masks", metavar="DIR", help="score these saved <task_id>.png masks instead of a model "
-                                                       "(needs --data)")
-    p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
-    p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
-                   help=f"cut on the sigmoid probability (default {DEFAULT_THRESHOLD}, CRIS's)")
-    p.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: this rank's GPU if "
-                                                        "there is one, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32 (default: scores comparable across machines) or bf16 autocast (CUDA or CPU)")
-    p.add_argument("--amp", action="store_true", help="the same as --precision bf16")
-    p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
-    p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
-    p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
-    p.add_argument("--num", type=int, default=8, help="how many figures --vis writes (default 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--ceiling", action="store_true",
-                   help="also score a perfect prediction made at the decoder's stride-16 grid (decoder_grid_ceiling)")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA graphs on CUDA (inference.FastSegVLM); no effect on the CPU (default on)")
-    args = p.parse_args(argv)
-    args.amp = args.amp or args.precision == "bf16"
-    if bool(args.ckpt) == bool(args.pred_masks):
-        p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")
-    if args.pred_masks:
-        if not args.data:
-            p.error("--pred-masks needs --data, the LMDB whose tasks the masks answer")
-        model_only = [f for f in ("--save-masks", "--vis", "--ceiling", "--amp")
-                      if getattr(args, f[2:].replace("-", "_"))]
-        if model_only:
-            p.error(f"{', '.join(model_only)} need a model (--ckpt); --pred-masks only scores saved masks")
-    for name, least in (("batch_size", 1), ("num", 1), ("workers", 0)):
-        if getattr(args, name) < least:
-            p.error(f"--{name.replace('_', '-')} must be at least {least}")
-    try:
-        check_outputs(args)
-    except ValueError as e:
-        p.error(str(e))
-    return args
-
-
 def run(args):
     """The CLI's work; raises ValueError / OSError for the user's mistakes (parse_args checked the flags)."""
 
@@ -434,8 +446,7 @@ def run(args):
     if rank == 0:
         print(format_table(result))
         if args.json:
-            with atomic_path(args.json) as tmp:
-                tmp.write_text(json.dumps({**result, "units": UNITS, "definitions": DEFINITIONS}, indent=2) + "\n")
+            write_json(args.json, result)
         if args.vis:
             save_overlays(net, dataset, args.vis, num=args.num, threshold=args.threshold, device=device)
         print(f"{args.ckpt} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
@@ -455,11 +466,17 @@ def run_pred_masks(args):
     result = evaluate_masks(PhraseCutLMDB(str(path), train=False), args.pred_masks, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({**result, "units": UNITS, "definitions": DEFINITIONS}, indent=2) + "\n")
+        write_json(args.json, result)
     print(f"{args.pred_masks} on {path}: mIoU {100 * result['mIoU']:.2f}  oIoU {100 * result['oIoU']:.2f}  "
           f"P@0.5 {100 * result['prec@0.5']:.2f}  P@0.9 {100 * result['prec@0.9']:.2f}  ({result['n']} tasks)")
     return result
+
+
+def write_json(path, result):
+    """The metrics and their definitions (the GRES ones too when the data has no-target phrases) to `path`."""
+    definitions = {**DEFINITIONS, **(GRES_DEFINITIONS if "gIoU" in result else {})}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**result, "units": UNITS, "definitions": definitions}, indent=2) + "\n")
 
 
 def main(argv=None):

@@ -11,6 +11,10 @@
 - `DeformableConv2d`: eq. (1) of the paper, an offset-predicting conv and
   `deform_conv2d_sampled` (bilinear sampling of the shifted taps, then one
   matmul), tested equal to torchvision's `deform_conv2d`.
+- `NoTargetHead`, `answer_nothing`: the optional "no target" answer (a phrase that
+  names nothing gets an empty mask; docs/choices.md).
+- `dense_attention_pool`, `attention_pool_tokens`: CLIP's attention pool applied at
+  every position (CRIS's c5).
 
 Each is small on purpose; read it beside the paper's §3 and CRIS's code
 (github.com/DerrickWang005/CRIS.pytorch, model/layers.py), whose names cris.py maps.
@@ -333,3 +337,63 @@ class DeformableConv2d(nn.Module):
             out = deform_conv2d(x.float(), offsets.float(), self.weight.float(), self.bias.float(),
                                 padding=(pad, pad))  # (B, out, H, W)
         return out.to(x.dtype)
+
+
+class NoTargetHead(nn.Module):
+    """A "no target" logit per phrase (generalized referring segmentation: a phrase may name nothing).
+
+    Inputs: the decoder's output x (B, C, h, w), pooled two ways (mean: what the map holds overall;
+    max: its strongest match), the sentence state (B, E), and the mask logits' peak and mean (B, 1,
+    H, W): how strongly any pixel answers the phrase. An MLP (2C + E + 2 -> C -> 1) gives a logit
+    whose sigmoid is the probability that the phrase names nothing in the image (ReLA, CVPR 2023,
+    predicts such a label from its global features likewise). Trained with BCE on tasks whose ground
+    truth is marked no-target (train.py); `answer_nothing` empties the mask where the logit is > 0.
+    """
+
+    def __init__(self, dim: int, state_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * dim + state_dim + 2, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.flatten(1).float()  # (B, H*W)
+        features = [x.mean((2, 3)), x.amax((2, 3)), state, flat.amax(1, keepdim=True), flat.mean(1, keepdim=True)]
+        return self.mlp(torch.cat([f.to(x.dtype) for f in features], 1))[:, 0]  # (B,)
+
+
+NOTHING = -1e4  # the mask logit of a phrase answered "no target": sigmoid 0, representable in bf16 and fp16
+
+
+def answer_nothing(logits: torch.Tensor, no_target: torch.Tensor) -> torch.Tensor:
+    """Mask logits (B, 1, H, W) with every pixel of a phrase whose no-target logit (B,) is > 0 set to NOTHING,
+    so its mask is empty at any threshold: the empty mask is the answer "no target" (evaluate.py's GRES
+    metrics). No Python decision on values: CUDA graphs and ONNX export take it."""
+    return torch.where(no_target.view(-1, 1, 1, 1) > 0, logits.new_full((), NOTHING), logits)
+
+
+def dense_attention_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's attention pool at every position: (B, C, H, W) -> (B, out_dim, H, W)."""
+    b, c, h, w = x.shape
+    grid = pool.positional_embedding[1:]  # (g*g, C): drop the mean token's row
+    g = round(grid.shape[0] ** 0.5)
+    grid = grid.reshape(1, g, g, c).permute(0, 3, 1, 2)  # (1, C, g, g)
+    if (g, g) != (h, w):
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+    pos = grid.flatten(2).permute(2, 0, 1)  # (1, C, HW) -> (HW, 1, C)
+    seq = x.flatten(2).permute(2, 0, 1) + pos.to(x.dtype)  # (B, C, HW) -> (HW, B, C)
+    out = attention_pool_tokens(pool, seq)  # (HW, B, out_dim)
+    return out.permute(1, 2, 0).reshape(b, -1, h, w)  # (B, out_dim, HW) -> (B, out_dim, H, W)
+
+
+def attention_pool_tokens(pool: nn.Module, seq: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention with CLIP's pool weights, every token a query: (T, B, C) -> (T, B, out_dim).
+
+    CLIP's own pool is this with the mean token as the only query.
+    """
+    out, _ = F.multi_head_attention_forward(
+        query=seq, key=seq, value=seq, embed_dim_to_check=seq.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False)
+    return out

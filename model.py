@@ -36,7 +36,17 @@ from torchvision.ops import SqueezeExcitation
 
 from helpers.clip_weights import clip_fields_from_state_dict, load_clip_state_dict
 from helpers.inputs import check_inputs
-from layers import FPN, Decoder, DeformableConv2d, Projector, up
+from layers import (
+    FPN,
+    Decoder,
+    DeformableConv2d,
+    NoTargetHead,
+    Projector,
+    answer_nothing,
+    attention_pool_tokens,  # noqa: F401  (CLIP's pool at every position: model's c5, and the tests')
+    dense_attention_pool,
+    up,
+)
 
 # --------------------------------------------------------------------------- config
 
@@ -84,6 +94,8 @@ class SegVLMConfig:
     deform: bool = True               # deformable conv (eq. 1) with the residual shortcut (eq. 3)
     se: bool = True                   # squeeze-and-excitation (eq. 2)
     se_reduction: int = 16            # SE squeeze: channels // 16, as in Hu et al. 2018
+    # generalized referring segmentation (off in the paper's presets: exactly the paper's, CRIS's model)
+    no_target_head: bool = False      # a phrase may name nothing: layers.NoTargetHead, its mask then empty
     # input
     input_size: int = 416             # training/eval side; forward accepts any multiple of 32
     word_len: int = 22                # longest token sequence accepted
@@ -157,10 +169,14 @@ class SegVLMConfig:
         unknown = sorted(set(d) - set(config_fields()))
         if unknown:
             raise ValueError(f"unknown SegVLMConfig field(s) {unknown}; valid fields: {config_fields()}")
+        d = {**LATER_FIELDS, **d}  # a config saved before a field existed ran without it
         missing = [k for k in config_fields() if k not in d]
         if missing:
             raise ValueError(f"{len(missing)} of SegVLMConfig's {len(config_fields())} fields missing: {missing}")
         return cls(**d)  # __post_init__ turns lists back into tuples
+
+
+LATER_FIELDS = {"no_target_head": False}  # fields newer than saved configs, at the value that means "as before"
 
 
 def config_fields() -> list:
@@ -174,19 +190,25 @@ class Preset:
     recipe: dict  # train_config.TrainConfig fields where it departs from the paper's recipe (TrainConfig's defaults)
 
 
+# CLIP's architecture scaled down to train on a CPU in minutes, from scratch (so the backbone gets the full
+# rate), on the synthetic set; why each value: docs/measurements.md, "The demo preset".
+DEMO_MODEL = SegVLMConfig(
+    embed_dim=64, image_resolution=192, vision_layers=(1, 1, 1, 1), vision_width=16,
+    context_length=16, transformer_width=64, transformer_heads=2, transformer_layers=2,
+    fpn_out=(32, 48, 96), decoder_layers=2, decoder_dim=48, decoder_heads=4, decoder_ffn=144,
+    proj_dim=32, se_reduction=8, input_size=192, word_len=16, decoder_dropout=0.0)
+DEMO_RECIPE = dict(epochs=8, batch_size=16, lr=1e-3, backbone_lr_scale=1.0, milestones=[7.5], num_workers=1,
+                   group_by_image=True, freeze_token_embedding=True)
+
 PRESETS = {
     # CRIS with CLIP RN101 at 416x416, trained by the paper's recipe (§4.2).
     "paper": Preset(SegVLMConfig(), recipe=dict(clip_weights="RN101", num_workers=4)),
-    # CLIP's architecture scaled down to train on a CPU in minutes, from scratch (so the backbone gets
-    # the full rate), on the synthetic set; why each value: docs/measurements.md, "The demo preset".
-    "demo": Preset(
-        SegVLMConfig(
-            embed_dim=64, image_resolution=192, vision_layers=(1, 1, 1, 1), vision_width=16,
-            context_length=16, transformer_width=64, transformer_heads=2, transformer_layers=2,
-            fpn_out=(32, 48, 96), decoder_layers=2, decoder_dim=48, decoder_heads=4, decoder_ffn=144,
-            proj_dim=32, se_reduction=8, input_size=192, word_len=16, decoder_dropout=0.0),
-        recipe=dict(epochs=8, batch_size=16, lr=1e-3, backbone_lr_scale=1.0, milestones=[7.5], num_workers=1,
-                    group_by_image=True, freeze_token_embedding=True)),
+    # the CPU demo (DEMO_MODEL above)
+    "demo": Preset(DEMO_MODEL, recipe=DEMO_RECIPE),
+    # The demo with phrases that name nothing (a share of the synthetic phrases) and the no-target head on:
+    # generalized referring segmentation (gRefCOCO's task, docs/choices.md), on a CPU.
+    "demo-gres": Preset(dataclasses.replace(DEMO_MODEL, no_target_head=True),
+                        recipe=dict(DEMO_RECIPE, synth_no_target=0.2, no_target_head=True)),
     # CRIS's own recipe on RefCOCO/RefCOCO+ (its config/refcoco*/cris_r101.yaml): CLIP RN101 at 416 px,
     # word length 17, 50 epochs, lr 1e-4 x 0.1 at epoch 35, backbone at 0.1x, batch 64, BCE, and CRIS's
     # model (no deformable conv, no SE). `--deform --se --loss raf` trains SegVLM by the same recipe.
@@ -291,35 +313,6 @@ class CLIPBackbone(clip.model.CLIP):
         return words, eot @ self.text_projection  # (B, L, width), (B, embed_dim)
 
 
-def dense_attention_pool(pool: clip.model.AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's attention pool at every position: (B, C, H, W) -> (B, out_dim, H, W)."""
-    b, c, h, w = x.shape
-    grid = pool.positional_embedding[1:]  # (g*g, C): drop the mean token's row
-    g = round(grid.shape[0] ** 0.5)
-    grid = grid.reshape(1, g, g, c).permute(0, 3, 1, 2)  # (1, C, g, g)
-    if (g, g) != (h, w):
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
-    pos = grid.flatten(2).permute(2, 0, 1)  # (1, C, HW) -> (HW, 1, C)
-    seq = x.flatten(2).permute(2, 0, 1) + pos.to(x.dtype)  # (B, C, HW) -> (HW, B, C)
-    out = attention_pool_tokens(pool, seq)  # (HW, B, out_dim)
-    return out.permute(1, 2, 0).reshape(b, -1, h, w)  # (B, out_dim, HW) -> (B, out_dim, H, W)
-
-
-def attention_pool_tokens(pool: clip.model.AttentionPool2d, seq: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention with CLIP's pool weights, every token a query: (T, B, C) -> (T, B, out_dim).
-
-    CLIP's own pool is this with the mean token as the only query.
-    """
-    out, _ = F.multi_head_attention_forward(
-        query=seq, key=seq, value=seq, embed_dim_to_check=seq.shape[-1], num_heads=pool.num_heads,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
-        use_separate_proj_weight=True, training=False, need_weights=False)
-    return out
-
-
 class EnhancementBlock(nn.Module):
     """Deformable-attentive visual enhancement (paper §3.3, eq. 1-3), wrapped around the projector's visual branch.
 
@@ -401,9 +394,14 @@ class SegVLM(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # last, so that the other parts draw the same random numbers with the head on or off
+        self.no_target = NoTargetHead(cfg.decoder_dim, cfg.embed_dim) if cfg.no_target_head else None
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None, return_no_target=False):
         """image (B, 3, H, W), tokens (B, L) -> mask logits (B, 1, H/4, W/4).
+
+        With config.no_target_head, a phrase judged to name nothing gets an empty mask (answer_nothing);
+        return_no_target=True gives (logits before that, no-target logits (B,) or None) for the loss.
 
         With image_index (B,), image holds each distinct image once, (U, 3, H, W), and phrase i is
         about image[image_index[i]]: the image encoder, and the neck's projections of its maps,
@@ -411,9 +409,9 @@ class SegVLM(nn.Module):
         data.ImageGroupedSampler). The result is the same as passing image[image_index], except
         that BatchNorm in train mode sees each image once in those parts."""
         self.check_inputs(image, tokens, image_index)
-        return self.segment(image, tokens, image_index)
+        return self.segment(image, tokens, image_index, return_no_target)
 
-    def segment(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, tokens: torch.Tensor, image_index=None, return_no_target=False):
         """The forward pass without `check_inputs`: no Python decision depends on tensor values, so
         it can be captured in a CUDA graph (helpers/inference.FastSegVLM checks the inputs first)."""
         c3, c4, c5 = self.backbone.encode_image(image)  # one map per image
@@ -421,7 +419,11 @@ class SegVLM(nn.Module):
         x = self.neck(c3, c4, c5, state, image_index)  # (B, C, H/16, W/16): each phrase with its image
         x = self.decoder(x, words, pad_mask=tokens == 0)  # (B, C, H/16, W/16)
         v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
-        return self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
+        logits = self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
+        no_target = None if self.no_target is None else self.no_target(x, state, logits)  # (B,)
+        if return_no_target:
+            return logits, no_target
+        return logits if no_target is None else answer_nothing(logits, no_target)
 
     def check_inputs(self, image, tokens, image_index=None):
         """What forward checks first (helpers/inputs.py): shapes, dtypes, lengths, a ValueError otherwise."""
@@ -434,7 +436,8 @@ def parameter_counts(model: SegVLM) -> dict:
         return sum(p.numel() for p in m.parameters())
     parts = {name: count(getattr(model, attr)) for name, attr in
              [("backbone", "backbone"), ("neck", "neck"), ("decoder", "decoder"),
-              ("projector", "projector"), ("enhancement", "enhance")]}
+              ("projector", "projector"), ("enhancement", "enhance"), ("no_target", "no_target")]
+             if getattr(model, attr) is not None}
     parts["total"] = count(model)
     return parts
 

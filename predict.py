@@ -47,7 +47,7 @@ import warnings
 from helpers import batch_predict
 from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
-from helpers.inference import PRECISIONS, check_phrase, load_model, open_image, overlay, predict
+from helpers.inference import NOT_FOUND, PRECISIONS, check_phrase, load_model, open_image, overlay, predict
 from helpers.onnx_model import load_onnx
 from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
@@ -163,8 +163,8 @@ def main(argv=None):
             save_mask(mask, args.mask)
     except (ValueError, OSError) as e:
         sys.exit(f"predict.py: error: {e}")
-    print(f'{short_phrase(phrase)}: {int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%); '
-          f"overlay {args.out}" + (f", mask {args.mask}" if args.mask else ""))
+    found = f"{int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%)" if mask.any() else NOT_FOUND
+    print(f'{short_phrase(phrase)}: {found}; overlay {args.out}' + (f", mask {args.mask}" if args.mask else ""))
 
 
 def folder_main(p, args):

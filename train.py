@@ -18,7 +18,10 @@
     python train.py --help                             # every field, with the preset's default
 
 `--data DIR` holds `train.lmdb` and `val.lmdb` (and `test.lmdb`, evaluated at the
-end), as `python data.py build --out DIR/<split>.lmdb` writes them. Validation
+end), as `python data.py build --out DIR/<split>.lmdb` writes them. More folders or
+LMDB files after it (`--data grefcoco/ refcoco/`) add their training tasks, mixed
+(data.MixedTasks: every task of every source once an epoch, in one shuffle);
+validation, best.pth and the test stay on the first folder's. Validation
 (every epoch, and the choice of best.pth) runs on val.lmdb alone: PhraseCut's
 val split, whose files do not hold the 100 miniv images (those are in
 refer_miniv.json; convert them to score them with evaluate.py). The run
@@ -58,12 +61,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import evaluate
-from data import ImageGroupedSampler, PhraseCutLMDB, unique_images
+from data import ImageGroupedSampler, MixedTasks, PhraseCutLMDB, unique_images
 from helpers import distributed
 from helpers.checkpoints import init_model
 from helpers.cli import run_tool
@@ -107,16 +111,17 @@ def train(cfg: TrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
             terms = train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch, cfg,
-                                    scheduler if per_step else None)
+                                    scheduler if per_step else None, model.config.no_target_head)
             if not per_step:
                 scheduler.step()
             val = evaluate.evaluate(model, val_set, threshold=cfg.threshold, batch_size=loader.batch_size,
                                     num_workers=cfg.num_workers, device=device, progress=False)
             history.append({"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[-1]["lr"],
                             "lr_backbone": optimizer.param_groups[0]["lr"],
-                            **{f"val_{k}": val[k] for k in ("mIoU", "oIoU", "prec@0.5")},
+                            **{f"val_{k}": val[k] for k in ("mIoU", "oIoU", "prec@0.5", *GRES_LOGGED) if k in val},
                             "seconds": round(time.time() - t0, 2)})
-            improved, best = val["mIoU"] > best, max(best, val["mIoU"])
+            score = val.get("gIoU", val["mIoU"])  # with no-target phrases in val: GRES's mean (it scores them)
+            improved, best = score > best, max(best, score)
             if rank == 0:
                 log_epoch(out, history, cfg.epochs)
                 save_checkpoint(out, model, optimizer, scheduler, scaler, history, best, improved, cfg, data_dir,
@@ -136,6 +141,8 @@ def train(cfg: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------
 # the steps, in the order train() takes them
 
+GRES_LOGGED = ("gIoU", "cIoU", "N_acc", "T_acc")  # logged per epoch when val holds no-target phrases
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -146,7 +153,7 @@ def seed_everything(seed: int) -> None:
 def make_model(cfg: TrainConfig, device, resume: dict | None = None) -> SegVLM:
     """The preset's model with the flags' overrides (a resumed run: exactly its architecture), on `device`;
     random weights, CLIP's (--clip-weights) or --init-from's. `restore` loads a resumed run's."""
-    overrides = dict(deform=cfg.deform, se=cfg.se)
+    overrides = dict(deform=cfg.deform, se=cfg.se, no_target_head=cfg.no_target_head)
     if cfg.input_size:
         overrides["input_size"] = cfg.input_size
     if cfg.word_len:
@@ -188,11 +195,11 @@ def resolve_data(cfg: TrainConfig, input_size: int) -> Path:
     Its images are square and exactly input_size wide, so no input pixel is letterbox padding
     and none is resampled (PhraseCut's photos vary in shape; `data.py synth` makes 4:3 ones)."""
     if cfg.data:
-        return Path(cfg.data)
+        return Path(cfg.data[0])
 
     def make():
         return ensure_synthetic(cfg.cache_dir, num_images=cfg.synth_images, seed=cfg.seed, size=input_size,
-                                     aspect=1.0, progress=distributed.is_main())
+                                aspect=1.0, progress=distributed.is_main(), no_target_rate=cfg.synth_no_target)
 
     if distributed.is_main():
         make()
@@ -206,7 +213,9 @@ def make_loaders(cfg: TrainConfig, model_cfg, data_dir: Path, device) -> tuple[D
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     sizes = dict(input_size=model_cfg.input_size, word_len=model_cfg.word_len)
-    train_set = PhraseCutLMDB(data_dir / "train.lmdb", **sizes, train=True)
+    sources = [data_dir / "train.lmdb"] + [Path(e) / "train.lmdb" if Path(e).is_dir() else Path(e) for e in cfg.data[1:]]
+    sets = [PhraseCutLMDB(path, **sizes, train=True) for path in sources]
+    train_set = sets[0] if len(sets) == 1 else MixedTasks(sets)
     val_set = PhraseCutLMDB(data_dir / "val.lmdb", **sizes, train=False)
     if cfg.group_by_image:
         sampler = ImageGroupedSampler(train_set.image_ids(), cfg.batch_size // world, rank, world, cfg.seed)
@@ -302,9 +311,10 @@ def wrap_model(model: SegVLM, cfg: TrainConfig, device) -> torch.nn.Module:
 
 
 def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int, cfg: TrainConfig,
-                    scheduler=None) -> dict:
+                    scheduler=None, gres=False) -> dict:
     """One pass over this rank's shard of the training set -> the loss terms' means over every rank.
     scheduler: stepped after every batch when given (a per-step schedule, make_optimizer).
+    gres: the model has the no-target head (config.no_target_head): its BCE term is trained too (train_step).
 
     Every rank ends the epoch with rank 0's BatchNorm statistics (broadcast_buffers), so that
     validation and the checkpoint see one model. Raises NonFiniteLoss naming the first bad step.
@@ -313,7 +323,7 @@ def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int
     device = next(net.parameters()).device
     loader.sampler.set_epoch(epoch)
     net.train()
-    monitor = LossMonitor(device)
+    monitor = LossMonitor(device, LossMonitor.KEYS + ("no_target",) * gres)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, dynamic_ncols=True, leave=False)
     for i, batch in enumerate(bar):
         image, index = batch["image"], None
@@ -325,7 +335,9 @@ def train_one_epoch(net, loader, criterion, optimizer, scaler, dtype, epoch: int
         target = batch["mask"].to(device, non_blocking=True)
         if cfg.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad, index)
+        no_target = batch["no_target"].to(device, non_blocking=True) if gres else None
+        terms = train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, cfg.clip_grad, index,
+                           no_target, cfg.w_no_target)
         if scheduler is not None:
             scheduler.step()
         monitor.add(terms, epoch * len(loader) + i)
@@ -343,12 +355,20 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train_step(net, image, tokens, target, criterion, optimizer, scaler, dtype, clip_grad=0.0,
-               image_index=None) -> dict:
+               image_index=None, no_target=None, w_no_target=1.0) -> dict:
     """One optimisation step -> the loss terms as detached tensors on the device (read none: no host sync).
-    image_index: see SegVLM.forward (None: one image per phrase)."""
+    image_index: see SegVLM.forward (None: one image per phrase). no_target: (B,) bools, the phrases that
+    name nothing, for a model with the no-target head: the term "no_target", BCE of its logits against
+    them, joins the loss times w_no_target (the mask loss still sees every phrase, an empty target included)."""
     with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = net(image, tokens, image_index)
+        if no_target is None:
+            logits = net(image, tokens, image_index)
+        else:
+            logits, no_target_logits = net(image, tokens, image_index, return_no_target=True)
     terms = criterion(logits.float(), target)
+    if no_target is not None:
+        terms["no_target"] = F.binary_cross_entropy_with_logits(no_target_logits.float(), no_target.float())
+        terms["loss"] = terms["loss"] + w_no_target * terms["no_target"]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["loss"]).backward()
     if clip_grad > 0:
@@ -368,7 +388,8 @@ class LossMonitor:
 
     KEYS = ("loss", "bce", "focal", "dice")
 
-    def __init__(self, device):
+    def __init__(self, device, keys=KEYS):
+        self.KEYS = tuple(keys)
         self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
         self.bad_terms = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)

@@ -1,11 +1,13 @@
 """What evaluate.py reads and writes besides the metrics: the data a checkpoint is scored on, and its output
-flags, checked before any work (a ValueError naming the flag)."""
+flags, checked before any work (a ValueError naming the flag), and its command line (parse_args)."""
+import argparse
 from pathlib import Path
 
 from helpers import distributed
-from helpers.cli import check_output, check_output_dir, check_path, claim_files, same_file
+from helpers.cli import check_output, check_output_dir, check_path, claim_files, parse_device, parse_threshold, same_file
 from helpers.files import mask_path
 from helpers.visualize import overlay_name
+from model import DEFAULT_THRESHOLD
 
 
 def resolve_data_path(ckpt, data_arg=None):
@@ -57,3 +59,50 @@ def claim_outputs(args, dataset):
     if args.vis:
         names = [overlay_name(k, task_id) for k, task_id in enumerate(task_ids[:args.num])]
         claim_files(args.vis, names, "--vis", record=distributed.is_main())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="evaluate.py",
+                                description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
+    p.add_argument("--ckpt", help="checkpoint written by train.py, or by CRIS's training code (docs/cris.md); "
+                                  "the model is rebuilt from it alone")
+    p.add_argument("--pred-masks", metavar="DIR", help="score these saved <task_id>.png masks instead of a model "
+                                                       "(needs --data)")
+    p.add_argument("--data", help="eval LMDB (default: <checkpoint's data_dir>/test.lmdb)")
+    p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD,
+                   help=f"cut on the sigmoid probability (default {DEFAULT_THRESHOLD}, CRIS's)")
+    p.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: this rank's GPU if "
+                                                        "there is one, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default: scores comparable across machines) or bf16 autocast (CUDA or CPU)")
+    p.add_argument("--amp", action="store_true", help="the same as --precision bf16")
+    p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
+    p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
+    p.add_argument("--vis", metavar="DIR", help="write --num overlay figures there")
+    p.add_argument("--num", type=int, default=8, help="how many figures --vis writes (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also score a perfect prediction made at the decoder's stride-16 grid (decoder_grid_ceiling)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA graphs on CUDA (inference.FastSegVLM); no effect on the CPU (default on)")
+    args = p.parse_args(argv)
+    args.amp = args.amp or args.precision == "bf16"
+    if bool(args.ckpt) == bool(args.pred_masks):
+        p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")
+    if args.pred_masks:
+        if not args.data:
+            p.error("--pred-masks needs --data, the LMDB whose tasks the masks answer")
+        model_only = [f for f in ("--save-masks", "--vis", "--ceiling", "--amp")
+                      if getattr(args, f[2:].replace("-", "_"))]
+        if model_only:
+            p.error(f"{', '.join(model_only)} need a model (--ckpt); --pred-masks only scores saved masks")
+    for name, least in (("batch_size", 1), ("num", 1), ("workers", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    try:
+        check_outputs(args)
+    except ValueError as e:
+        p.error(str(e))
+    return args

@@ -359,8 +359,13 @@ def probability_map(logits, height, width, input_size):
     return transforms.unletterbox(prob, height, width, input_size=input_size).cpu().numpy().astype(np.float32)
 
 
+NOT_FOUND = "not found in the picture"  # what the page and predict.py say for an empty mask: "no target"
+
+
 def predict(model, image, phrases, threshold=DEFAULT_THRESHOLD):
-    """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size.
+    """The mask each phrase refers to in `image`: numpy bool (H, W) at the image's size; empty (all False)
+    when the phrase names nothing there (the answer "no target": a model with the no-target head gives it,
+    as generalized referring segmentation scores it).
 
         masks = predict(model, "dog.jpg", ["black dog", "the ball"])   # a list in, a list out
 

@@ -150,9 +150,11 @@ def log_epoch(out: Path, history: list[dict], epochs: int) -> None:
     except OSError as e:  # a full disk, above all: name the file
         raise OSError(f"could not append to {out / 'metrics.jsonl'}: {e.strerror or e}") from None
     plot_curves(history, out / "curves.png")
+    no_target = f" no_target {last['no_target']:.4f}" if "no_target" in last else ""  # the no-target head's BCE
+    gres = "".join(f" {k} {percent(last['val_' + k])}" for k in ("gIoU", "N_acc", "T_acc") if last.get("val_" + k) is not None)
     print(f"epoch {last['epoch']}/{epochs}  loss {last['loss']:.4f} (bce {last['bce']:.4f} "
-          f"focal {last['focal']:.4f} dice {last['dice']:.4f})  val mIoU {percent(last['val_mIoU'])} "
-          f"oIoU {percent(last['val_oIoU'])} P@0.5 {percent(last['val_prec@0.5'])}  {last['seconds']:.0f}s", flush=True)
+          f"focal {last['focal']:.4f} dice {last['dice']:.4f}{no_target})  val mIoU {percent(last['val_mIoU'])} "
+          f"oIoU {percent(last['val_oIoU'])} P@0.5 {percent(last['val_prec@0.5'])}{gres}  {last['seconds']:.0f}s", flush=True)
 
 
 def metrics_line(row: dict) -> str:

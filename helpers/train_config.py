@@ -46,12 +46,17 @@ class TrainConfig:
     init_from: str = flag("", "start from this file's weights: CRIS's best_model.pth or a checkpoint (cris.py)")
     deform: bool = flag(True, "eq. 1 + eq. 3: the deformable conv and the residual shortcut")
     se: bool = flag(True, "eq. 2: squeeze-and-excitation")
+    no_target_head: bool = flag(False, "the model may answer that a phrase names nothing (an empty mask): "
+                                       "layers.NoTargetHead, trained on no-target tasks (gRefCOCO's, demo-gres's)")
     input_size: int = flag(0, "training and validation side in pixels; 0: the preset's")
     word_len: int = flag(0, "longest phrase in tokens; 0: the preset's")
     # data
-    data: str = flag("", "dir with train.lmdb, val.lmdb (and test.lmdb); empty: synthetic PhraseCut")
+    data: list[str] = flag([], "a dir with train.lmdb, val.lmdb (and test.lmdb); more dirs or LMDB files after it "
+                               "add their training tasks, mixed (data.MixedTasks); none: synthetic PhraseCut")
     cache_dir: str = flag(".cache/segvlm", "where the synthetic dataset is made once")
     synth_images: int = flag(DEMO_NUM_IMAGES, "synthetic images (all splits) when --data is empty")
+    synth_no_target: float = flag(0.0, "share of the synthetic phrases that name nothing in their image "
+                                       "(no target, an empty mask; data.py synth --no-target-rate), 0 to 0.5")
     num_workers: int = flag(2, "DataLoader workers per process")
     group_by_image: bool = flag(False, "batches hold the phrases of a few images, each image encoded once a step "
                                        "(datasets.ImageGroupedSampler); off: tasks shuffled one by one")
@@ -80,6 +85,7 @@ class TrainConfig:
     w_focal: float = flag(1.0, "RAF's weight of the focal loss (eq. 5)")
     w_dice: float = flag(1.0, "RAF's weight of the adaptive Dice loss (eq. 6)")
     dice_weight: str = flag("abs", "the adaptive Dice's pixel weight (eq. 7): abs, focal or none")
+    w_no_target: float = flag(1.0, "weight of the no-target BCE added to the loss (models with no_target_head)")
     # run
     out: str = flag("", "run dir; empty: --resume's own, else runs/<preset>-<time>")
     resume: str = flag("", "a run's checkpoint.pth to continue from")
@@ -133,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             options["action"] = argparse.BooleanOptionalAction
         elif f.type == "list[float]":
             options.update(type=epoch_number, nargs="*", metavar="EPOCH")
+        elif f.type == "list[str]":
+            options.update(type=str, nargs="+", metavar="PATH")
         else:
             options.setdefault("type", {"int": int, "float": float, "str": str}[f.type])
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
@@ -184,6 +192,8 @@ def resumed_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         return cfg
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in saved.items() if k in names and k not in NOT_RESUMED}
+    if isinstance(saved.get("data"), str):  # a checkpoint from when --data took one folder
+        saved["data"] = [saved["data"]] if saved["data"] else []
     # A setting newer than the checkpoint: its run went without it, and a new setting's TrainConfig default
     # is the behaviour from before it existed (the preset's value may differ: demo's --freeze-token-embedding).
     before = TrainConfig()
@@ -218,7 +228,7 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("backbone_lr_scale", "weight_decay", "clip_grad", "w_bce", "w_focal", "w_dice",
+    for name in ("backbone_lr_scale", "weight_decay", "clip_grad", "w_bce", "w_focal", "w_dice", "w_no_target",
                  "num_workers", "input_size", "word_len"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -263,22 +273,31 @@ def check_schedule(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """--data holds train.lmdb and val.lmdb, or the synthetic set's settings can make one."""
+    """--data's first folder holds train.lmdb and val.lmdb, each later entry is a folder with train.lmdb or an
+    LMDB file; or the synthetic set's settings can make one."""
     if cfg.data:
-        if not Path(cfg.data).is_dir():
-            what = "is not a directory" if Path(cfg.data).exists() else "does not exist"
-            raise ValueError(f"--data {cfg.data} {what}: give the directory that holds train.lmdb and val.lmdb")
-        for split in ("train", "val"):
-            path = check_path(Path(cfg.data) / f"{split}.lmdb", f"--data {cfg.data}:")
-            if not path.exists():
-                raise ValueError(f"--data {cfg.data}: missing {path} "
-                                 f"(make it with: python data.py build --split {split} --out {path})")
+        first, *more = cfg.data
+        if not Path(first).is_dir():
+            what = "is not a directory" if Path(first).exists() else "does not exist"
+            raise ValueError(f"--data {first} {what}: give the directory that holds train.lmdb and val.lmdb "
+                             "(first; more folders or LMDB files may follow)")
+        for folder, splits in [(first, ("train", "val"))] + [(m, ("train",)) for m in more if Path(m).is_dir()]:
+            for split in splits:
+                path = check_path(Path(folder) / f"{split}.lmdb", f"--data {folder}:")
+                if not path.exists():
+                    raise ValueError(f"--data {folder}: missing {path} "
+                                     f"(make it with: python data.py build --split {split} --out {path})")
+        for entry in more:
+            if not Path(check_path(entry, "--data")).exists():
+                raise ValueError(f"--data {entry} does not exist: give a folder holding train.lmdb or an LMDB file")
     elif cfg.preset == "paper" or cfg.preset.startswith("cris-"):
         raise ValueError(f"--preset {cfg.preset} needs --data DIR holding train.lmdb and val.lmdb "
                          f"({'PhraseCut' if cfg.preset == 'paper' else 'RefCOCO/+/g'}'s, made by data.py build)")
     else:  # the synthetic set
         if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
             raise ValueError(f"--cache-dir {cfg.cache_dir} is a file; a directory is expected")
+        if not 0 <= cfg.synth_no_target <= 0.5:
+            raise ValueError(f"--synth-no-target must be between 0 and 0.5, got {cfg.synth_no_target}")
         if cfg.synth_images < 4:
             raise ValueError(f"--synth-images must be >= 4 (train, val, miniv and test), got {cfg.synth_images}")
 
@@ -289,7 +308,7 @@ def check_files(cfg: TrainConfig) -> None:
     if weights.lower() != "none" and weights not in clip.available_models() and not Path(weights).is_file():
         raise ValueError(f"--clip-weights {weights!r} is neither 'none', a CLIP model name "
                          f"({', '.join(clip.available_models())}) nor an existing file")
-    for name in ("resume", "init_from", "clip_weights", "data", "out"):
+    for name in ("resume", "init_from", "clip_weights", "out"):
         if getattr(cfg, name):
             check_path(getattr(cfg, name), "--" + name.replace("_", "-"))
     if cfg.resume:
@@ -340,7 +359,7 @@ def check_new_run_dir(out: Path) -> None:
 def check_model_flags(cfg: TrainConfig) -> None:
     """The flags that set model fields, checked by the model's own config (SegVLMConfig), naming the flag:
     each value alone, then with the preset's other fields when no CLIP weights or file bring their own."""
-    overrides = {name: getattr(cfg, name) for name in ("deform", "se", "input_size", "word_len")
+    overrides = {name: getattr(cfg, name) for name in ("deform", "se", "no_target_head", "input_size", "word_len")
                  if getattr(cfg, name) not in (0, None) or isinstance(getattr(cfg, name), bool)}
     try:
         for name, value in overrides.items():

@@ -7,6 +7,7 @@ import argparse
 
 from helpers.cli import positive_int
 from sources.coco import build_coco
+from sources.grefcoco import build_grefcoco
 from sources.phrasecut import build_lmdb
 from sources.refcoco import build_refcoco
 from sources.synthetic import synthesize
@@ -14,6 +15,7 @@ from sources.voc import build_voc
 
 # build's flags each source takes (besides --out and --skip-missing), the first ones required
 SOURCE_FLAGS = {"phrasecut": (("root", "split"), ()), "refcoco": (("root", "dataset", "split_by", "split"), ("images",)),
+                "grefcoco": (("root", "split"), ("images",)),
                 "coco": (("annotations", "images"), ("template",)), "voc": (("root", "split"), ())}
 
 
@@ -29,15 +31,20 @@ def make_parser(prog, description):
     p.add_argument("--size", type=positive_int, default=160, help="longer image side in pixels")
     p.add_argument("--aspect", type=float, default=0.75,
                    help="shorter side / longer side, 0.5 to 1 (default 0.75: 4:3; 1: square)")
+    p.add_argument("--no-target-rate", type=float, default=0.0,
+                   help="share of phrases that name nothing in their image, 0 to 0.5 (default 0): an absent colour "
+                        "and shape pair, an absent shape, a relation that does not hold; empty mask, no_target true")
     p = sub.add_parser("build", help="convert one split to LMDB")
     p.add_argument("--source", default="phrasecut", choices=sorted(SOURCE_FLAGS),
-                   help="phrasecut (default), refcoco (RefCOCO/+/g), coco (category prompts) or voc")
-    p.add_argument("--root", help="PhraseCut's folder, the refer API's data folder, or VOCdevkit/VOC2012")
+                   help="phrasecut (default), refcoco (RefCOCO/+/g), grefcoco (gRefCOCO), coco (category "
+                        "prompts) or voc")
+    p.add_argument("--root", help="PhraseCut's folder, the refer API's data folder, gRefCOCO's (holding grefcoco/), "
+                                  "or VOCdevkit/VOC2012")
     p.add_argument("--split", help="phrasecut: train, val, test, miniv; refcoco: train, val, testA, testB, test "
-                                   "(as the dataset has them); voc: train, val")
+                                   "(as the dataset has them); grefcoco: train, val, testA, testB; voc: train, val")
     p.add_argument("--dataset", help="refcoco: refcoco, refcoco+ or refcocog")
     p.add_argument("--split-by", help="refcoco: unc or google (refcoco), unc (refcoco+), google or umd (refcocog)")
-    p.add_argument("--images", help="coco: the images folder; refcoco: COCO train2014, when not under --root")
+    p.add_argument("--images", help="coco: the images folder; refcoco, grefcoco: COCO train2014, when not under --root")
     p.add_argument("--annotations", help="coco: an instances file, e.g. instances_val2017.json")
     p.add_argument("--template", help='coco: the phrase around the category name, e.g. "a photo of a {}"')
     p.add_argument("--out", required=True, help="the LMDB file: new, or one this tool wrote (replaced)")
@@ -65,6 +72,8 @@ def build(args, parser):
     common = dict(out=args.out, skip_missing=args.skip_missing)
     if args.source == "refcoco":
         return build_refcoco(args.root, args.dataset, args.split_by, args.split, images=args.images, **common)
+    if args.source == "grefcoco":
+        return build_grefcoco(args.root, args.split, images=args.images, **common)
     if args.source == "coco":
         return build_coco(args.annotations, args.images, template=args.template or "{}", **common)
     if args.source == "voc":
@@ -89,6 +98,8 @@ def print_build(out, s):
             ("empty_phrases", "empty_phrase_examples", "sentences are empty or only spaces: no phrase, so no task")):
         if s.get(key):
             print(f"warning: {s[key]} {what}, e.g. {'; '.join(map(str, s[examples][:5]))}")
+    if s.get("no_target_tasks"):
+        print(f"{s['no_target_tasks']} tasks name nothing in their image (no target: an empty mask is the right answer)")
     if "annotation_bytes" in s:
         print(f"size {s['lmdb_bytes']:,} bytes = {s['ratio']:.3f} x (images {s['image_bytes']:,} + "
               f"annotations {s['annotation_bytes']:,})")
@@ -99,7 +110,8 @@ def print_build(out, s):
 def run(args, parser):
     """synth or build, as parsed by make_parser; a bad record or file raises ValueError or OSError."""
     if args.command == "synth":
-        out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect)
+        out = synthesize(args.out, args.images, args.seed, args.size, progress=True, aspect=args.aspect,
+                         no_target_rate=args.no_target_rate)
         print(f"wrote {args.images} images to {out}")
     else:
         print_build(args.out, build(args, parser))

@@ -4,7 +4,9 @@
     b"img/<image_id>"  the image file's own bytes, stored once however many phrases share it
     b"task/<i:08d>"    one JSON task record: task_id, image_id, phrase, width and height of the image
                        file, and its mask as the source gives it (`task_masks`): PhraseCut's "Polygons",
-                       or COCO "segmentation"s (polygons or RLE, united) and an optional "ignore" region
+                       or COCO "segmentation"s (polygons or RLE, united) and an optional "ignore" region;
+                       "no_target": true on a phrase that names nothing (gRefCOCO's ann_id [-1], synth's
+                       no-target phrases), its mask empty; absent (older files, other sources) reads as false
 
 Every source's converter (phrasecut, refcoco, coco, voc) writes through `write_lmdb`, which makes the
 checks that keep a file scorable: task ids that are safe, distinct file names (files.check_task_id,
@@ -40,7 +42,7 @@ LMDB_VERSION = 3  # 2: task "image_info" and the header's name_att_rel_count; 3:
 
 READ_VERSIONS = (2, 3)  # what the datasets still read
 
-DATASETS = ("phrasecut", "refcoco", "coco", "voc")
+DATASETS = ("phrasecut", "refcoco", "grefcoco", "coco", "voc")
 
 MAX_SIZE_RATIO = 2  # a listed width or height more than 2x (or under 1/2) the file's is refused as absurd
 
@@ -224,7 +226,8 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
     decompression-bomb limit, or whose listed size differs (exact_size: the masks are made at the
     listed size) or is absurd (over MAX_SIZE_RATIO) beside the file's - with skip_missing such images
     are skipped with their tasks and counted. Counted and reported: tasks whose ground truth is empty,
-    multi-frame images (frame 0 is used), other size mismatches. Written as .NAME.tmp-PID and renamed
+    multi-frame images (frame 0 is used), other size mismatches; tasks marked "no_target" (whose
+    mask is meant to be empty) are counted apart, as no_target_tasks. Written as .NAME.tmp-PID and renamed
     when complete; stale temporaries of killed runs are removed first (stale_temporaries)."""
     out = Path(out)
     _check_task_ids(tasks, where)
@@ -234,7 +237,7 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
     map_size = (1 << 30) + sum(2 * len(json.dumps(t)) for t in tasks)
     for path, _ in images.values():
         map_size += 2 * path.stat().st_size + 8192 if path.is_file() else 0
-    sizes, bad, image_bytes, mismatches, frames, empty = {}, [], 0, [], [], []
+    sizes, bad, image_bytes, mismatches, frames, empty, no_target = {}, [], 0, [], [], [], 0
     with atomic_path(out) as tmp:
         env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False)
         try:
@@ -265,7 +268,8 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
                 w, h = sizes[str(task["image_id"])]
                 record = {**task, "width": w, "height": h}
                 gt, ignore = task_masks(record)
-                if not (gt.any() if ignore is None else (gt.astype(bool) & ~ignore).any()):
+                no_target += bool(task.get("no_target"))
+                if not task.get("no_target") and not (gt.any() if ignore is None else (gt.astype(bool) & ~ignore).any()):
                     empty.append(str(task["task_id"]))
                 txn.put(b"task/%08d" % n, json.dumps(record, separators=(",", ":")).encode(), append=True)
                 n += 1
@@ -279,7 +283,7 @@ def write_lmdb(out, header, images, tasks, *, where, skip_missing=False, exact_s
                       "num_tasks": n, "num_images": len(sizes), "skipped_tasks": len(tasks) - n,
                       "skipped_images": len(bad), "skipped_image_ids": bad[:20],
                       "size_mismatches": len(mismatches), "size_mismatch_examples": mismatches[:20],
-                      "empty_tasks": len(empty), "empty_task_ids": empty[:20],
+                      "empty_tasks": len(empty), "empty_task_ids": empty[:20], "no_target_tasks": no_target,
                       "multi_frame_images": len(frames), "multi_frame_examples": frames[:20]}
             txn.put(b"__header__", json.dumps(header).encode())
             txn.commit()

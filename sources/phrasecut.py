@@ -93,6 +93,8 @@ def _check_task(task, file, index):
                  f"a JSON {JSON_TYPES[expected]} or null")
     if not isinstance(task["Polygons"], list):
         fail("Polygons", task["Polygons"], "a list of instances, each a list of polygons of [x, y] points")
+    if "no_target" in task and (not isinstance(task["no_target"], bool) or task["no_target"] and task["Polygons"]):
+        fail("no_target", task["no_target"], "true (the phrase names nothing: Polygons empty) or false")
     for i, instance in enumerate(task["Polygons"]):
         if not isinstance(instance, list):
             fail(f"Polygons[{i}]", instance, "a list of polygons (an instance)")

@@ -50,10 +50,8 @@ class PlainUnpickler(pickle.Unpickler):
                                      "dicts, strings and numbers; refused, nothing in it was run")
 
 
-def load_refs(path):
-    """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
-    the file and the ref. Two refs with one ref_id, or two sentences with one sent_id (a task's id),
-    are refused naming both; so is a structure nested deeper than Python's recursion limit."""
+def read_refs_file(path):
+    """The list a refs pickle (PlainUnpickler) or .json file holds, unchecked inside; errors name the file."""
     path = Path(path)
     if path.suffix == ".json":
         refs = read_json(path, list)
@@ -66,33 +64,53 @@ def load_refs(path):
             raise ValueError(f"{path}: not a refs pickle that can be read safely: {err}") from None
     if not isinstance(refs, list):
         raise ValueError(f"{path}: holds a {type(refs).__name__}, expected a list of refs")
+    return refs
+
+
+def check_unique(path, ref, index, ref_ids, sent_ids):
+    """A ref's ref_id and its sentences' sent_ids (a task's id) seen once in the file: ref_ids {ref_id: index}
+    and sent_ids {sent_id: (ref_id, j)} hold those seen so far and are updated; a ValueError names both records."""
+    if ref["ref_id"] in ref_ids:
+        raise ValueError(f"{path}: refs #{ref_ids[ref['ref_id']]} and #{index} have the same ref_id {ref['ref_id']}; "
+                         "each ref_id must be unique")
+    ref_ids[ref["ref_id"]] = index
+    for j, sent in enumerate(ref["sentences"]):
+        if sent["sent_id"] in sent_ids:
+            other = sent_ids[sent["sent_id"]]
+            raise ValueError(f"{path}: ref {other[0]} sentences[{other[1]}] and ref {ref['ref_id']} sentences[{j}] "
+                             f"have the same sent_id {sent['sent_id']} (a task's id); each must be unique")
+        sent_ids[sent["sent_id"]] = (ref["ref_id"], j)
+
+
+def check_sentences(path, ref):
+    """Each of a ref's sentences a {sent_id: integer, sent: string, ...}; a ValueError naming the file and ref."""
+    for j, sent in enumerate(ref["sentences"]):
+        if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
+            raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {short_repr(sent)}, expected "
+                             "{sent_id: integer, sent: string, ...}")
+
+
+def load_refs(path):
+    """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
+    the file and the ref. Two refs with one ref_id, or two sentences with one sent_id (a task's id),
+    are refused naming both; so is a structure nested deeper than Python's recursion limit."""
+    refs = read_refs_file(path)
     try:
-        _check_refs(refs, path)
+        check_refs(refs, path)
     except RecursionError:
         raise ValueError(f"{path}: a ref is nested deeper than Python's recursion limit; not a refs file") from None
     return refs
 
 
-def _check_refs(refs, path):
+def check_refs(refs, path):
     ref_ids, sent_ids = {}, {}
     for i, ref in enumerate(refs):
         if not (isinstance(ref, dict) and all(type(ref.get(k)) is int for k in ("ref_id", "ann_id", "image_id"))
                 and isinstance(ref.get("split"), str) and isinstance(ref.get("sentences"), list)):
             raise ValueError(f"{path}: ref #{i} is {short_repr(ref)}, expected ref_id, ann_id and image_id as integers, "
                              "split a string and sentences a list")
-        if ref["ref_id"] in ref_ids:
-            raise ValueError(f"{path}: refs #{ref_ids[ref['ref_id']]} and #{i} have the same ref_id {ref['ref_id']}; "
-                             "each ref_id must be unique")
-        ref_ids[ref["ref_id"]] = i
-        for j, sent in enumerate(ref["sentences"]):
-            if not (isinstance(sent, dict) and type(sent.get("sent_id")) is int and isinstance(sent.get("sent"), str)):
-                raise ValueError(f"{path}: ref {ref['ref_id']}: sentences[{j}] is {short_repr(sent)}, expected "
-                                 "{sent_id: integer, sent: string, ...}")
-            if sent["sent_id"] in sent_ids:
-                other = sent_ids[sent["sent_id"]]
-                raise ValueError(f"{path}: ref {other[0]} sentences[{other[1]}] and ref {ref['ref_id']} sentences[{j}] "
-                                 f"have the same sent_id {sent['sent_id']} (a task's id); each must be unique")
-            sent_ids[sent["sent_id"]] = (ref["ref_id"], j)
+        check_sentences(path, ref)
+        check_unique(path, ref, i, ref_ids, sent_ids)
 
 
 def select_refs(refs, split):

@@ -10,6 +10,14 @@ Splits: 80/10/10 train/validation/test by image; miniv is a fifth of the validat
 PhraseCut, those say split "miniv" in image_data_split.json and their tasks are in refer_miniv.json
 only, not in refer_val.json (official tools load both with split="val_miniv"). `synth` refuses an
 --out that exists and is not an empty folder.
+
+No-target phrases (`--no-target-rate R`, generalized referring segmentation as in gRefCOCO): a share R
+of the phrases name nothing in their image, of three kinds (NO_TARGET_KINDS): a colour and shape pair
+that no shape has ("purple star" where stars and purple shapes may be, but no purple star), a shape
+that is absent ("hexagon"), and a relation that does not hold ("circle left of the blue square" where
+every circle is clearly right of it). They are written in PhraseCut's format with no instance (empty
+Polygons, instance_boxes and ann_ids, so an empty mask), "no_target": true and "no_target_kind", which
+the LMDB keeps. R = 0 (the default) writes exactly the files it wrote before the option existed.
 """
 import json
 import os
@@ -41,6 +49,8 @@ SIZES = {"small": 0.12, "large": 0.21}
 SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cache directory
 
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
+
+NO_TARGET_KINDS = ("pair", "shape", "relation")  # the kinds of phrases that name nothing (see above)
 
 
 def _outline(kind, cx, cy, r):
@@ -146,6 +156,53 @@ def _phrases(shapes, width, height):
     return cands
 
 
+def _absent_phrases(shapes, width, height):
+    """Phrases that name nothing in the image: {kind: [(phrase, phrase_structure), ...]} (NO_TARGET_KINDS)."""
+    present, kinds = {(s["colour"], s["kind"]) for s in shapes}, sorted({s["kind"] for s in shapes})
+    out = {kind: [] for kind in NO_TARGET_KINDS}
+    for kind in kinds:  # a colour and shape pair that no shape has
+        for colour in COLOURS:
+            if (colour, kind) not in present:
+                out["pair"].append((f"{colour} {kind}", {"name": kind, "attributes": [colour], "relation_ids": [],
+                                                         "relation_descriptions": [], "type": "attribute"}))
+    for kind in SHAPES:  # a shape that is absent
+        if kind not in kinds:
+            out["shape"].append((kind, {"name": kind, "attributes": [], "relation_ids": [],
+                                        "relation_descriptions": [], "type": "name"}))
+    margin = 0.1 * max(width, height)
+    unique = [o for o, s in enumerate(shapes) if sum((t["colour"], t["kind"]) == (s["colour"], s["kind"])
+                                                     for t in shapes) == 1]
+    for o in unique:  # a relation that does not hold: every shape of the kind clearly on the other side
+        for kind in kinds:
+            subjects = [i for i, s in enumerate(shapes) if s["kind"] == kind and i != o]
+            for predicate, (axis, sign) in RELATIONS.items():
+                key = ("cx", "cy")[axis]
+                if subjects and all(sign * (shapes[o][key] - shapes[i][key]) < -margin for i in subjects):
+                    obj = _describe(None, shapes[o]["colour"], shapes[o]["kind"], 1)[0]
+                    out["relation"].append((f"{kind} {predicate} the {obj}", {
+                        "name": kind, "attributes": [], "relation_ids": [0],
+                        "relation_descriptions": [[predicate, shapes[o]["kind"]]], "type": "relation"}))
+    return out
+
+
+def _no_target_tasks(rng, shapes, width, height, count, image_id, first):
+    """`count` distinct phrases naming nothing (a kind drawn uniformly among those with candidates, then
+    a phrase), as PhraseCut task records with no instance, numbered from `first`."""
+    cands, tasks, used = _absent_phrases(shapes, width, height), [], set()
+    for j in range(count):
+        kinds = [k for k in NO_TARGET_KINDS if any(p not in used for p, _ in cands[k])]
+        if not kinds:
+            break
+        kind = kinds[int(rng.integers(len(kinds)))]
+        left = [c for c in cands[kind] if c[0] not in used]
+        phrase, structure = left[int(rng.integers(len(left)))]
+        used.add(phrase)
+        tasks.append({"task_id": f"{image_id}__{first + j}", "image_id": image_id, "ann_ids": [], "instance_boxes": [],
+                      "Polygons": [], "phrase": phrase, "phrase_structure": structure, "no_target": True,
+                      "no_target_kind": kind})
+    return tasks
+
+
 def _render(rng, shapes, width, height):
     """Noisy textured background, then the shapes, then sensor-like noise -> RGB PIL image."""
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
@@ -177,7 +234,7 @@ def count_words(tasks):
             for key, c in counters.items()}
 
 
-def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect=0.75):
+def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect=0.75, no_target_rate=0.0):
     """Write a synthetic referring dataset in PhraseCut's layout under out_dir; same seed, same bytes.
 
     Each image (longer side `size`, the shorter `aspect` times it: 4:3 by default, landscape or
@@ -188,9 +245,13 @@ def synthesize(out_dir, num_images=200, seed=0, size=160, progress=False, aspect
     only. synthetic.json says the data is this generator's (its settings), so that a model trained on it
 can say so (helpers/provenance.py). image_data_split.json has the real file's fields (url empty and coco_id, flickr_id null: the
     images are neither online nor from COCO or Flickr); name_att_rel_count.json counts all splits.
+    no_target_rate: the expected share of phrases that name nothing (0 to 0.5; the module docstring),
+    drawn from a generator of their own, so that the other phrases and the images stay as they are.
     out_dir must be new or an empty folder; the JSON files, written last, are each whole or absent."""
     if num_images < 4:
         raise ValueError("synthesize needs at least 4 images (train, val, miniv and test)")
+    if not 0 <= no_target_rate <= 0.5:
+        raise ValueError(f"no_target_rate must be between 0 and 0.5, got {no_target_rate}")
     if not 0.5 <= aspect <= 1:
         raise ValueError(f"aspect must be between 0.5 and 1 (shorter side / longer side), got {aspect}")
     out = Path(out_dir)
@@ -198,6 +259,7 @@ can say so (helpers/provenance.py). image_data_split.json has the real file's fi
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one or delete it first")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    no_target_rng = np.random.default_rng([seed, 31])  # only drawn from with no_target_rate > 0
     order = rng.permutation(num_images)
     n_val, n_test = max(2, round(0.1 * num_images)), max(1, round(0.1 * num_images))  # n_val with miniv
     n_miniv = max(1, n_val // 5)
@@ -241,6 +303,9 @@ can say so (helpers/provenance.py). image_data_split.json has the real file's fi
                     "Polygons": [[shapes[i]["polygon"]] for i in ids], "phrase": phrase,
                     "phrase_structure": structure}
             refer[split].append(task)
+        if no_target_rate > 0:  # k ~ Binomial(n, r / (1 - r)): k / (n + k) is about r on average
+            k = int(no_target_rng.binomial(len(chosen), no_target_rate / (1 - no_target_rate)))
+            refer[split] += _no_target_tasks(no_target_rng, shapes, width, height, k, image_id, len(chosen))
     counts = count_words([t for s in SPLITS for t in refer[s]])
     mark = {"generator": "sources/synthetic.py", "version": SYNTH_VERSION, "num_images": num_images, "seed": seed,
             "size": size, "aspect": aspect}  # build_lmdb copies it into the LMDB header: "synthetic"
@@ -251,24 +316,27 @@ can say so (helpers/provenance.py). image_data_split.json has the real file's fi
     return out
 
 
-def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False, aspect=0.75):
+def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, progress=False, aspect=0.75,
+                     no_target_rate=0.0):
     """Make (once) and return a directory with train.lmdb, val.lmdb, test.lmdb and the raw
     synthetic PhraseCut under VGPhraseCut_v0/. Built in a temporary directory and renamed when
     finished, so a half-made cache is never taken for a finished one; if two processes race, the
     first rename wins and the other discards its copy."""
     cache_dir = Path(cache_dir)
     shape = f"px{size}" if aspect == 0.75 else f"px{size}x{round(size * aspect)}"
-    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_{shape}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
+    nt = f"_nt{no_target_rate:g}" if no_target_rate else ""
+    final = cache_dir / f"synthetic_n{num_images}_seed{seed}_{shape}{nt}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
     if (final / "COMPLETE").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
-        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress, aspect=aspect)
+        synthesize(tmp / "VGPhraseCut_v0", num_images, seed, size, progress=progress, aspect=aspect,
+                   no_target_rate=no_target_rate)
         for split in ("train", "val", "test"):
             build_lmdb(tmp / "VGPhraseCut_v0", split, tmp / f"{split}.lmdb", progress=progress)
         (tmp / "COMPLETE").write_text(json.dumps({"num_images": num_images, "seed": seed, "size": size,
-                                                  "aspect": aspect}))
+                                                  "aspect": aspect, "no_target_rate": no_target_rate}))
         try:
             os.rename(tmp, final)
         except OSError:

@@ -506,3 +506,58 @@ def test_the_tool_names_its_own_share_flag(ckpt):
     printed = "".join(lines) + out
     assert "app.py: open http://127.0.0.1:" in printed and "run it with --share" in printed, (printed, err[-2000:])
     assert "share=True" not in printed + err
+
+
+# ----------------------------------------------------------------------------- a phrase that names nothing
+
+def rigged_gres_model(photo, nothing, something):
+    """A demo-gres model (random weights) whose no-target head answers "nothing" for the phrase `nothing` and
+    "target" for `something` on `photo`: its last layer is set to separate the two phrases' hidden features."""
+    import model as model_module
+    torch.manual_seed(0)
+    net = model_module.build_model("demo-gres").eval()
+    pixels, _ = inference.transforms.letterbox(inference.open_image(photo), net.config.input_size)
+    tokens = inference.transforms.tokenize([nothing, something], net.config.word_len)
+    hidden = {}
+    handle = net.no_target.mlp[1].register_forward_hook(lambda m, i, out: hidden.update(h=out.detach().clone()))
+    with torch.no_grad():
+        net(pixels[None].repeat(2, 1, 1, 1), tokens)
+        handle.remove()
+        a, b = hidden["h"]
+        last = net.no_target.mlp[2]
+        last.weight.copy_((a - b)[None])
+        last.bias.fill_(float(-(a - b) @ (a + b) / 2))  # > 0 for `nothing`, < 0 for `something`
+    return net
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_browser_says_not_found_for_a_phrase_that_names_nothing(ckpt, tmp_path):
+    from selenium.webdriver.common.by import By
+    photo = ckpt[1]
+    candidates = ["red circle", "blue square", "green star", "small white hexagon", "yellow diamond"]
+    net = rigged_gres_model(photo, "purple star", "red circle")
+    masks = inference.predict(net, photo, candidates)
+    found = next(p for p, m in zip(candidates, masks) if m.any() and p != "purple star")  # one that shows a mask
+    net = rigged_gres_model(photo, "purple star", found)
+    save_model_checkpoint(net, tmp_path / "gres.pth")
+    model = inference.load_model(tmp_path / "gres.pth", "cpu")
+    masks = inference.predict(model, photo, ["purple star", found])
+    assert not masks[0].any() and masks[1].any()  # the API: an empty mask for the phrase that names nothing
+    picture, legend, _ = app.segment(model, inference.open_image(photo), f"purple star\n{found}")
+    assert f"purple star: {inference.NOT_FOUND}" in legend and f"{found}: {inference.NOT_FOUND}" not in legend
+    demo, url = serve(model)
+    driver = browser()
+    try:
+        driver.get(url)
+        wait(lambda: driver.find_element(By.CSS_SELECTOR, "#segment"), what="the app's page")
+        upload(driver, photo)
+        segment(driver, ["purple star", found])
+        rows = wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#legend li"), what="the legend")
+        texts = [r.text for r in rows]
+        assert texts[0] == "purple star: not found in the picture" and "% of the picture" in texts[1]
+        assert not rows[0].find_elements(By.TAG_NAME, "span")  # no colour for it: nothing is painted
+        assert rows[1].find_elements(By.TAG_NAME, "span")
+    finally:
+        driver.quit()
+        demo.close()

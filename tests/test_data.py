@@ -110,7 +110,7 @@ def test_roundtrip_counts_and_items(synth):
     assert sum(k.startswith(b"img/") for k in keys) == len(image_ids) == stats["num_images"]
     assert sum(k.startswith(b"task/") for k in keys) == len(tasks)
     item = ds[0]
-    assert set(item) == {"image", "tokens", "mask", "image_id"}
+    assert set(item) == {"image", "tokens", "mask", "image_id", "no_target"} and item["no_target"] is False
     assert item["image_id"] == str(tasks[0]["image_id"])
     assert ds.image_ids() == [str(t["image_id"]) for t in tasks]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32

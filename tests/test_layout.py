@@ -25,7 +25,7 @@ LAYERS = {
     "helpers.inputs": 0, "helpers.clip_weights": 0,
     # 1: the data: model inputs, the LMDB format, each source's converter, the dataset (data.py)
     "helpers.transforms": 1, "sources.lmdb_store": 1, "sources.phrasecut": 1, "sources.coco": 1,
-    "sources.refcoco": 1, "sources.voc": 1, "sources.synthetic": 1, "sources.build": 1, "data": 1,
+    "sources.refcoco": 1, "sources.grefcoco": 1, "sources.voc": 1, "sources.synthetic": 1, "sources.build": 1, "data": 1,
     # 2: the model
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction

@@ -305,7 +305,7 @@ def test_unknown_fields_are_errors():
         build_model("smoke", defrom=False)
     with pytest.raises(ValueError, match="valid fields"):
         SegVLMConfig.from_dict({**PRESETS["smoke"].model.to_dict(), "colour": 1})
-    with pytest.raises(ValueError, match=r"21 of SegVLMConfig's 22 fields missing: \['embed_dim'"):
+    with pytest.raises(ValueError, match=r"21 of SegVLMConfig's 23 fields missing: \['embed_dim'"):
         SegVLMConfig.from_dict({"input_size": 64})  # not silently the paper preset's other fields
     with pytest.raises(ValueError, match="preset"):
         build_model("huge")
