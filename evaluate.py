@@ -361,7 +361,7 @@ def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="evaluate.py",
                                 description="Evaluate a SegVLM checkpoint on PhraseCut (official metrics).")
-    p.add_argument("--ckpt", help="checkpoint written by train.py, or CRIS's released best_model.pth; "
+    p.add_argument("--ckpt", help="checkpoint written by train.py, or a best_model.pth of CRIS's training code; "
                                   "the model is rebuilt from it alone")
     p.add_argument("--pred-masks", metavar="DIR", help="score these saved <task_id>.png masks instead of a model "
                                                        "(needs --data)")

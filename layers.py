@@ -13,7 +13,7 @@
   matmul), tested equal to torchvision's `deform_conv2d`.
 
 Each is small on purpose; read it beside the paper's §3 and CRIS's code
-(github.com/DerrickWang005/CRIS.pytorch, model/layers.py), whose names cris.py maps.
+(github.com/DerrickWang005/CRIS.pytorch, model/layers.py), whose names helpers/checkpoints.py maps.
 """
 
 import math

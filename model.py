@@ -18,9 +18,9 @@ parameters) and the model is exactly the CRIS baseline.
     from model import build_model
     model = build_model("demo")                     # random weights, small, CPU-trainable
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
-    python model.py --preset demo                   # parameter counts; timing: benchmark.py
+    python model.py --preset demo                   # parameter counts; timing: python -m tools.benchmark
 
-Checkpoints (this project's and CRIS's released best_model.pth) are read by checkpoints.py.
+Checkpoints (this project's and the best_model.pth of CRIS's training code) are read by helpers/checkpoints.py.
 """
 
 import argparse

@@ -4,7 +4,7 @@ Run:
 
     python predict.py --ckpt runs/paper/best.pth --image dog.jpg --phrase "black dog on the left"
     python predict.py --ckpt best.pth --image dog.jpg --phrase "the sky" --out sky.png --mask sky_mask.png
-    python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # CRIS's weights
+    python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # a CRIS checkpoint
 
 (One image is one forward pass, so there is nothing to gain from torchrun here.)
 On CUDA the model runs through `FastSegVLM` (CUDA graphs, bf16 autocast) unless
@@ -60,7 +60,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(prog="predict.py",
                                 description="Segment an image from a phrase with a SegVLM checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or CRIS's released best_model.pth")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a best_model.pth of CRIS's training code")
     p.add_argument("--image", required=True, help="image file (anything PIL reads)")
     p.add_argument("--phrase", required=True, help='what to segment, e.g. "black baseball cap"')
     p.add_argument("--out", default="overlay.png", help="overlay image to write (.png, .jpg, ...)")

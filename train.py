@@ -8,7 +8,7 @@
     python train.py --preset paper --data lmdb/ --clip-weights RN101
     torchrun --standalone --nproc_per_node=4 train.py --preset paper --data lmdb/
 
-    # from CRIS's released weights (its best_model.pth; cris.py): every CRIS tensor copied, the block new
+    # from a checkpoint of CRIS's training code (best_model.pth; docs/cris.md): every CRIS tensor copied, the block new
     python train.py --preset paper --init-from best_model.pth --data lmdb/
 
     # several nodes: the same command on each node, torchrun's usual flags

@@ -301,6 +301,10 @@ def test_the_newest_demo_run_and_its_test_images_are_the_default(tmp_path, monke
     assert app.synthetic_examples(tmp_path / newest) == [(str(data.resolve() / "VGPhraseCut_v0" / "images" / Path(p).name), t)
                                                          for p, t in examples]
     assert app.synthetic_examples(tmp_path / "elsewhere" / "best.pth") == []
+    (tmp_path / "runs" / "demo").mkdir()  # the name train.py gives a demo run now, newer than the dated ones
+    (tmp_path / "runs" / "demo" / "best.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert app.newest_demo_checkpoint() == Path("runs/demo/best.pth")
 
 
 # ----------------------------------------------------------------------------- README's screenshot, the timings

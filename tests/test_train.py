@@ -109,6 +109,24 @@ def fake_checkpoint(path, **args):
     return str(path)
 
 
+def test_the_default_run_dir_is_runs_preset_and_a_rerun_there_is_refused(tmp_path, cache, monkeypatch, capsys):
+    """README's later commands use runs/demo/best.pth: with no --out a run writes runs/<preset>, on every
+    rank and every rerun; a rerun over a finished run is refused as --out of an existing run is."""
+    run_dir = runs.run_dir
+    monkeypatch.chdir(tmp_path)
+    cfg = train.parse_args(["--preset", "smoke", "--cache-dir", str(cache)])
+    assert run_dir(cfg) == Path("runs/smoke")
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "checkpoint.pth").write_bytes(b"stands in for a checkpoint")
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--preset", "smoke", "--cache-dir", str(cache)])
+    assert exc.value.code == 2
+    assert ("--out runs/smoke already holds a run (checkpoint.pth); continue it with --resume "
+            "runs/smoke/checkpoint.pth") in capsys.readouterr().err
+    assert run_dir(dataclasses.replace(cfg, resume="elsewhere/run/checkpoint.pth")) == Path("elsewhere/run")
+    assert run_dir(dataclasses.replace(cfg, out="mine")) == Path("mine")
+
+
 def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(tmp_path, capsys):
     ckpt = fake_checkpoint(tmp_path / "checkpoint.pth", batch_size=8, lr=3e-4, se=False, epochs=1)
     cfg = train.parse_args(["--resume", ckpt, "--epochs", "3", "--lr", "3e-4"])  # --lr as the run's: fine

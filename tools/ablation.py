@@ -1,8 +1,8 @@
 """The ablation of the paper's Table 2 with its Figs. 4-6: four variants, each trained once per seed.
 
-    python ablation.py --preset demo --seeds 0 1 2                       # synthetic data, CPU
-    python ablation.py --preset demo --seeds 0 1 2 -- --epochs 2 --synth-images 600   # shorter
-    python ablation.py --preset paper --nproc 4 --seeds 0 1 2 -- --data lmdb/   # after --: train.py flags
+    python -m tools.ablation --preset demo --seeds 0 1 2                       # synthetic data, CPU
+    python -m tools.ablation --preset demo --seeds 0 1 2 -- --epochs 2 --synth-images 600   # shorter
+    python -m tools.ablation --preset paper --nproc 4 --seeds 0 1 2 -- --data lmdb/   # after --: train.py flags
 
 Each variant adds one thing to the one before, as Table 2 does:
 
