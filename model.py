@@ -90,7 +90,7 @@ class SegVLMConfig:
 
     def __post_init__(self):
         """Every field checked where it is defined, so that each path into a config (a preset's overrides,
-        a checkpoint's dict, train.py's and cris.py's flags) is: a ConfigError names the field."""
+        a checkpoint's dict, train.py's and tools/cris.py's flags) is: a ConfigError names the field."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, self.check_field(f.name, getattr(self, f.name)))
         if self.decoder_dim != self.fpn_out[1]:
@@ -408,7 +408,7 @@ class SegVLM(nn.Module):
         With image_index (B,), image holds each distinct image once, (U, 3, H, W), and phrase i is
         about image[image_index[i]]: the image encoder, and the neck's projections of its maps,
         run U times instead of B (training with several phrases per image,
-        datasets.ImageGroupedSampler). The result is the same as passing image[image_index], except
+        data.ImageGroupedSampler). The result is the same as passing image[image_index], except
         that BatchNorm in train mode sees each image once in those parts."""
         self.check_inputs(image, tokens, image_index)
         return self.segment(image, tokens, image_index)
@@ -482,7 +482,7 @@ def build_model(preset: str = "paper", clip_weights=None, **overrides) -> SegVLM
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Parameter counts of a preset (timing: benchmark.py).")
+    parser = argparse.ArgumentParser(description="Parameter counts of a preset (timing: python -m tools.benchmark).")
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     args = parser.parse_args()
     for name, n in parameter_counts(build_model(args.preset)).items():

@@ -35,7 +35,7 @@ from helpers.inference import _check_phrase, load_model, open_image, overlay, pr
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
-__all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in inference.py
+__all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in helpers/inference.py
 
 def check_outputs(args):
     """Refuse, before any work, inputs that are not files (a FIFO, a device, a symlink loop) and an --out/--mask

@@ -38,7 +38,7 @@ the kill fell between the two.
 
 Under torchrun a collective waits $SEGVLM_DIST_TIMEOUT seconds (default 300)
 for every process, so a stalled or stopped rank ends the run with an error
-(distributed.py).
+(helpers/distributed.py).
 
 `train` reads as the recipe, one named step per line. The same code runs in
 one process and under torchrun: `distributed.init` does nothing without
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a path that cannot be read or written
         sys.exit(f"train.py: error: {e}")
-    except RuntimeError as e:  # a collective that lost a peer (distributed.py); anything else is a bug: raised
+    except RuntimeError as e:  # a collective that lost a peer (helpers/distributed.py); anything else is a bug: raised
         if (message := distributed.peer_failure(e)) is None:
             raise
         sys.exit(f"train.py: error: {message}")

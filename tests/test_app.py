@@ -5,8 +5,8 @@ keeps serving; requests run one at a time.
 
 This file's browser driver also makes README's screenshot and docs/measurements.md's timings:
 
-    python tests/test_app.py screenshot --ckpt runs/demo-X/best.pth --out docs/app.png
-    python tests/test_app.py measure --ckpt runs/demo-X/best.pth
+    python tests/test_app.py screenshot --ckpt runs/demo/best.pth --out docs/app.png
+    python tests/test_app.py measure --ckpt runs/demo/best.pth
 """
 import argparse
 import io
@@ -260,7 +260,7 @@ def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch,
     app.main(["--ckpt", str(ckpt[0]), "--device", "cpu", "--host", "0.0.0.0", "--port", "8123", "--share"])
     assert seen == {"host": "0.0.0.0", "port": 8123, "share": True}
     write_cris_checkpoint(model.build_model("smoke", deform=False, se=False), tmp_path / "best_model.pth")
-    app.main(["--ckpt", str(tmp_path / "best_model.pth"), "--device", "cpu"])  # CRIS's released format
+    app.main(["--ckpt", str(tmp_path / "best_model.pth"), "--device", "cpu"])  # CRIS's training code's format
     assert "best_model.pth on cpu" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="app.py: error: .*missing.pth"):
         app.main(["--ckpt", str(tmp_path / "missing.pth"), "--device", "cpu"])

@@ -392,7 +392,8 @@ def smoke_parts(cfg):
 
 WORKER = textwrap.dedent("""
     import os, sys, torch
-    import distributed, train
+    import train
+    from helpers import distributed
     from test_train import smoke_parts
     if os.environ.get("DDP_BROADCAST_BUFFERS"):  # DDP's default: rank 0's buffers sent before every forward
         ddp = train.DistributedDataParallel

@@ -14,7 +14,7 @@ Each variant adds one thing to the one before, as Table 2 does:
 Every run is train.py's, in OUT/<variant>/seed<k>/, scored on the held-out test split with its
 best.pth (by val mean IoU). A seed fixes the initialisation, the order of the batches and, for the
 synthetic set, the dataset itself, so within a seed every variant sees the same data and the same
-number of steps. OUT then receives (visualize.py draws the figures):
+number of steps. OUT then receives (helpers/figures.py draws the figures):
 
     table2.md, table2.json   IoU and P@50-P@90 as Table 2 lays them out, mean +- standard deviation
                              over the seeds; the JSON adds oIoU and every seed's value

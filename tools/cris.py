@@ -16,7 +16,7 @@ differ.
 predict.py and evaluate.py read the file through `checkpoints.load_checkpoint`, which recognises it
 (`is_cris_checkpoint`) and converts it in memory (`to_segvlm_checkpoint`). train.py's
 `--init-from` copies every tensor into a SegVLM whose enhancement block is new (`init_model`).
-checkpoints.py holds the format and its conversion, with the table of names.
+helpers/checkpoints.py holds the format and its conversion, with the table of names.
 """
 import argparse
 import functools
