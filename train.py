@@ -69,7 +69,7 @@ from helpers.checkpoints import init_model
 from helpers.cli import run_tool
 from helpers.figures import prediction_grid
 from helpers.runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
-from helpers.train_config import TrainConfig, parse_args
+from helpers.train_config import TrainConfig, check_new_run_dir, out_dir, parse_args
 from loss import RAFLoss
 from model import SegVLM, build_model, get_preset
 from sources.synthetic import ensure_synthetic
@@ -419,6 +419,12 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if not cfg.out and not cfg.resume:  # runs/<preset>: refused at once if it holds a run, as a given --out is
+        try:
+            check_new_run_dir(out_dir(cfg))
+        except ValueError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
     try:
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a path that cannot be read or written

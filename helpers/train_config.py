@@ -297,12 +297,13 @@ def check_files(cfg: TrainConfig) -> None:
                              f"{Path(cfg.resume).parent}; drop --out")
     out = out_dir(cfg)
     check_writable(out, "--out")
-    holder = dir_holder(out)
-    if holder:
-        raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it to end, stop it, "
-                         f"or give another --out")
-    if not cfg.resume:
-        check_new_run_dir(out)
+    if cfg.out or cfg.resume:  # the default, runs/<preset>, is checked as the run takes it (runs.hold_run_dir), so
+        holder = dir_holder(out)  # that reading flags (tools.ablation, tests) does not depend on what runs/ holds
+        if holder:
+            raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it to end, stop it, "
+                             f"or give another --out")
+        if not cfg.resume:
+            check_new_run_dir(out)
     if cfg.init_from:
         need_file("--init-from", cfg.init_from)
         if cfg.resume:
