@@ -2,7 +2,7 @@
 
     python app.py                                 # the newest demo run's best.pth under runs/
     python app.py --ckpt runs/paper/best.pth      # any checkpoint checkpoints.load_checkpoint reads
-    python app.py --ckpt best_model.pth           # CRIS's released file
+    python app.py --ckpt best_model.pth           # written by CRIS's training code (docs/cris.md)
     python app.py --host 0.0.0.0 --port 8080 --share   # only when asked for (see below)
 
 Then open the address it prints (http://127.0.0.1:7860 unless that port is taken). The page takes a
@@ -241,8 +241,8 @@ def served_lines(demo) -> str:
 
 
 def newest_demo_checkpoint(runs="runs"):
-    """The most recently written runs/demo-*/best.pth, or None."""
-    found = sorted(Path(runs).glob("demo-*/best.pth"), key=lambda p: p.stat().st_mtime)
+    """The most recently written runs/demo/best.pth or runs/demo-*/best.pth (an older run's name), or None."""
+    found = sorted([*Path(runs).glob("demo/best.pth"), *Path(runs).glob("demo-*/best.pth")], key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
@@ -276,7 +276,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(prog="app.py", description="A web page to try a SegVLM checkpoint on any picture.")
     p.add_argument("--ckpt", help="a checkpoint (a run's best.pth, CRIS's best_model.pth, ...); "
-                                  "default: the newest runs/demo-*/best.pth")
+                                  "default: the newest runs/demo/best.pth or runs/demo-*/best.pth")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
     p.add_argument("--port", type=port_number, help="port (default 7860, or the next free one)")

@@ -24,7 +24,7 @@ Every source is first converted to one LMDB format, from the command line:
     python data.py build --source voc --root VOCdevkit/VOC2012 --split val --out voc_val.lmdb
     python data.py bench data/train.lmdb            # samples/s from the LMDB and from the folder
 
-The converters live in sources/ (one file per source, and lmdb_store.py, the format they all write);
+The converters live in sources/ (one file per source, and sources/lmdb_store.py, the format they all write);
 docs/data.md says how to prepare each dataset.
 """
 import bisect

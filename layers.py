@@ -17,7 +17,7 @@
   every position (CRIS's c5).
 
 Each is small on purpose; read it beside the paper's §3 and CRIS's code
-(github.com/DerrickWang005/CRIS.pytorch, model/layers.py), whose names cris.py maps.
+(github.com/DerrickWang005/CRIS.pytorch, model/layers.py), whose names helpers/checkpoints.py maps.
 """
 
 import math

@@ -20,7 +20,7 @@ parameters) and the model is exactly the CRIS baseline.
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
     python model.py --preset demo                   # parameter counts; timing: python -m tools.benchmark
 
-Checkpoints (this project's, and files written by CRIS's own training code) are read by helpers/checkpoints.py.
+Checkpoints (this project's and the best_model.pth of CRIS's training code) are read by helpers/checkpoints.py.
 """
 
 import argparse
@@ -102,7 +102,7 @@ class SegVLMConfig:
 
     def __post_init__(self):
         """Every field checked where it is defined, so that each path into a config (a preset's overrides,
-        a checkpoint's dict, train.py's and cris.py's flags) is: a ConfigError names the field."""
+        a checkpoint's dict, train.py's and tools/cris.py's flags) is: a ConfigError names the field."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, self.check_field(f.name, getattr(self, f.name)))
         if self.decoder_dim != self.fpn_out[1]:

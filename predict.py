@@ -4,7 +4,7 @@ Run:
 
     python predict.py --ckpt runs/paper/best.pth --image dog.jpg --phrase "black dog on the left"
     python predict.py --ckpt best.pth --image dog.jpg --phrase "the sky" --out sky.png --mask sky_mask.png
-    python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # CRIS's weights
+    python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # a CRIS checkpoint
 
 (One image is one forward pass, so there is nothing to gain from torchrun here.)
 On CUDA the model runs through `FastSegVLM` (CUDA graphs, bf16 autocast) unless
@@ -53,7 +53,7 @@ from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
 
-__all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in inference.py
+__all__ = ["load_model", "open_image", "predict", "main"]  # the Python API lives in helpers/inference.py
 
 def check_outputs(args):
     """Refuse, before any work, inputs that are not files (a FIFO, a device, a symlink loop) and an --out/--mask
@@ -80,7 +80,7 @@ def parse_args(argv=None):
                                 description="Segment an image (or a folder of images) from a phrase with a SegVLM "
                                             "checkpoint.")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--ckpt", help="checkpoint written by train.py, CRIS's released best_model.pth, or a "
+    model.add_argument("--ckpt", help="checkpoint written by train.py, a best_model.pth of CRIS's training code, or a "
                                       "safetensors folder (tools/export.py --safetensors)")
     model.add_argument("--onnx", help="an ONNX file written by tools/export.py, run through onnxruntime")
     inputs = p.add_mutually_exclusive_group(required=True)

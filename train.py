@@ -8,7 +8,7 @@
     python train.py --preset paper --data lmdb/ --clip-weights RN101
     torchrun --standalone --nproc_per_node=4 train.py --preset paper --data lmdb/
 
-    # from a checkpoint written by CRIS's training code (tools/cris.py): every CRIS tensor copied, the block new
+    # from a checkpoint of CRIS's training code (best_model.pth; docs/cris.md): every CRIS tensor copied, the block new
     python train.py --preset paper --init-from best_model.pth --data lmdb/
 
     # several nodes: the same command on each node, torchrun's usual flags
@@ -41,7 +41,7 @@ the kill fell between the two.
 
 Under torchrun a collective waits $SEGVLM_DIST_TIMEOUT seconds (default 300)
 for every process, so a stalled or stopped rank ends the run with an error
-(distributed.py).
+(helpers/distributed.py).
 
 `train` reads as the recipe, one named step per line. The same code runs in
 one process and under torchrun: `distributed.init` does nothing without
@@ -74,7 +74,7 @@ from helpers.cli import run_tool
 from helpers.figures import prediction_grid
 from helpers.provenance import UNITS, percent
 from helpers.runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
-from helpers.train_config import TrainConfig, parse_args
+from helpers.train_config import TrainConfig, check_new_run_dir, out_dir, parse_args
 from loss import RAFLoss
 from model import SegVLM, build_model, get_preset
 from sources.synthetic import ensure_synthetic
@@ -443,11 +443,17 @@ def test_best(model: SegVLM, test_path: Path, out: Path, cfg: TrainConfig, batch
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if not cfg.out and not cfg.resume:  # runs/<preset>: refused at once if it holds a run, as a given --out is
+        try:
+            check_new_run_dir(out_dir(cfg))
+        except ValueError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
     try:
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a path that cannot be read or written
         sys.exit(f"train.py: error: {e}")
-    except RuntimeError as e:  # a collective that lost a peer (distributed.py); anything else is a bug: raised
+    except RuntimeError as e:  # a collective that lost a peer (helpers/distributed.py); anything else is a bug: raised
         if (message := distributed.peer_failure(e)) is None:
             raise
         sys.exit(f"train.py: error: {message}")

@@ -1,13 +1,15 @@
-"""Checkpoints: read one safely and rebuild its model, this project's format or CRIS's released file.
+"""Checkpoints: read one safely and rebuild its model, this project's format or CRIS's.
 
     from helpers.checkpoints import load_checkpoint
-    model, ckpt = load_checkpoint("runs/demo-.../best.pth")     # or CRIS's best_model.pth
+    model, ckpt = load_checkpoint("runs/demo/best.pth")     # or a best_model.pth of CRIS's training code
 
-A checkpoint of this project (train.py's best.pth and checkpoint.pth, `cris.py convert`'s output) is a
+A checkpoint of this project (train.py's best.pth and checkpoint.pth, `tools.cris convert`'s output) is a
 plain dict {"model": state_dict, "config": SegVLMConfig.to_dict(), ...}, read with
 torch.load(weights_only=True): tensors, numbers, strings and containers, never code.
 
-CRIS's released best_model.pth (Wang et al., CVPR 2022, github.com/DerrickWang005/CRIS.pytorch) is
+A best_model.pth written by CRIS's own training code (Wang et al., CVPR 2022,
+github.com/DerrickWang005/CRIS.pytorch: your own run of it, or a community-trained file; CRIS's
+authors published no checkpoints, see that repository's issue #3, "Pretrained CRIS model") is
 recognised (`is_cris_checkpoint`) and converted in memory (`to_segvlm_checkpoint`): with the
 enhancement block off, SegVLM is CRIS's architecture (the paper's baseline, Table 2's first row),
 so only the parameter names differ. `init_model` starts a run from either kind of file with the
@@ -92,7 +94,7 @@ CRIS_TOP = ("backbone.", "neck.", "decoder.", "proj.")  # CRIS's four modules (m
 
 # Shapes decide these fields; a run that starts from a file must agree on every one of them.
 SHAPE_FIELDS = CLIP_FIELDS + ("fpn_out", "decoder_layers", "decoder_dim", "decoder_ffn", "proj_dim", "kernel_size")
-# The CLIP ResNets CRIS released checkpoints for, by the fields that tell them apart.
+# The CLIP ResNets CRIS's configs train on, by the fields that tell them apart.
 BACKBONES = {
     "RN50": dict(embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64),
     "RN101": dict(embed_dim=512, vision_layers=(3, 4, 23, 3), vision_width=64),
@@ -317,7 +319,7 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
     """A SegVLM of architecture `cfg` whose every tensor comes from `path`, except the enhancement
     block's, which keep SegVLM's own initialisation -> (model in training mode, one-line report).
 
-    path: CRIS's best_model.pth, or a checkpoint of this project (`cris.py convert`'s output,
+    path: CRIS's best_model.pth, or a checkpoint of this project (`tools.cris convert`'s output,
     a best.pth). cfg: the run's architecture (a preset with its overrides; its deform/se
     switches decide the block). The file must have the same architecture on every field its
     shapes decide (SHAPE_FIELDS) and, for a checkpoint of this project, the same heads; a
@@ -384,6 +386,19 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
 
 # --------------------------------------------------------------------------- reading any checkpoint
 
+def newest_run_hint(path) -> str:
+    """What to use instead of a missing checkpoint: the newest best.pth among the runs beside it
+    (`path`'s grandparent, e.g. runs/ for runs/demo/best.pth) and under ./runs, or how to make one."""
+    folders = {os.path.abspath("runs"), os.path.abspath(os.path.dirname(os.path.dirname(os.fspath(path))) or ".")}
+    found = [os.path.join(folder, name, "best.pth") for folder in folders if os.path.isdir(folder)
+             for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "best.pth"))]
+    if not found:
+        return "no run has written a best.pth under runs/ yet (train one: python train.py --preset demo)"
+    newest = max(found, key=os.path.getmtime)
+    shown = os.path.relpath(newest) if not os.path.relpath(newest).startswith("..") else newest
+    return f"the newest run's checkpoint is {shown}"
+
+
 def read_checkpoint_file(path, map_location="cpu"):
     """torch.load(weights_only=True) with clear errors: tensors, numbers, strings and containers, never code.
 
@@ -403,7 +418,7 @@ def read_checkpoint_file(path, map_location="cpu"):
     if not os.path.isfile(path):
         if os.path.exists(path):  # a FIFO or a device: torch.load would wait on it, or read forever
             raise ValueError(f"checkpoint {path} is not a regular file")
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; {newest_run_hint(path)}")
     try:
         with torch.serialization.safe_globals([collections.Counter]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -459,13 +474,13 @@ def check_finite(state_dict, where, name=str) -> None:
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint and rebuild its model -> (model in eval mode, checkpoint dict).
 
-    A checkpoint of this project (train.py's, `cris.py convert`'s) is a plain dict
+    A checkpoint of this project (train.py's, `tools.cris convert`'s) is a plain dict
     {"model": state_dict, "config": cfg.to_dict(), ...}, read by `read_checkpoint_file`
     (torch.load with weights_only=True). No CLIP weights are needed: the state dict holds
     them. The config is checked first (every field, no unknown one: `SegVLMConfig.from_dict`),
     then the state dict must fit exactly; a misfit is summarised (`state_dict_misfit`).
 
-    CRIS's released best_model.pth is recognised and converted in memory (to_segvlm_checkpoint): SegVLM
+    A best_model.pth of CRIS's training code is recognised and converted in memory (to_segvlm_checkpoint): SegVLM
     with the enhancement block off is CRIS's model. A one-line note on stderr says so.
     """
     path = os.fspath(path)
@@ -478,7 +493,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config' (train.py's, "
-                         f"cris.py convert's) or CRIS's best_model.pth (a dict whose 'state_dict' has keys "
+                         f"tools.cris convert's) or CRIS's best_model.pth (a dict whose 'state_dict' has keys "
                          f"module.backbone.*, module.neck.*, module.decoder.*, module.proj.*), found {keys}")
     try:
         cfg = SegVLMConfig.from_dict(ckpt["config"])

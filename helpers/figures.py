@@ -60,7 +60,7 @@ def prediction_grid(model, dataset, per_task, path, failures=3, threshold=DEFAUL
     return chosen
 
 
-# The ablation's figures (ablation.py): Fig. 4, Fig. 5 and Fig. 6 of the paper, from Table 2's numbers.
+# The ablation's figures (tools/ablation.py): Fig. 4, Fig. 5 and Fig. 6 of the paper, from Table 2's numbers.
 
 def percent_label(metric: str) -> str:
     return "IoU" if metric == "mIoU" else f"P@{round(100 * float(metric.split('@')[1]))}"

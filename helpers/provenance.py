@@ -11,7 +11,7 @@ strings and numbers that torch.load(weights_only=True) reads:
      "best_val_mIoU": 0.705, "units": UNITS}                          # the score is a fraction
 
 `of_checkpoint` reads it back from any checkpoint: this project's (an older one, written before the record,
-is described from its run settings where they tell, else "unknown"), or CRIS's released file, which names
+is described from its run settings where they tell, else "unknown"), or a file written by CRIS's training code, which names
 no dataset. `describe` is the line the page, predict.py and the API show; `knows_only_synthetic` says when
 SYNTHETIC_NOTE must go with the masks: a model trained on the synthetic set has never seen a photo.
 """

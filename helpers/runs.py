@@ -1,6 +1,6 @@
 """What a run directory holds, and how a run is saved and resumed.
 
-    runs/<preset>-<time>/
+    runs/<preset>/                          (or --out)
         config.json, command.txt, git.txt   the settings, every command that ran it, the code's commit
         metrics.jsonl, curves.png           one line per epoch, and its picture
         checkpoint.pth                      all --resume needs (every epoch)
@@ -20,7 +20,6 @@ import random
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from helpers import distributed
 from helpers.checkpoints import check_finite, check_tensors, read_checkpoint_file, state_dict_misfit
 from helpers.files import atomic_path, hold_dir
 from helpers.provenance import UNITS, percent, run_record
-from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir
+from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir, out_dir
 from helpers.visualize import plot_curves
 from model import SegVLMConfig
 
@@ -71,12 +70,8 @@ def restore(ckpt: dict, model, optimizer, scheduler, scaler) -> tuple[int, float
 
 
 def run_dir(cfg: TrainConfig) -> Path:
-    """--out, else --resume's dir, else runs/<preset>-<time>."""
-    if cfg.out:
-        return Path(cfg.out)
-    if cfg.resume:  # continue in the run dir the checkpoint came from
-        return Path(cfg.resume).parent
-    return Path(f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """--out, else --resume's dir, else runs/<preset> (train_config.out_dir)."""
+    return out_dir(cfg)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ class TrainConfig:
     # what to train
     preset: str = flag("demo", f"model and recipe, one of {', '.join(sorted(PRESETS))}; sets the defaults below")
     clip_weights: str = flag("none", "none (random init), a CLIP name (RN101) or a path to CLIP's weights")
-    init_from: str = flag("", "start from this file's weights: CRIS's best_model.pth or a checkpoint (cris.py)")
+    init_from: str = flag("", "start from this file's weights: a best_model.pth of CRIS's training code or a checkpoint")
     deform: bool = flag(True, "eq. 1 + eq. 3: the deformable conv and the residual shortcut")
     se: bool = flag(True, "eq. 2: squeeze-and-excitation")
     no_target_head: bool = flag(False, "the model may answer that a phrase names nothing (an empty mask): "
@@ -87,7 +87,7 @@ class TrainConfig:
     dice_weight: str = flag("abs", "the adaptive Dice's pixel weight (eq. 7): abs, focal or none")
     w_no_target: float = flag(1.0, "weight of the no-target BCE added to the loss (models with no_target_head)")
     # run
-    out: str = flag("", "run dir; empty: --resume's own, else runs/<preset>-<time>")
+    out: str = flag("", "run dir; empty: --resume's own, else runs/<preset> (a rerun there is refused: --resume it)")
     resume: str = flag("", "a run's checkpoint.pth to continue from")
     seed: int = flag(0, "seed of every random number generator")
     threshold: float = flag(DEFAULT_THRESHOLD, "validation's cut on the sigmoid (CRIS's)",
@@ -322,10 +322,10 @@ def check_files(cfg: TrainConfig) -> None:
         if cfg.resume and out.resolve() != Path(cfg.resume).resolve().parent:
             raise ValueError(f"--out {cfg.out}: --resume continues the run in its own directory, "
                              f"{Path(cfg.resume).parent}; drop --out")
-    out = Path(cfg.out or (Path(cfg.resume).parent if cfg.resume else "runs"))
+    out = out_dir(cfg)
     check_writable(out, "--out")
-    if cfg.out or cfg.resume:
-        holder = dir_holder(out)
+    if cfg.out or cfg.resume:  # the default, runs/<preset>, is checked as the run takes it (runs.hold_run_dir), so
+        holder = dir_holder(out)  # that reading flags (tools.ablation, tests) does not depend on what runs/ holds
         if holder:
             raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it to end, stop it, "
                              f"or give another --out")
@@ -339,6 +339,16 @@ def check_files(cfg: TrainConfig) -> None:
         if weights.lower() != "none" and weights not in clip.available_models():
             raise ValueError(f"--init-from brings its own CLIP weights: --clip-weights may only name the file's "
                              f"backbone (e.g. RN101) or be none, not {weights!r}")
+
+
+def out_dir(cfg: TrainConfig) -> Path:
+    """The run directory: --out, else --resume's own, else runs/<preset> (the same path on every rank and
+    every rerun, so README's next commands find runs/demo/best.pth)."""
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.resume:  # continue in the run dir the checkpoint came from
+        return Path(cfg.resume).parent
+    return Path("runs") / cfg.preset
 
 
 RUN_FILES = ("checkpoint.pth", "best.pth", "metrics.jsonl", "config.json", "test_metrics.json")

@@ -2,6 +2,7 @@
 and an (H, W, 3) uint8 array give the same masks; a list of phrases gives the masks of the phrases
 one at a time, at the image's size, with one image-encoder call; bad arguments get a clear error.
 overlay draws one colour per phrase and its legend."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_readme_three_lines_run(tmp_path, photo, monkeypatch):
     import re
 
     import model
-    block = re.search(r"## Try it in a browser.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"## Try it\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     assert len(block.strip().splitlines()) == 3
     net = model.build_model("smoke")
     (tmp_path / "runs" / "demo").mkdir(parents=True)
@@ -232,3 +233,17 @@ def test_the_notebooks_find_the_newest_demo_run(tmp_path, monkeypatch):
     assert inference.trained_checkpoint(tmp_path) is None
     model, which = inference.notebook_model(tmp_path, "smoke")
     assert which.startswith("random weights (the smoke preset)") and not hasattr(model, "trained_on")
+
+
+def test_a_missing_checkpoint_names_the_newest_run_or_how_to_make_one(tmp_path, monkeypatch):
+    """README's commands use runs/demo/best.pth; when it is missing, the error says what exists instead."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint runs/demo/best\.pth does not exist; no run has written a "
+                                                r"best\.pth under runs/ yet \(train one: python train\.py --preset demo\)"):
+        predict.load_model("runs/demo/best.pth", "cpu")
+    for name, mtime in (("demo-20260101-000000", 1000), ("smoke", 1005), ("paper", 1003)):  # smoke's is the newest
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "best.pth").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "best.pth", (mtime, mtime))
+    with pytest.raises(FileNotFoundError, match=r"does not exist; the newest run's checkpoint is runs/smoke/best\.pth$"):
+        predict.load_model("runs/demo/best.pth", "cpu")

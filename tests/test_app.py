@@ -5,8 +5,8 @@ keeps serving; requests run one at a time.
 
 This file's browser driver also makes README's screenshot and docs/measurements.md's timings:
 
-    python tests/test_app.py screenshot --ckpt runs/demo-X/best.pth --out docs/app.png
-    python tests/test_app.py measure --ckpt runs/demo-X/best.pth
+    python tests/test_app.py screenshot --ckpt runs/demo/best.pth --out docs/app.png
+    python tests/test_app.py measure --ckpt runs/demo/best.pth
 """
 import argparse
 import io
@@ -262,7 +262,7 @@ def test_the_page_listens_on_this_machine_only_unless_asked(server, monkeypatch,
     app.main(["--ckpt", str(ckpt[0]), "--device", "cpu", "--host", "0.0.0.0", "--port", "8123", "--share"])
     assert seen == {"host": "0.0.0.0", "port": 8123, "share": True}
     write_cris_checkpoint(model.build_model("smoke", deform=False, se=False), tmp_path / "best_model.pth")
-    app.main(["--ckpt", str(tmp_path / "best_model.pth"), "--device", "cpu"])  # CRIS's released format
+    app.main(["--ckpt", str(tmp_path / "best_model.pth"), "--device", "cpu"])  # CRIS's training code's format
     assert "best_model.pth on cpu" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="app.py: error: .*missing.pth"):
         app.main(["--ckpt", str(tmp_path / "missing.pth"), "--device", "cpu"])
@@ -303,6 +303,10 @@ def test_the_newest_demo_run_and_its_test_images_are_the_default(tmp_path, monke
     assert app.synthetic_examples(tmp_path / newest) == [(str(data.resolve() / "VGPhraseCut_v0" / "images" / Path(p).name), t)
                                                          for p, t in examples]
     assert app.synthetic_examples(tmp_path / "elsewhere" / "best.pth") == []
+    (tmp_path / "runs" / "demo").mkdir()  # the name train.py gives a demo run now, newer than the dated ones
+    (tmp_path / "runs" / "demo" / "best.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert app.newest_demo_checkpoint() == Path("runs/demo/best.pth")
 
 
 # ----------------------------------------------------------------------------- one heavy request, every way out

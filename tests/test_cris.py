@@ -1,4 +1,4 @@
-"""cris.py: CRIS's released checkpoints load with the source model's logits, predict, evaluate,
+"""tools/cris.py: checkpoints written by CRIS's training code load with the source model's logits, predict, evaluate,
 convert and fine-tune; a mismatched, truncated, foreign or code-carrying file is refused clearly.
 
 CRIS-format files are made from this project's models by tests/cris_files.py, whose name map is

@@ -111,6 +111,30 @@ def fake_checkpoint(path, **args):
     return str(path)
 
 
+def test_the_default_run_dir_is_runs_preset_and_a_rerun_there_is_refused(tmp_path, cache, monkeypatch, capsys):
+    """README's later commands use runs/demo/best.pth: with no --out a run writes runs/<preset>, on every
+    rank and every rerun; a rerun over a run there is refused before any work, as --out of a run is.
+    Reading the flags alone (tools.ablation, the tests) does not depend on what runs/ holds."""
+    run_dir = runs.run_dir
+    monkeypatch.chdir(tmp_path)
+    argv = ["--preset", "smoke", "--cache-dir", str(tmp_path / "fresh-cache")]
+    cfg = train.parse_args(argv)
+    assert run_dir(cfg) == Path("runs/smoke")
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "checkpoint.pth").write_bytes(b"stands in for a checkpoint")
+    assert train.parse_args(argv) == cfg
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "train.py: error: --out runs/smoke already holds a run (checkpoint.pth); continue it with --resume "
+        "runs/smoke/checkpoint.pth, or give a new --out (or delete runs/smoke)")
+    assert not (tmp_path / "fresh-cache").exists()  # refused before any work: no data made
+    assert (tmp_path / "runs" / "smoke" / "checkpoint.pth").read_bytes() == b"stands in for a checkpoint"
+    assert run_dir(dataclasses.replace(cfg, resume="elsewhere/run/checkpoint.pth")) == Path("elsewhere/run")
+    assert run_dir(dataclasses.replace(cfg, out="mine")) == Path("mine")
+
+
 def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(tmp_path, capsys):
     ckpt = fake_checkpoint(tmp_path / "checkpoint.pth", batch_size=8, lr=3e-4, se=False, epochs=1)
     cfg = train.parse_args(["--resume", ckpt, "--epochs", "3", "--lr", "3e-4"])  # --lr as the run's: fine

@@ -1,8 +1,8 @@
 """The ablation of the paper's Table 2 with its Figs. 4-6: four variants, each trained once per seed.
 
-    python ablation.py --preset demo --seeds 0 1 2                       # synthetic data, CPU
-    python ablation.py --preset demo --seeds 0 1 2 -- --epochs 2 --synth-images 600   # shorter
-    python ablation.py --preset paper --nproc 4 --seeds 0 1 2 -- --data lmdb/   # after --: train.py flags
+    python -m tools.ablation --preset demo --seeds 0 1 2                       # synthetic data, CPU
+    python -m tools.ablation --preset demo --seeds 0 1 2 -- --epochs 2 --synth-images 600   # shorter
+    python -m tools.ablation --preset paper --nproc 4 --seeds 0 1 2 -- --data lmdb/   # after --: train.py flags
 
 Each variant adds one thing to the one before, as Table 2 does:
 
@@ -14,7 +14,7 @@ Each variant adds one thing to the one before, as Table 2 does:
 Every run is train.py's, in OUT/<variant>/seed<k>/, scored on the held-out test split with its
 best.pth (by val mean IoU). A seed fixes the initialisation, the order of the batches and, for the
 synthetic set, the dataset itself, so within a seed every variant sees the same data and the same
-number of steps. OUT then receives (visualize.py draws the figures):
+number of steps. OUT then receives (helpers/figures.py draws the figures):
 
     table2.md, table2.json   IoU and P@50-P@90 as Table 2 lays them out, mean +- standard deviation
                              over the seeds; the JSON adds oIoU and every seed's value

@@ -1,10 +1,10 @@
 """Time SegVLM on this device: every speed figure of docs/measurements.md, from one command.
 
-    python benchmark.py                          # the paper preset at 416x416 (meant for a GPU)
-    python benchmark.py --preset demo --batch 16 # the CPU demo's model
-    python benchmark.py --ckpt best.pth          # a checkpoint's own architecture and input size
-    python benchmark.py --deform-impl torchvision  # eq. 1 through torchvision's kernel instead
-    python benchmark.py --compile                # torch.compile for the eager and training figures
+    python -m tools.benchmark                          # the paper preset at 416x416 (meant for a GPU)
+    python -m tools.benchmark --preset demo --batch 16 # the CPU demo's model
+    python -m tools.benchmark --ckpt best.pth          # a checkpoint's own architecture and input size
+    python -m tools.benchmark --deform-impl torchvision  # eq. 1 through torchvision's kernel instead
+    python -m tools.benchmark --compile                # torch.compile for the eager and training figures
 
 Weights are random (speed does not depend on them). Every figure is the
 median of --repeats timed passes after --warmup untimed ones, with the device

@@ -1,11 +1,14 @@
-"""CRIS checkpoint compatibility: predict, evaluate and fine-tune SegVLM from CRIS's released weights.
+"""CRIS checkpoint compatibility: predict, evaluate and fine-tune SegVLM from a CRIS checkpoint.
 
-CRIS's authors (Wang et al., CVPR 2022, github.com/DerrickWang005/CRIS.pytorch) released
-`best_model.pth` files for CLIP RN50 and RN101, trained on RefCOCO, RefCOCO+ and RefCOCOg.
-With the enhancement block off, SegVLM is CRIS's architecture (the paper's baseline, Table 2's
-first row), so such a file runs here unchanged: only the parameter names differ.
+CRIS's training code (Wang et al., CVPR 2022, github.com/DerrickWang005/CRIS.pytorch) writes
+`best_model.pth` (CLIP RN50 or RN101 backbones; its configs train on RefCOCO, RefCOCO+ and RefCOCOg).
+CRIS's authors published no checkpoints (that repository's issue #3, "Pretrained CRIS model", open
+since June 2022, and #13 ask for them): such a file comes from your own run of CRIS's code or from
+someone else who trained it. With the enhancement block off, SegVLM is CRIS's architecture (the
+paper's baseline, Table 2's first row), so such a file runs here unchanged: only the parameter names
+differ.
 
-    python cris.py convert best_model.pth cris_rn101.pth    # a normal checkpoint of this project
+    python -m tools.cris convert best_model.pth cris_rn101.pth    # a normal checkpoint of this project
     python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"
     python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb
     python train.py --preset paper --init-from best_model.pth --data lmdb/
@@ -13,7 +16,7 @@ first row), so such a file runs here unchanged: only the parameter names differ.
 predict.py and evaluate.py read the file through `checkpoints.load_checkpoint`, which recognises it
 (`is_cris_checkpoint`) and converts it in memory (`to_segvlm_checkpoint`). train.py's
 `--init-from` copies every tensor into a SegVLM whose enhancement block is new (`init_model`).
-checkpoints.py holds the format and its conversion, with the table of names.
+helpers/checkpoints.py holds the format and its conversion, with the table of names.
 """
 import argparse
 import functools
@@ -87,13 +90,13 @@ def config_flag(text, name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="cris.py", description=__doc__.split("\n")[0],
-                                epilog="Run `python cris.py convert -h` for the converter's options.")
+                                epilog="Run `python -m tools.cris convert -h` for the converter's options.")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="write CRIS's best_model.pth as a checkpoint of this project",
+    c = sub.add_parser("convert", help="write a best_model.pth of CRIS's training code as a checkpoint of this project",
                        description="Write CRIS's best_model.pth as a checkpoint of this project (same weights, "
                                    "enhancement block off), loadable with torch.load(weights_only=True). An "
                                    "existing dst is replaced only when this converter wrote it.")
-    c.add_argument("src", help="CRIS's best_model.pth")
+    c.add_argument("src", help="a best_model.pth written by CRIS's training code")
     c.add_argument("dst", help="the checkpoint to write")
     for name, text in (("input_size", f"input side the checkpoint's users resize to (CRIS's: {CRIS_INPUT_SIZE})"),
                        ("word_len", "longest phrase in tokens (default: CLIP's context, 77)"),
