@@ -227,6 +227,15 @@ class MixedTasks(ConcatDataset):
         super().__init__(datasets)
         self.paths = [d.path for d in datasets]
 
+    @property
+    def header(self) -> dict:
+        """What a checkpoint records of the data it was trained on (helpers/provenance.run_record): the first
+        source's header, the tasks and images of all of them summed, and every source's dataset in `mixed`."""
+        headers = [d.header for d in self.datasets]
+        return {**headers[0], "num_tasks": sum(int(h.get("num_tasks", 0)) for h in headers),
+                "num_images": sum(int(h.get("num_images", 0)) for h in headers),
+                "mixed": [str(h.get("dataset", "unknown")) for h in headers]}
+
     def image_ids(self) -> list:
         return [f"{k}/{i}" for k, d in enumerate(self.datasets) for i in d.image_ids()]
 

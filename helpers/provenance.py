@@ -83,7 +83,7 @@ def of_checkpoint(ckpt: dict) -> dict:
     if ckpt.get("source") == "CRIS":
         meta = ckpt.get("cris") or {}
         record = {"dataset": "unknown", "format": "CRIS",
-                  "name": "unknown: CRIS's file does not name its dataset (CRIS released models trained on "
+                  "name": "unknown: CRIS's file does not name its dataset (CRIS's paper trains on "
                           "RefCOCO, RefCOCO+ and RefCOCOg)"}
         if "epoch" in meta:
             record["epochs"] = meta["epoch"]

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from helpers import distributed
-from helpers.checkpoints import check_finite, check_tensors, read_checkpoint_file, state_dict_misfit
+from helpers.checkpoints import read_checkpoint_file
 from helpers.files import atomic_path, hold_dir
 from helpers.provenance import UNITS, percent, run_record
 from helpers.train_config import NOT_RESUMED, TrainConfig, check_new_run_dir, out_dir
 from helpers.visualize import plot_curves
+from helpers.weights import check_finite, check_tensors, state_dict_misfit
 from model import SegVLMConfig
 
 CHECKPOINT_FORMAT = "segvlm-checkpoint-v1"
