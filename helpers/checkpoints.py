@@ -61,8 +61,8 @@ import sys
 
 import torch
 
-from helpers import distributed
-from helpers.weights import check_finite, check_tensors, compare_state_dict, safetensors_folder, state_dict_misfit
+from helpers import distributed, safetensors_folder
+from helpers.weights import check_finite, check_tensors, compare_state_dict, state_dict_misfit
 from model import CLIP_FIELDS, SegVLM, SegVLMConfig, clip_fields_from_state_dict, config_fields
 
 CRIS_REPO = "github.com/DerrickWang005/CRIS.pytorch"
