@@ -25,7 +25,7 @@ from pathlib import Path
 from helpers.files import short_repr
 from sources.coco import read_instances
 from sources.lmdb_store import check_out, write_lmdb
-from sources.refcoco import check_sentences, check_unique, read_refs_file
+from sources.refcoco import check_sentences, check_unique, read_checked_refs
 
 SPLITS = ("train", "val", "testA", "testB")
 
@@ -42,12 +42,7 @@ def ann_ids(ref):
 
 def load_grefs(path):
     """The refs of a grefs(<splitBy>).json or .p file, each checked; errors name the file and the ref."""
-    refs = read_refs_file(path)
-    try:
-        check_grefs(refs, path)
-    except RecursionError:
-        raise ValueError(f"{path}: a ref is nested deeper than Python's recursion limit; not a refs file") from None
-    return refs
+    return read_checked_refs(path, check_grefs)
 
 
 def check_grefs(refs, path):

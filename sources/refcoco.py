@@ -94,9 +94,15 @@ def load_refs(path):
     """The refs of a refs(<splitBy>).p pickle (PlainUnpickler) or .json file, each checked; errors name
     the file and the ref. Two refs with one ref_id, or two sentences with one sent_id (a task's id),
     are refused naming both; so is a structure nested deeper than Python's recursion limit."""
+    return read_checked_refs(path, check_refs)
+
+
+def read_checked_refs(path, check):
+    """read_refs_file's refs after check(refs, path); a ref nested past Python's recursion limit is a
+    ValueError naming the file (gRefCOCO's loader shares this with RefCOCO's)."""
     refs = read_refs_file(path)
     try:
-        check_refs(refs, path)
+        check(refs, path)
     except RecursionError:
         raise ValueError(f"{path}: a ref is nested deeper than Python's recursion limit; not a refs file") from None
     return refs
