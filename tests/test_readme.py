@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from coco_files import UMD, coco_folder, ref, refer_root, voc_root
 from cris_files import write_cris_checkpoint
+from grefcoco_files import grefcoco_root
 
 from model import build_model
 from sources import synthetic
@@ -83,7 +84,7 @@ def at_test_size(line: str) -> str:
     elif "tools.benchmark" in line:
         line += " --preset smoke --batch 2 --repeats 1 --warmup 1 --workers 0 --loader-batches 2"
     elif re.search(r"\btrain\.py\b", line):
-        line = re.sub(r"--preset demo\b", f"--preset demo {DEMO_AT_TEST_SIZE}", line)
+        line = re.sub(r"--preset (demo|demo-gres)(?![\w-])", rf"--preset \1 {DEMO_AT_TEST_SIZE}", line)
         line = re.sub(r"--preset cris-refcocog?\b", "--preset smoke --batch-size 2", line)  # 3 training sentences
         line = re.sub(r"--preset paper\b", "--preset smoke", line)
         if "--resume" in line:
@@ -96,8 +97,8 @@ def at_test_size(line: str) -> str:
         (r"--master_port=\d+", f"--master_port={free_port()}"),
         (r"--images \d+", "--images 12"),
         (r"--synth-images \d+", "--synth-images 12"),
-        (r"^torchrun ", f"{sys.executable} -m torch.distributed.run "),
-        (r"^python ", f"{sys.executable} "),
+        (r"^((?:\w+=\S* )*)torchrun ", rf"\1{sys.executable} -m torch.distributed.run "),  # after VAR=value too
+        (r"^((?:\w+=\S* )*)python ", rf"\1{sys.executable} "),
     ]:
         line = re.sub(pattern, repl, line)
     return line
@@ -116,6 +117,8 @@ def stand_ins(root: Path, code: str) -> None:
     for folder, make in (("data/refer", refer_root), ("data/coco", coco_folder), ("data/VOCdevkit", voc_root)):
         if folder in code and not (root / folder).exists():
             make(root / "data")
+    if "data/gres" in code and not (root / "data" / "gres").exists():  # gRefCOCO's layout under ReLA's root
+        grefcoco_root(root / "data").rename(root / "data" / "gres")
     umd = root / "data" / "refer" / "refcocog" / "refs(umd).p"
     if umd.exists() and len(pickle.loads(umd.read_bytes())[0]["sentences"]) == 1:  # two sentences: a batch of 2
         umd.write_bytes(pickle.dumps([ref(9, 11, 1, "train", [(300, "a man"), (305, "man on the left")]), *UMD[1:]]))
@@ -264,7 +267,8 @@ def test_the_commands_leave_what_the_docs_say(workspace):
 def test_every_block_is_run_or_shown_for_a_reason():
     """Every fenced block is run (bash), a download checked for its commands (sh), README's one Python
     block (tests/test_api.py runs it), or text that holds no command."""
-    assert DOCS == ["data.md", "training.md", "evaluation.md", "cris.md", "tools.md", "measurements.md", "choices.md"]
+    assert DOCS == ["data.md", "training.md", "evaluation.md", "predict.md", "cris.md", "tools.md", "measurements.md",
+                    "choices.md"]
     assert sorted(DOCS) == sorted(p.name for p in (REPO / "docs").glob("*.md")), "a doc README does not link"
     for block in ALL_BLOCKS:
         lines = [line.strip() for line in block["code"].replace("\\\n", " ").splitlines() if line.strip()]
