@@ -46,7 +46,11 @@ LINKED = ("helpers", "sources", "tools", "tests", "notebooks", "docs", ".ci", "p
 # the downloads of docs/data.md: the only commands an `sh` block may hold
 NETWORK = ("git clone ", "cd ", "mkdir ", "pip install ", "python download_dataset.py", "wget ", "unzip ", "tar ")
 # blocks that show commands without running them here, and why
-NOT_RUN = {"measurements.md: The web page": "needs Chromium; tests/test_app.py's browser test drives the same page"}
+NOT_RUN = {"measurements.md: The web page": "needs Chromium; tests/test_app.py's browser test drives the same page",
+           "measurements.md: One heavy request on the web page": "a test of tests/test_app.py, which the slow tier runs",
+           "measurements.md: Using a model: folders, ONNX, bf16 #2": "times this CPU's matmul; emulated bf16 takes minutes",
+           "measurements.md: Using a model: folders, ONNX, bf16 #3": "times the folder mode on photos it names; "
+                                                                     "tests/test_batch_predict.py runs that mode"}
 DEMO_AT_TEST_SIZE = "--synth-images 12 --epochs 1 --batch-size 4 --milestones 100 --num-workers 0"
 TIMEOUT = 900
 
@@ -85,7 +89,9 @@ def at_test_size(line: str) -> str:
         line += " --preset smoke --batch 2 --repeats 1 --warmup 1 --workers 0 --loader-batches 2"
     elif re.search(r"\btrain\.py\b", line):
         line = re.sub(r"--preset (demo|demo-gres)(?![\w-])", rf"--preset \1 {DEMO_AT_TEST_SIZE}", line)
-        line = re.sub(r"--preset cris-refcocog?\b", "--preset smoke --batch-size 2", line)  # 3 training sentences
+        # RefCOCOg's stand-in has 3 training sentences: a batch of 2 (BatchNorm needs 2 a process), 4 for two processes
+        batch = 4 if re.match(r"(\w+=\S* )*torchrun ", line) else 2
+        line = re.sub(r"--preset cris-refcocog?\b", f"--preset smoke --batch-size {batch}", line)
         line = re.sub(r"--preset paper\b", "--preset smoke", line)
         if "--resume" in line:
             line = re.sub(r"--epochs \d+", "--epochs 2", line)
