@@ -176,6 +176,10 @@ class PhraseCutLMDB(_PhraseCutItems):
         """Each task's no_target flag (a phrase that names nothing), in task order; absent reads as False."""
         return self._field("no_target", bool, default=False)
 
+    def no_target_kinds(self) -> list:
+        """Each task's kind of no-target phrase where the data names it (synthetic: pair, shape, relation), else ""."""
+        return self._field("no_target_kind", str, default="")
+
     def _field(self, name, convert=str, default=None):
         with reader(self.path).begin() as txn:
             keys = (b"task/%08d" % i for i in range(self.num_tasks))

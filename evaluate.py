@@ -82,7 +82,8 @@ GRES_DEFINITIONS = {
             "adds its area to U; a target task answered empty adds I = 0 and its U",
     "N_acc": "GRES: share of no-target tasks answered with an empty mask (no target)",
     "T_acc": "GRES: share of target tasks answered with a non-empty mask",
-    "Pr@k": "GRES: share of target tasks whose IoU is at least k (ReLA's >=), k in 0.7, 0.8, 0.9"}
+    "Pr@k": "GRES: share of target tasks whose IoU is at least k (ReLA's >=), k in 0.7, 0.8, 0.9",
+    "N_acc_by_kind": "not GRES: [no-target tasks, N_acc] per kind of no-target phrase, where the data names kinds"}
 
 
 def gres_task(intersection, union, no_target, answered_none):
@@ -112,11 +113,15 @@ def summarize_gres(tasks):
     return out
 
 
-def add_gres(result, tasks):
+def add_gres(result, tasks, kinds=()):
     """result + summarize_gres of tasks [(I, U, subsets, no_target, answered_none), ...] when one of them is
-    a no-target task (the data holds phrases that name nothing); result unchanged otherwise."""
+    a no-target task (the data holds phrases that name nothing); result unchanged otherwise. kinds: each
+    task's kind of no-target phrase where the data names one (synthetic data), for "N_acc_by_kind"."""
     if any(t[3] for t in tasks):
         result.update(summarize_gres([(t[0], t[1], t[3], t[4]) for t in tasks]))
+        named = {k: [t[4] for j, t in zip(kinds, tasks) if j == k and t[3]] for k in set(kinds) - {""}}
+        if any(named.values()):
+            result["N_acc_by_kind"] = {k: [len(v), sum(v) / len(v)] for k, v in sorted(named.items()) if v}
     return result
 
 
@@ -222,6 +227,8 @@ def format_table(result):
     if "gIoU" in result:
         rows.append("GRES: " + "  ".join(f"{k} {'-' if result[k] is None else f'{100 * result[k]:.2f}'}"
                                           for k in ("gIoU", "cIoU", "N_acc", "T_acc", *(f"Pr@{p}" for p in GRES_PREC))))
+    if "N_acc_by_kind" in result:
+        rows.append("N_acc by kind: " + "  ".join(f"{k} {100 * v:.2f} (n={n})" for k, (n, v) in result["N_acc_by_kind"].items()))
     if result.get("note"):
         rows.append(f"note: {result['note']}")
     return "\n".join(rows)
@@ -318,7 +325,8 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     tasks = gather_tasks(tasks)
     result = summarize_tasks([t[1:] for t in tasks], getattr(dataset, "subset_names", None),
                              getattr(dataset, "subset_note", None), getattr(dataset, "category_names", None))
-    add_gres(result, [t[1:] for t in tasks])
+    kinds = dataset.no_target_kinds() if hasattr(dataset, "no_target_kinds") else []
+    add_gres(result, [t[1:] for t in tasks], [kinds[t[0]] for t in tasks] if kinds else ())
     if per_task:
         result["per_task"] = [{"index": i, "iou": iou(inter, union), "subsets": list(names)}
                               for i, inter, union, names, *_ in tasks]
@@ -354,21 +362,19 @@ def evaluate_masks(dataset, pred_dir, progress=True):
         except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"{paths[i]}: not a readable mask image ({err})") from None
         tasks.append((*task_iou(pred, gt, ignore), subsets, flags[i], not pred.any()))
-    return add_gres(summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names), tasks)
+    return add_gres(summarize_tasks(tasks, dataset.subset_names, dataset.subset_note, dataset.category_names), tasks,
+                    dataset.no_target_kinds())
 
 
 def decoder_grid_ceiling(dataset, stride=16, threshold=0.5, progress=False) -> dict:
     """The scores of a perfect prediction made at the decoder's resolution.
 
-    CRIS, and so SegVLM, builds its mask from the decoder's stride-16 grid
-    (26x26 at 416 px, 12x12 at the demo's 192 px): the projector only upsamples,
-    with no skip from finer features. Here each letterboxed ground-truth mask
-    is averaged over stride x stride cells (an ideal decoder map), brought to
-    the logits' size (S/4) by bilinear upsampling, mapped back to the original
-    size like a prediction and cut at `threshold`. The result, in the layout of
-    `summarize`, bounds what a mask that is only an upsampled grid can score;
-    the learned projector can do somewhat better only by sharpening edges.
-    """
+    CRIS, and so SegVLM, builds its mask from the decoder's stride-16 grid (26x26 at 416 px, 12x12 at
+    the demo's 192 px): the projector only upsamples, with no skip from finer features. Here each
+    letterboxed ground-truth mask is averaged over stride x stride cells (an ideal decoder map), brought
+    to the logits' size (S/4) by bilinear upsampling, mapped back to the original size like a prediction
+    and cut at `threshold`. The result, in the layout of `summarize`, bounds what a mask that is only an
+    upsampled grid can score; the learned projector can do somewhat better only by sharpening edges."""
 
     tasks = []
     for i in tqdm(range(len(dataset)), desc="ceiling", disable=not progress, leave=False):
@@ -391,13 +397,9 @@ def grid_ceiling_prediction(mask, h, w, stride=16, threshold=0.5):
 
 
 def save_overlays(model, dataset, out_dir, num=8, threshold=DEFAULT_THRESHOLD, device=None):
-    """--vis: write `num` figures (the first tasks of `dataset`) to out_dir: image, ground truth, prediction.
-
-    Each PNG shows the image at its original size (cut back out of the network's letterboxed input,
-    so at most input_size sharp), the ground truth and the prediction (outside the mask dimmed), and
-    the phrase with the task's IoU in the title. Files are named overlay_name(k, task_id); returns the
-    written paths.
-    """
+    """--vis: write `num` figures (the first tasks of `dataset`) to out_dir, overlay_name(k, task_id) each: the
+    image at its original size (cut out of the letterboxed input, so at most input_size sharp), the ground
+    truth and the prediction (outside the mask dimmed), the phrase and IoU in the title. Returns the paths."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
 
     out_dir = make_dir(out_dir, "the figures' folder")

@@ -47,6 +47,17 @@ def test_gres_keys_appear_only_when_the_data_has_a_no_target_task():
     assert "gIoU" not in evaluate.add_gres(evaluate.summarize_tasks([t[:3] for t in plain]), plain)
 
 
+def test_n_acc_per_kind_where_the_data_names_kinds():
+    tasks = [(0, 0, [], True, True), (0, 5, [], True, False), (0, 0, [], True, True), (6, 8, [], False, False),
+             (0, 3, [], True, False)]
+    kinds = ["shape", "shape", "pair", "", "relation"]  # a target task has no kind
+    m = evaluate.add_gres(evaluate.summarize_tasks([t[:3] for t in tasks]), tasks, kinds)
+    assert m["N_acc_by_kind"] == {"pair": [1, 1.0], "relation": [1, 0.0], "shape": [2, 0.5]}
+    assert m["N_acc"] == pytest.approx(2 / 4)  # the kinds split N_acc, they do not change it
+    assert "N_acc by kind: pair 100.00 (n=1)  relation 0.00 (n=1)  shape 50.00 (n=2)" in evaluate.format_table(m)
+    assert "N_acc_by_kind" not in evaluate.add_gres(evaluate.summarize_tasks([t[:3] for t in tasks]), tasks)
+
+
 def grefcoco_val(tmp_path):
     out = tmp_path / "val.lmdb"
     grefcoco.build_grefcoco(grefcoco_root(tmp_path), "val", out, progress=False)
