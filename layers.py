@@ -342,21 +342,35 @@ class DeformableConv2d(nn.Module):
 class NoTargetHead(nn.Module):
     """A "no target" logit per phrase (generalized referring segmentation: a phrase may name nothing).
 
-    Inputs: the decoder's output x (B, C, h, w), pooled two ways (mean: what the map holds overall;
-    max: its strongest match), the sentence state (B, E), and the mask logits' peak and mean (B, 1,
-    H, W): how strongly any pixel answers the phrase. An MLP (2C + E + 2 -> C -> 1) gives a logit
-    whose sigmoid is the probability that the phrase names nothing in the image (ReLA, CVPR 2023,
-    predicts such a label from its global features likewise). Trained with BCE on tasks whose ground
-    truth is marked no-target (train.py); `answer_nothing` empties the mask where the logit is > 0.
+    What it looks at, from the decoder's output x (B, C, h, w), the sentence state (B, E) and the
+    mask logits (B, 1, H, W):
+    - a query made from the sentence, scored against every position of x (scaled dot product): the
+      best score says how well the best-matching place answers the phrase, and the softmax over the
+      scores pools x into the features of that place (ReLA, CVPR 2023, asks its region queries the
+      same question);
+    - x pooled by the mask itself (sigmoid(logits) averaged down to x's grid): what the model would
+      paint, and the mask logits' peak and mean: how strongly any pixel answers;
+    - x's mean and max over positions, and the sentence state.
+    An MLP (4C + E + 3 -> C -> 1) gives a logit whose sigmoid is the probability that the phrase names
+    nothing in the image. Trained with BCE on tasks whose ground truth is marked no-target (train.py);
+    `answer_nothing` empties the mask where the logit is > 0.
     """
 
     def __init__(self, dim: int, state_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * dim + state_dim + 2, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1))
+        self.query = nn.Linear(state_dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(4 * dim + state_dim + 3, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1))
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2)  # (B, C, h*w)
+        scores = torch.einsum("bc,bcn->bn", self.query(state), tokens) / c ** 0.5  # (B, h*w)
+        best = torch.einsum("bn,bcn->bc", scores.softmax(1), tokens)  # (B, C): the best-matching place
+        paint = F.avg_pool2d(logits.float().sigmoid(), logits.shape[-1] // w).flatten(1).to(x.dtype)  # (B, h*w)
+        painted = torch.einsum("bn,bcn->bc", paint, tokens) / (paint.sum(1, keepdim=True) + 1e-3)  # (B, C)
         flat = logits.flatten(1).float()  # (B, H*W)
-        features = [x.mean((2, 3)), x.amax((2, 3)), state, flat.amax(1, keepdim=True), flat.mean(1, keepdim=True)]
+        features = [x.mean((2, 3)), x.amax((2, 3)), best, painted, state, scores.amax(1, keepdim=True),
+                    flat.amax(1, keepdim=True), flat.mean(1, keepdim=True)]
         return self.mlp(torch.cat([f.to(x.dtype) for f in features], 1))[:, 0]  # (B,)
 
 

@@ -14,6 +14,7 @@ import predict
 from helpers import batch_predict, checkpoints, inference, safetensors_folder
 from helpers.onnx_model import load_onnx
 from helpers.transforms import tokenize
+from layers import NOTHING
 from tools import export
 
 
@@ -127,6 +128,25 @@ def test_predict_with_onnx_matches_the_checkpoint_in_both_modes(files, onnx_file
                   "--phrase", "red", "--phrase", "blue square", "--out", str(out), "--workers", "0"])
     rows = batch_predict.read_index(out / batch_predict.INDEX)
     assert len(rows) == 4 and all((out / m).is_file() for m in rows)
+
+
+@pytest.mark.slow
+def test_the_no_target_answer_survives_the_export(tmp_path):
+    import model
+    torch.manual_seed(1)
+    net = model.build_model("smoke", no_target_head=True).eval()
+    image, tokens = torch.randn(3, 3, 64, 64), tokenize(["a cat", "the large square on the right", "x"], 10)
+    with torch.no_grad():
+        low, mid, _ = net(image, tokens, return_no_target=True)[1].sort().values
+        net.no_target.mlp[-1].bias -= (low + mid) / 2  # two phrases answered "no target", one not
+        ref = net(image, tokens)
+    answered = (ref.flatten(1) == NOTHING).all(1)
+    assert answered.sum() == 2 and not answered.all()
+    save_model_checkpoint(net, tmp_path / "gres.pth")
+    run_tool("export.py", "--ckpt", tmp_path / "gres.pth", "--onnx", tmp_path / "gres.onnx", timeout=900, check=True)
+    got = load_onnx(tmp_path / "gres.onnx")(image, tokens)
+    assert ((got.flatten(1) == NOTHING).all(1) == answered).all()  # the same phrases answered "no target"
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref[~answered].abs().max().item())
 
 
 def test_export_refuses_bad_flags(files, tmp_path, capsys):
