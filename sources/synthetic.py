@@ -15,7 +15,8 @@ No-target phrases (`--no-target-rate R`, generalized referring segmentation as i
 of the phrases name nothing in their image, of three kinds (NO_TARGET_KINDS): a colour and shape pair
 that no shape has ("purple star" where stars and purple shapes may be, but no purple star), a shape
 that is absent ("hexagon"), and a relation that does not hold ("circle left of the blue square" where
-every circle is clearly right of it). They are written in PhraseCut's format with no instance (empty
+two or more circles are all clearly right of it), each worded as the phrases that hold are, so that the
+words alone do not give it away (docs/choices.md). They are written in PhraseCut's format with no instance (empty
 Polygons, instance_boxes and ann_ids, so an empty mask), "no_target": true and "no_target_kind", which
 the LMDB keeps. R = 0 (the default) writes exactly the files it wrote before the option existed.
 """
@@ -47,6 +48,8 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
 SIZES = {"small": 0.12, "large": 0.21}
 
 SYNTH_VERSION = 3  # bump when the generator's output changes: it names the cache directory
+NO_TARGET_VERSION = 2  # the same for the no-target phrases alone (--no-target-rate > 0); 2: relations worded as
+                       # the ones that hold (version 1's were all "<kind> <predicate> the <colour> <kind>")
 
 RELATIONS = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 
@@ -169,19 +172,29 @@ def _absent_phrases(shapes, width, height):
         if kind not in kinds:
             out["shape"].append((kind, {"name": kind, "attributes": [], "relation_ids": [],
                                         "relation_descriptions": [], "type": "name"}))
-    margin = 0.1 * max(width, height)
-    unique = [o for o, s in enumerate(shapes) if sum((t["colour"], t["kind"]) == (s["colour"], s["kind"])
-                                                     for t in shapes) == 1]
-    for o in unique:  # a relation that does not hold: every shape of the kind clearly on the other side
-        for kind in kinds:
-            subjects = [i for i, s in enumerate(shapes) if s["kind"] == kind and i != o]
+    # a relation that does not hold, worded as the relation phrases that do (_phrases): a subject described
+    # by kind, maybe size and colour, that fits two or more shapes besides the object, an object that one
+    # shape's kind (and maybe colour) names, and every subject clearly on the other side of it. Worded
+    # alike, and about the same kind of scene, only the picture tells the two apart.
+    margin, descs = 0.1 * max(width, height), {}
+    for size in (None, *SIZES):
+        for colour in (None, *COLOURS):
+            for kind in kinds:
+                ids = [i for i, s in enumerate(shapes) if size in (None, s["size"]) and colour in (None, s["colour"])
+                       and s["kind"] == kind]
+                if ids:
+                    descs[(size, colour, kind)] = ids
+    objects = [(d, ids[0]) for d, ids in descs.items() if len(ids) == 1 and d[0] is None]  # "circle", "blue circle"
+    for (size, colour, kind), ids in descs.items():
+        for (_, ocolour, okind), o in objects:
+            subjects = [i for i in ids if i != o]
             for predicate, (axis, sign) in RELATIONS.items():
                 key = ("cx", "cy")[axis]
-                if subjects and all(sign * (shapes[o][key] - shapes[i][key]) < -margin for i in subjects):
-                    obj = _describe(None, shapes[o]["colour"], shapes[o]["kind"], 1)[0]
-                    out["relation"].append((f"{kind} {predicate} the {obj}", {
-                        "name": kind, "attributes": [], "relation_ids": [0],
-                        "relation_descriptions": [[predicate, shapes[o]["kind"]]], "type": "relation"}))
+                if len(subjects) > 1 and all(sign * (shapes[o][key] - shapes[i][key]) < -margin for i in subjects):
+                    text, noun, atts = _describe(size, colour, kind, 1)
+                    out["relation"].append((f"{text} {predicate} the {_describe(None, ocolour, okind, 1)[0]}", {
+                        "name": noun, "attributes": atts, "relation_ids": [0],
+                        "relation_descriptions": [[predicate, okind]], "type": "relation"}))
     return out
 
 
@@ -308,7 +321,8 @@ can say so (helpers/provenance.py). image_data_split.json has the real file's fi
             refer[split] += _no_target_tasks(no_target_rng, shapes, width, height, k, image_id, len(chosen))
     counts = count_words([t for s in SPLITS for t in refer[s]])
     mark = {"generator": "sources/synthetic.py", "version": SYNTH_VERSION, "num_images": num_images, "seed": seed,
-            "size": size, "aspect": aspect}  # build_lmdb copies it into the LMDB header: "synthetic"
+            "size": size, "aspect": aspect, **({"no_target_version": NO_TARGET_VERSION} if no_target_rate else {})}
+    # build_lmdb copies it into the LMDB header: "synthetic"
     for name, obj in ([("image_data_split", images), ("name_att_rel_count", counts), ("synthetic", mark)]
                       + [(f"refer_{s}", refer[s]) for s in SPLITS]):
         with atomic_path(out / f"{name}.json") as tmp:
@@ -324,7 +338,7 @@ def ensure_synthetic(cache_dir, num_images=DEMO_NUM_IMAGES, seed=0, size=160, pr
     first rename wins and the other discards its copy."""
     cache_dir = Path(cache_dir)
     shape = f"px{size}" if aspect == 0.75 else f"px{size}x{round(size * aspect)}"
-    nt = f"_nt{no_target_rate:g}" if no_target_rate else ""
+    nt = f"_nt{no_target_rate:g}v{NO_TARGET_VERSION}" if no_target_rate else ""
     final = cache_dir / f"synthetic_n{num_images}_seed{seed}_{shape}{nt}_gen{SYNTH_VERSION}_lmdb{LMDB_VERSION}"
     if (final / "COMPLETE").is_file():
         return final

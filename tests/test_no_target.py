@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import train
 from helpers import train_config
 from layers import NOTHING, answer_nothing
@@ -112,9 +113,21 @@ def test_the_absent_phrases_name_nothing():
     assert "red circle" not in cands["pair"] and "blue square" not in cands["pair"]
     assert {"blue circle", "red square", "green circle"} <= cands["pair"]
     assert cands["shape"] == {"triangle", "star", "diamond", "hexagon"}
-    assert "circle right of the blue square" in cands["relation"] and "square left of the red circle" in cands["relation"]
-    assert "circle left of the blue square" not in cands["relation"]  # it holds
-    assert not any("above" in p or "below" in p for p in cands["relation"])  # same height: too close to call
+    assert cands["relation"] == set()  # one shape of each kind: no relation is needed, as in the phrases that hold
+    two = scene() + [{"kind": "circle", "colour": "green", "size": "large", "r": 12, "cx": 50.0, "cy": 20.0}]
+    relations = {p for p, _ in synthetic._absent_phrases(two, 100, 100)["relation"]}
+    # worded as the relations that hold (_phrases): both circles are clearly left of the square, so none is right
+    assert {"circle right of the blue square", "circle right of the square"} <= relations
+    assert "circle left of the square" not in relations  # it holds for both
+    assert not any("above" in p or "below" in p for p in relations)  # one circle level with the square: too close
+    assert not any("red circle" in p.split(" of ")[0] for p in relations)  # one red circle: no relation needed
+
+
+class Empty(torch.nn.Module):
+    """A stand-in model whose every mask is empty (the answer "no target" to every phrase)."""
+
+    def forward(self, image, tokens):
+        return torch.full((len(image), 1, image.shape[-2] // 4, image.shape[-1] // 4), -20.0)
 
 
 def test_synth_adds_no_target_phrases_and_the_lmdb_keeps_the_flag(tmp_path):
@@ -135,6 +148,10 @@ def test_synth_adds_no_target_phrases_and_the_lmdb_keeps_the_flag(tmp_path):
     flags = ds.no_target_flags()
     assert sum(flags) == stats["no_target_tasks"] == sum(t.get("no_target", False) for t in
                                                          json.loads((mixed / "refer_train.json").read_text()))
+    kinds = ds.no_target_kinds()  # the kind each no-target phrase is of, "" for the others, as evaluate reads it
+    assert [bool(k) for k in kinds] == flags and set(kinds) - {""} <= set(synthetic.NO_TARGET_KINDS)
+    nothing = evaluate.evaluate(Empty(), ds, device="cpu", progress=False)
+    assert nothing["N_acc_by_kind"] == {k: [kinds.count(k), 1.0] for k in set(kinds) - {""}}  # every mask empty
     first = flags.index(True)
     assert ds[first]["no_target"] and not ds[first]["gt_mask"].any() and stats["empty_tasks"] == 0
     with pytest.raises(ValueError, match="no_target_rate must be between 0 and 0.5"):
