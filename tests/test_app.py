@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tooling import save_model_checkpoint
+from tooling import save_model_checkpoint, smoke_checkpoint
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -53,13 +53,7 @@ def serve(model, examples=()):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A smoke-sized checkpoint (random weights) and a picture: (checkpoint path, picture path)."""
-    import model
-    out = tmp_path_factory.mktemp("app")
-    torch.manual_seed(0)
-    net = model.build_model("smoke")
-    save_model_checkpoint(net, out / "best.pth")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(out / "photo.png")
+    out = smoke_checkpoint(tmp_path_factory.mktemp("app"), "photo.png", (90, 120))
     return out / "best.pth", out / "photo.png"
 
 

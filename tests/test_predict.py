@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tooling import save_model_checkpoint
+from tooling import save_model_checkpoint, smoke_checkpoint
 
 import predict
 from helpers import inference
@@ -32,14 +32,7 @@ def png_header(width, height):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import model
-    out = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    net = model.build_model("smoke")
-    save_model_checkpoint(net, out / "best.pth")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(out / "photo.jpg")
-    return out
+    return smoke_checkpoint(tmp_path_factory.mktemp("predict"), "photo.jpg", (37, 53))
 
 
 def test_predict_returns_a_mask_at_the_image_size(files):

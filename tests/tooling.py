@@ -56,3 +56,18 @@ def save_model_checkpoint(model, path, **fields) -> Path:
     path = Path(path)
     torch.save({**checkpoint_dict(model), **fields}, path)
     return path
+
+
+def smoke_checkpoint(out, photo: str, size: tuple) -> Path:
+    """The files the tools' tests run on: a smoke-preset model with random weights (seed 0) saved as out/best.pth,
+    and a random RGB picture of size (height, width) saved as out/<photo>. Returns out."""
+    import numpy as np
+    from PIL import Image
+
+    import model
+    out = Path(out)
+    torch.manual_seed(0)
+    save_model_checkpoint(model.build_model("smoke"), out / "best.pth")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(out / photo)
+    return out
