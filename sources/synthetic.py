@@ -113,31 +113,48 @@ def _describe(size, colour, kind, count):
     return ("all " if count > 1 else "") + " ".join(words), noun, [w for w in (size, colour) if w]
 
 
+def _match(shapes, size, colour, kind):
+    """The shapes a description fits (a word given as None is left out of it), as a frozenset of indices."""
+    return frozenset(i for i, s in enumerate(shapes) if size in (None, s["size"])
+                     and colour in (None, s["colour"]) and kind in (None, s["kind"]))
+
+
+def _descriptions(shapes, kinds=(None, *SHAPES)):
+    """{(size, colour, kind): the shapes it fits} for every description with a kind from `kinds` that fits
+    some shape, the empty description left out; in the order size, colour, kind of (None, *SIZES),
+    (None, *COLOURS) and `kinds`."""
+    descs = {}
+    for size in (None, *SIZES):
+        for colour in (None, *COLOURS):
+            for kind in kinds:
+                ids = _match(shapes, size, colour, kind)
+                if ids and (size, colour, kind) != (None, None, None):
+                    descs[(size, colour, kind)] = ids
+    return descs
+
+
+def _objects(descs):
+    """[(description, shape index)] of the descriptions that fit one shape and name its kind but not its size:
+    what a relation is relative to ("the circle", "the blue circle")."""
+    return [(d, next(iter(ids))) for d, ids in descs.items() if len(ids) == 1 and d[2] and not d[0]]
+
+
 def _phrases(shapes, width, height):
     """Candidate (phrase, phrase_structure, referred shape indices); every phrase refers to exactly
     its shapes. Name/attribute phrases are minimal: dropping any word would refer to more shapes,
     so a distractor (same kind in another colour, same colour in another kind, ...) makes each
     word necessary. Relation phrases disambiguate a kind that occurs 2+ times, with a clear margin."""
-    def match(size, colour, kind):
-        return frozenset(i for i, s in enumerate(shapes) if size in (None, s["size"])
-                         and colour in (None, s["colour"]) and kind in (None, s["kind"]))
-    descs = {}  # (size, colour, kind) -> referred shapes, every description that refers to some
-    for size in (None, *SIZES):
-        for colour in (None, *COLOURS):
-            for kind in (None, *SHAPES):
-                ids = match(size, colour, kind)
-                if ids and (size, colour, kind) != (None, None, None):
-                    descs[(size, colour, kind)] = ids
+    descs = _descriptions(shapes)  # (size, colour, kind) -> referred shapes, every description that refers to some
     cands = []
     for (size, colour, kind), ids in descs.items():
         drops = [(None, colour, kind) if size else None, (size, None, kind) if colour else None,
                  (size, colour, None) if kind else None]
-        if all(match(*d) != ids for d in drops if d and any(d)):  # any(d): not the empty phrase
+        if all(_match(shapes, *d) != ids for d in drops if d and any(d)):  # any(d): not the empty phrase
             text, noun, atts = _describe(size, colour, kind, len(ids))
             cands.append((text, {"name": noun, "attributes": atts, "relation_ids": [],
                                  "relation_descriptions": [], "type": "attribute" if atts else "name"}, ids))
     margin = 0.1 * max(width, height)
-    objects = [(d, next(iter(ids))) for d, ids in descs.items() if len(ids) == 1 and d[2] and not d[0]]
+    objects = _objects(descs)
     for (size, colour, kind), ids in descs.items():
         for (_, ocolour, okind), obj in objects:  # objects: "circle", "blue circle"
             subjects = ids - {obj}
@@ -176,18 +193,10 @@ def _absent_phrases(shapes, width, height):
     # by kind, maybe size and colour, that fits two or more shapes besides the object, an object that one
     # shape's kind (and maybe colour) names, and every subject clearly on the other side of it. Worded
     # alike, and about the same kind of scene, only the picture tells the two apart.
-    margin, descs = 0.1 * max(width, height), {}
-    for size in (None, *SIZES):
-        for colour in (None, *COLOURS):
-            for kind in kinds:
-                ids = [i for i, s in enumerate(shapes) if size in (None, s["size"]) and colour in (None, s["colour"])
-                       and s["kind"] == kind]
-                if ids:
-                    descs[(size, colour, kind)] = ids
-    objects = [(d, ids[0]) for d, ids in descs.items() if len(ids) == 1 and d[0] is None]  # "circle", "blue circle"
+    margin, descs = 0.1 * max(width, height), _descriptions(shapes, kinds)
     for (size, colour, kind), ids in descs.items():
-        for (_, ocolour, okind), o in objects:
-            subjects = [i for i in ids if i != o]
+        for (_, ocolour, okind), o in _objects(descs):  # "circle", "blue circle"
+            subjects = ids - {o}
             for predicate, (axis, sign) in RELATIONS.items():
                 key = ("cx", "cy")[axis]
                 if len(subjects) > 1 and all(sign * (shapes[o][key] - shapes[i][key]) < -margin for i in subjects):
