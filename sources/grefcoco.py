@@ -25,7 +25,7 @@ from pathlib import Path
 from helpers.files import short_repr
 from sources.coco import read_instances
 from sources.lmdb_store import check_out, write_lmdb
-from sources.refcoco import check_sentences, check_unique, read_checked_refs
+from sources.refcoco import check_sentences, check_unique, find_refs_file, read_checked_refs
 
 SPLITS = ("train", "val", "testA", "testB")
 
@@ -64,12 +64,8 @@ def check_grefs(refs, path):
 
 def grefs_path(root, split_by="unc"):
     """<root>/grefcoco/grefs(<splitBy>).p, else the .json (G_REFER's order)."""
-    folder = Path(root) / "grefcoco"
-    for name in (f"grefs({split_by}).p", f"grefs({split_by}).json"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"{folder / f'grefs({split_by}).json'} not found (nor .p): is --root gRefCOCO's data "
-                            "folder, holding grefcoco/ and images/train2014/?")
+    return find_refs_file(Path(root) / "grefcoco", f"grefs({split_by})", ".json", "is --root gRefCOCO's data "
+                          "folder, holding grefcoco/ and images/train2014/?")
 
 
 def images_dir(root, given=None):

@@ -144,14 +144,20 @@ def check_names(dataset, split_by, split):
                          f"{', '.join(SPLITS[dataset, split_by])}")
 
 
+def find_refs_file(folder, stem, named=".p", hint=""):
+    """folder/<stem>.p, else folder/<stem>.json with the same records (the refer API's order, and G_REFER's);
+    neither: a FileNotFoundError naming <stem><named> (the usual one), the other, and `hint`."""
+    for suffix in (".p", ".json"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    other = ".json" if named == ".p" else ".p"
+    raise FileNotFoundError(f"{folder / f'{stem}{named}'} not found (nor {other}): {hint}")
+
+
 def refs_path(root, dataset, split_by):
     """<root>/<dataset>/refs(<splitBy>).p, or the .json with the same records."""
-    folder = Path(root) / dataset
-    for name in (f"refs({split_by}).p", f"refs({split_by}).json"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"{folder / f'refs({split_by}).p'} not found (nor .json): is --root the refer "
-                            "API's data folder, holding refcoco/, refcoco+/ and refcocog/?")
+    return find_refs_file(Path(root) / dataset, f"refs({split_by})", ".p", "is --root the refer API's data "
+                          "folder, holding refcoco/, refcoco+/ and refcocog/?")
 
 
 def images_dir(root, given=None):
