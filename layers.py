@@ -342,16 +342,20 @@ class DeformableConv2d(nn.Module):
 class NoTargetHead(nn.Module):
     """A "no target" logit per phrase (generalized referring segmentation: a phrase may name nothing).
 
-    What it looks at, from the decoder's output x (B, C, h, w), the sentence state (B, E) and the
-    mask logits (B, 1, H, W):
+    What it looks at, from the decoder's output x (B, C, h, w), the sentence state (B, E), the
+    mask logits (B, 1, H, W) and the image encoder's c5 (B, E, h5, w5), each phrase with its image:
     - a query made from the sentence, scored against every position of x (scaled dot product): the
       best score says how well the best-matching place answers the phrase, and the softmax over the
       scores pools x into the features of that place (ReLA, CVPR 2023, asks its region queries the
       same question);
+    - a second query scored the same way against c5, the image's own features in CLIP's joint
+      embedding space before any text has touched them (CLIP's image-text matching at every position,
+      as MaskCLIP reads it): whether anything in the picture looks like the phrase, by a path from
+      the loss to the image encoder that does not go through the mask;
     - x pooled by the mask itself (sigmoid(logits) averaged down to x's grid): what the model would
       paint, and the mask logits' peak and mean: how strongly any pixel answers;
     - x's mean and max over positions, and the sentence state.
-    An MLP (4C + E + 3 -> C -> 1) gives a logit whose sigmoid is the probability that the phrase names
+    An MLP (4C + 2E + 4 -> C -> 1) gives a logit whose sigmoid is the probability that the phrase names
     nothing in the image. Trained with BCE on tasks whose ground truth is marked no-target (train.py);
     `answer_nothing` empties the mask where the logit is > 0.
     """
@@ -359,19 +363,28 @@ class NoTargetHead(nn.Module):
     def __init__(self, dim: int, state_dim: int):
         super().__init__()
         self.query = nn.Linear(state_dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(4 * dim + state_dim + 3, dim), nn.ReLU(inplace=True), nn.Linear(dim, 1))
+        self.image_query = nn.Linear(state_dim, state_dim)
+        self.mlp = nn.Sequential(nn.Linear(4 * dim + 2 * state_dim + 4, dim), nn.ReLU(inplace=True),
+                                 nn.Linear(dim, 1))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+    def forward(self, x: torch.Tensor, state: torch.Tensor, logits: torch.Tensor, c5: torch.Tensor) -> torch.Tensor:
+        best, best_score = query_pool(self.query(state), x)  # the decoder's best answer to the phrase
+        seen, seen_score = query_pool(self.image_query(state), c5.to(x.dtype))  # the picture's best match
         tokens = x.flatten(2)  # (B, C, h*w)
-        scores = torch.einsum("bc,bcn->bn", self.query(state), tokens) / c ** 0.5  # (B, h*w)
-        best = torch.einsum("bn,bcn->bc", scores.softmax(1), tokens)  # (B, C): the best-matching place
-        paint = F.avg_pool2d(logits.float().sigmoid(), logits.shape[-1] // w).flatten(1).to(x.dtype)  # (B, h*w)
+        paint = F.avg_pool2d(logits.float().sigmoid(), logits.shape[-1] // x.shape[-1]).flatten(1).to(x.dtype)
         painted = torch.einsum("bn,bcn->bc", paint, tokens) / (paint.sum(1, keepdim=True) + 1e-3)  # (B, C)
         flat = logits.flatten(1).float()  # (B, H*W)
-        features = [x.mean((2, 3)), x.amax((2, 3)), best, painted, state, scores.amax(1, keepdim=True),
+        features = [x.mean((2, 3)), x.amax((2, 3)), best, painted, state, seen, best_score, seen_score,
                     flat.amax(1, keepdim=True), flat.mean(1, keepdim=True)]
         return self.mlp(torch.cat([f.to(x.dtype) for f in features], 1))[:, 0]  # (B,)
+
+
+def query_pool(query: torch.Tensor, x: torch.Tensor):
+    """One query (B, C) against every position of x (B, C, h, w), scaled dot product -> (the positions
+    pooled by the softmax of the scores (B, C), the best score (B, 1))."""
+    tokens = x.flatten(2)  # (B, C, h*w)
+    scores = torch.einsum("bc,bcn->bn", query, tokens) / x.shape[1] ** 0.5  # (B, h*w)
+    return torch.einsum("bn,bcn->bc", scores.softmax(1), tokens), scores.amax(1, keepdim=True)
 
 
 NOTHING = -1e4  # the mask logit of a phrase answered "no target": sigmoid 0, representable in bf16 and fp16

@@ -420,7 +420,8 @@ class SegVLM(nn.Module):
         x = self.decoder(x, words, pad_mask=tokens == 0)  # (B, C, H/16, W/16)
         v = self.enhance(x, self.projector.visual)  # eq. (1)-(3): (B, proj_dim, H/4, W/4)
         logits = self.projector.text_to_pixel(v, state)  # (B, 1, H/4, W/4)
-        no_target = None if self.no_target is None else self.no_target(x, state, logits)  # (B,)
+        no_target = None if self.no_target is None else self.no_target(
+            x, state, logits, c5 if image_index is None else c5[image_index])  # (B,)
         if return_no_target:
             return logits, no_target
         return logits if no_target is None else answer_nothing(logits, no_target)

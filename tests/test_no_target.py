@@ -11,7 +11,7 @@ import data
 import evaluate
 import train
 from helpers import train_config
-from layers import NOTHING, answer_nothing
+from layers import NOTHING, answer_nothing, query_pool
 from loss import RAFLoss
 from model import PRESETS, SegVLM, SegVLMConfig, build_model, parameter_counts
 from sources import phrasecut, synthetic
@@ -86,6 +86,33 @@ def test_gradients_flow_through_the_head_and_its_loss_term():
     for name, p in model.no_target.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.decoder.layers[0].cross_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_the_head_reads_the_picture_itself_each_phrase_with_its_image():
+    """The second query reads c5 (the image encoder's own map): it changes the answer, and with phrases grouped by
+    image (image_index) each phrase reads its own image's c5, as when every phrase brings its image."""
+    torch.manual_seed(0)
+    model = build_model("smoke", no_target_head=True).eval()
+    image, tokens = inputs(model.config, batch=4)
+    index = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        _, grouped = model(image[:2], tokens, index, return_no_target=True)
+        _, each = model(image[index], tokens, return_no_target=True)
+        torch.testing.assert_close(grouped, each)
+        c3, c4, c5 = model.backbone.encode_image(image[index])
+        words, state = model.backbone.encode_text(tokens)
+        x = model.decoder(model.neck(c3, c4, c5, state), words, pad_mask=tokens == 0)
+        logits = model.projector.text_to_pixel(model.enhance(x, model.projector.visual), state)
+        torch.testing.assert_close(model.no_target(x, state, logits, c5), each)
+        assert not torch.allclose(model.no_target(x, state, logits, c5.flip(0)), each)  # other pictures, other answers
+    q, c = torch.randn(2, 5), torch.randn(2, 5, 3, 4)  # query_pool against a loop over positions
+    pooled, best = query_pool(q, c)
+    for b in range(2):
+        scores = torch.tensor([float(q[b] @ c[b, :, i, j]) / 5 ** 0.5 for i in range(3) for j in range(4)])
+        weights = scores.softmax(0)
+        expect = sum(w * c[b, :, n // 4, n % 4] for n, w in enumerate(weights))
+        torch.testing.assert_close(pooled[b], expect)
+        assert float(best[b, 0]) == pytest.approx(float(scores.max()), rel=1e-5)
 
 
 def test_raf_is_finite_and_sensible_on_an_empty_mask():
