@@ -11,8 +11,8 @@
 - `DeformableConv2d`: eq. (1) of the paper, an offset-predicting conv and
   `deform_conv2d_sampled` (bilinear sampling of the shifted taps, then one
   matmul), tested equal to torchvision's `deform_conv2d`.
-- `NoTargetHead`, `answer_nothing`: the optional "no target" answer (a phrase that
-  names nothing gets an empty mask; docs/choices.md).
+- `NoTargetHead`, `query_pool`, `answer_nothing`: the optional "no target" answer (a
+  phrase that names nothing gets an empty mask; docs/choices.md).
 - `dense_attention_pool`, `attention_pool_tokens`: CLIP's attention pool applied at
   every position (CRIS's c5).
 
