@@ -279,11 +279,11 @@ def test_ctrl_c_is_one_line_and_leaves_no_temporary_file(tmp_path):
 
 # ----------------------------------------------------------------------------- careless input (issue 33)
 
-def test_a_damaged_finished_run_is_refused_naming_the_file_and_field(finished, tmp_path, monkeypatch):
-    out, _, cache = finished
+def test_a_damaged_finished_run_is_refused_naming_the_file_and_field(stand_in, tmp_path, monkeypatch):
+    out, stand, cache = stand_in  # finished runs in the layout train.py writes, without the real trainings
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    trainer = Trainer()
+    trainer = StandIn(stand.data_dir)
     monkeypatch.setattr(ablation, "run_train", trainer)
     metrics = copy / "raf" / "seed1" / "test_metrics.json"
     good = json.loads(metrics.read_text())
