@@ -194,8 +194,9 @@ def _absent_phrases(shapes, width, height):
     # shape's kind (and maybe colour) names, and every subject clearly on the other side of it. Worded
     # alike, and about the same kind of scene, only the picture tells the two apart.
     margin, descs = 0.1 * max(width, height), _descriptions(shapes, kinds)
+    objects = _objects(descs)  # "circle", "blue circle"
     for (size, colour, kind), ids in descs.items():
-        for (_, ocolour, okind), o in _objects(descs):  # "circle", "blue circle"
+        for (_, ocolour, okind), o in objects:
             subjects = ids - {o}
             for predicate, (axis, sign) in RELATIONS.items():
                 key = ("cx", "cy")[axis]
