@@ -20,6 +20,18 @@ import torch
 from helpers.files import atomic_path
 
 
+def shown(text) -> str:
+    """`text` (a file name, a phrase, a record's field: anything a user or a file supplied) as a terminal or a log
+    may print it: every control character (C0, C1, DEL), format character (bidirectional overrides among them) and
+    line or paragraph separator (U+2028, U+2029, U+0085) written as a Python escape (\\x1b, \\u2028), so that
+    the text can neither move the cursor, clear the screen nor forge a line of its own; other characters, accents
+    and scripts included, as they are."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def parse_threshold(text) -> float:
     """A --threshold value (argparse type of evaluate.py, predict.py and train.py): strictly between 0 and 1."""
     try:

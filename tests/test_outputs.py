@@ -298,3 +298,16 @@ def test_train_refuses_inputs_that_are_not_regular_files(tmp_path, capsys):
             train_config.parse_args(["--preset", "smoke", *argv])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and "not a regular file" in err, err
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("photo é 中.jpg", "photo é 中.jpg"),                   # accents and scripts as they are
+    ("a\x1b[2Jb.png", "a\\x1b[2Jb.png"),                   # a terminal escape cannot clear the screen
+    ("x\npredict.py: note: forged", "x\\npredict.py: note: forged"),  # nor forge a line of its own
+    ("u\u2028v\x85w\r", "u\\u2028v\\x85w\\r"),             # Unicode's line breaks too
+    ("\u202egpj.exe", "\\u202egpj.exe"),                   # a bidirectional override
+])
+def test_shown_escapes_what_could_drive_a_terminal(raw, expected):
+    from helpers.cli import shown
+    assert shown(raw) == expected
+    assert shown(raw).isprintable()
