@@ -1,7 +1,7 @@
 """Try a checkpoint in a browser: upload a picture, type phrases, see each phrase's mask.
 
     python app.py                                 # the newest demo run's best.pth under runs/
-    python app.py --ckpt runs/paper/best.pth      # any checkpoint checkpoints.load_checkpoint reads
+    python app.py --ckpt runs/paper/best.pth      # any checkpoint model_files.load_checkpoint reads
     python app.py --ckpt best_model.pth           # written by CRIS's training code (docs/cris.md)
     python app.py --host 0.0.0.0 --port 8080 --share   # only when asked for (see below)
 

@@ -50,11 +50,11 @@ from tqdm import tqdm
 
 from data import PhraseCutLMDB, collate, unique_images
 from helpers import distributed, transforms
-from helpers.checkpoints import load_checkpoint
 from helpers.cli import make_dir, run_tool
 from helpers.eval_files import claim_outputs, parse_args, resolve_data_path
 from helpers.files import atomic_path, load_mask, mask_path, save_mask
 from helpers.inference import FastSegVLM, eval_mode
+from helpers.model_files import load_checkpoint
 from helpers.provenance import UNITS
 from helpers.visualize import draw_panel, overlay_name, predict_item
 from model import DEFAULT_THRESHOLD, SegVLM

@@ -19,8 +19,7 @@ parameters) and the model is exactly the CRIS baseline.
     model = build_model("demo")                     # random weights, small, CPU-trainable
     model = build_model("paper", clip_weights="RN101", deform=False, se=False)
     python model.py --preset demo                   # parameter counts; timing: python -m tools.benchmark
-
-Checkpoints (this project's and the best_model.pth of CRIS's training code) are read by helpers/checkpoints.py.
+A model file (a checkpoint, CRIS's best_model.pth, a model folder, an ONNX graph) is read by helpers/model_files.py.
 """
 
 import argparse
@@ -53,6 +52,12 @@ from layers import (
 CLIP_VOCAB_SIZE = 49408  # the ids clip.tokenize gives
 
 DEFAULT_THRESHOLD = 0.35  # the mask is sigmoid(logits) > 0.35, CRIS's cut (its test script); evaluate.py
+
+# Each size field's largest value (a tuple's every entry): an edited config cannot make a tool allocate GBs (docs/choices.md)
+LIMITS = dict(embed_dim=4096, image_resolution=1024, vision_layers=64, vision_width=512, context_length=512,
+              vocab_size=262144, transformer_width=4096, transformer_heads=64, transformer_layers=48, fpn_out=4096,
+              decoder_layers=24, decoder_dim=4096, decoder_heads=64, decoder_ffn=16384, proj_dim=4096, kernel_size=15,
+              se_reduction=4096, input_size=1024, word_len=512)
 
 
 class ConfigError(ValueError):
@@ -142,6 +147,8 @@ class SegVLMConfig:
                 raise ConfigError(name, f"{name} must be in [0, 1), got {value!r}")  # decoder_dropout, a rate
         elif not count(value):
             raise ConfigError(name, f"{name} must be a positive integer, got {value!r}")
+        if name in LIMITS and any(v > LIMITS[name] for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(name, f"{name} must be at most {LIMITS[name]} (model.LIMITS), got {value!r}")
         elif name in ("input_size", "image_resolution") and value % 32:
             raise ConfigError(name, f"{name} must be a multiple of 32 (the image encoder's stride), got {value}")
         elif name == "word_len" and value < 3:

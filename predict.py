@@ -48,7 +48,6 @@ from helpers import batch_predict
 from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
 from helpers.files import atomic_path, image_format, mask_format, save_mask
 from helpers.inference import NOT_FOUND, PRECISIONS, check_phrase, load_model, open_image, overlay, predict
-from helpers.onnx_model import load_onnx
 from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
@@ -136,7 +135,7 @@ def open_model(args):
     """The model of --onnx or --ckpt; a model trained only on the synthetic set says so once, on stderr,
     before any mask it qualifies (an ONNX file does not record what it was trained on)."""
     if args.onnx:
-        return load_onnx(args.onnx, args.device)
+        return load_model(args.onnx, args.device)
     model = load_model(args.ckpt, args.device, fast=args.fast, precision=args.precision)
     if knows_only_synthetic(model.trained_on):
         print(f"predict.py: note: {SYNTHETIC_NOTE}", file=sys.stderr, flush=True)

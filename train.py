@@ -69,9 +69,9 @@ from tqdm import tqdm
 import evaluate
 from data import ImageGroupedSampler, MixedTasks, PhraseCutLMDB, unique_images
 from helpers import distributed
-from helpers.checkpoints import init_model
 from helpers.cli import run_tool
 from helpers.figures import prediction_grid
+from helpers.model_files import init_model
 from helpers.provenance import UNITS, percent
 from helpers.runs import hold_run_dir, log_epoch, make_run_dir, read_resume, restore, run_dir, save_checkpoint, write_text
 from helpers.train_config import TrainConfig, check_new_run_dir, out_dir, parse_args

@@ -1,18 +1,18 @@
-"""Checkpoints: read one safely and rebuild its model, this project's format or CRIS's.
+"""Checkpoint files (.pth) read safely, and CRIS's format converted to this project's.
 
-    from helpers.checkpoints import load_checkpoint
-    model, ckpt = load_checkpoint("runs/demo/best.pth")     # or a best_model.pth of CRIS's training code
+    from helpers.model_files import load_checkpoint      # the reader every tool uses (a .pth, a folder, ONNX)
+    model, ckpt = load_checkpoint("runs/demo/best.pth")  # or a best_model.pth of CRIS's training code
 
 A checkpoint of this project (train.py's best.pth and checkpoint.pth, `tools.cris convert`'s output) is a
 plain dict {"model": state_dict, "config": SegVLMConfig.to_dict(), ...}, read with
-torch.load(weights_only=True): tensors, numbers, strings and containers, never code.
+torch.load(weights_only=True) (`read_checkpoint_file`): tensors, numbers, strings and containers, never code.
 
 A best_model.pth written by CRIS's own training code (Wang et al., CVPR 2022,
 github.com/DerrickWang005/CRIS.pytorch: your own run of it, or a community-trained file; CRIS's
 authors published no checkpoints, see that repository's issue #3, "Pretrained CRIS model") is
 recognised (`is_cris_checkpoint`) and converted in memory (`to_segvlm_checkpoint`): with the
 enhancement block off, SegVLM is CRIS's architecture (the paper's baseline, Table 2's first row),
-so only the parameter names differ. `init_model` starts a run from either kind of file with the
+so only the parameter names differ. `model_files.init_model` starts a run from either kind of file with the
 enhancement block new (train.py --init-from).
 
 CRIS's file, as its train.py writes it: a torch.save dict {epoch, cur_iou, best_iou, prec,
@@ -57,12 +57,10 @@ import math
 import os
 import pickle
 import re
-import sys
 
 import torch
 
-from helpers import distributed, safetensors_folder
-from helpers.weights import check_finite, check_tensors, compare_state_dict, state_dict_misfit
+from helpers.weights import check_finite, check_tensors, compare_state_dict
 from model import CLIP_FIELDS, SegVLM, SegVLMConfig, clip_fields_from_state_dict, config_fields
 
 CRIS_REPO = "github.com/DerrickWang005/CRIS.pytorch"
@@ -167,15 +165,15 @@ def convert_state_dict(cris_state_dict: dict, source: str = "the CRIS checkpoint
         else:
             out[ours] = value
     if unknown:
-        raise ValueError(f"{source}: tensors CRIS's model does not have: {_listing(unknown)}")
+        raise ValueError(f"{source}: tensors CRIS's model does not have: {listing(unknown)}")
     return out
 
 
-def _show(v):
+def show_value(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def _listing(keys, limit=12) -> str:
+def listing(keys, limit=12) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -198,7 +196,7 @@ def config_from_state_dict(sd: dict, source: str = "the CRIS checkpoint", **over
     missing = [k for k in needed if k not in sd]
     if missing:
         raise ValueError(f"{source}: cannot read the architecture, missing tensor(s) "
-                         f"{_listing(cris_name(k) for k in missing)}")
+                         f"{listing(cris_name(k) for k in missing)}")
     fields = clip_fields_from_state_dict({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
     proj_dim = sd["projector.vis.4.weight"].shape[0]
     taps = (sd["projector.txt.weight"].shape[0] - 1) / proj_dim  # the dynamic kernel: proj_dim*k*k weights + 1 bias
@@ -234,7 +232,7 @@ def backbone_name(cfg: SegVLMConfig) -> str:
             f"vision_width {cfg.vision_width}")
 
 
-def _clip(name: str) -> str:
+def clip_label(name: str) -> str:
     """ "CLIP RN101" for a named backbone, the description as it is otherwise."""
     return f"CLIP {name}" if name in BACKBONES else name
 
@@ -260,7 +258,7 @@ def to_segvlm_checkpoint(obj, path, **overrides) -> dict:
 
     {"model": state dict in this project's names, "config": the config read from the shapes
     (block off), "source": "CRIS", "cris": {file, backbone, epoch, cur_iou, best_iou, prec},
-    "data_dir": ""}: plain tensors, numbers and strings, as `checkpoints.load_checkpoint` reads them.
+    "data_dir": ""}: plain tensors, numbers and strings, as `model_files.load_checkpoint` reads them.
     CRIS's optimizer and scheduler states are left out (another recipe's; train.py starts a
     fresh one with --init-from). Every tensor must fit, or the error lists what does not.
     """
@@ -278,13 +276,13 @@ def to_segvlm_checkpoint(obj, path, **overrides) -> dict:
     if missing or unexpected or wrong:
         problems = []
         if missing:
-            problems.append(f"missing tensor(s) {_listing(cris_name(k) for k in missing)}")
+            problems.append(f"missing tensor(s) {listing(cris_name(k) for k in missing)}")
         if unexpected:
-            problems.append(f"unexpected tensor(s) {_listing(cris_name(k) for k in unexpected)}")
+            problems.append(f"unexpected tensor(s) {listing(cris_name(k) for k in unexpected)}")
         if wrong:
-            problems.append(f"wrong shape(s) {_listing(wrong)}")
+            problems.append(f"wrong shape(s) {listing(wrong)}")
         raise ValueError(f"{source} does not hold CRIS's model with the architecture its shapes give "
-                         f"({_clip(backbone_name(cfg))}): " + "; ".join(problems))
+                         f"({clip_label(backbone_name(cfg))}): " + "; ".join(problems))
     meta = {"file": os.path.basename(path), "backbone": backbone_name(cfg), "repository": CRIS_REPO}
     if isinstance(obj, dict) and "state_dict" in obj:
         for key in ("epoch", "cur_iou", "best_iou"):
@@ -301,78 +299,9 @@ def summary(ckpt: dict, path) -> str:
     trained = f", epoch {meta['epoch']}" if "epoch" in meta else ""
     if "cur_iou" in meta:
         trained += f", its val IoU {100 * meta['cur_iou']:.2f}"
-    return (f"{os.fspath(path)}: a CRIS checkpoint ({CRIS_REPO}{trained}), backbone {_clip(meta['backbone'])}; "
+    return (f"{os.fspath(path)}: a CRIS checkpoint ({CRIS_REPO}{trained}), backbone {clip_label(meta['backbone'])}; "
             f"loaded as SegVLM with the enhancement block off (CRIS's own model), {cfg['input_size']} px, phrases "
             f"up to {cfg['word_len']} tokens (CRIS trained with 17 or 22; the file does not say which)")
-
-
-def init_model(path, cfg: SegVLMConfig, clip_name=None):
-    """A SegVLM of architecture `cfg` whose every tensor comes from `path`, except the enhancement
-    block's, which keep SegVLM's own initialisation -> (model in training mode, one-line report).
-
-    path: CRIS's best_model.pth, or a checkpoint of this project (`tools.cris convert`'s output,
-    a best.pth). cfg: the run's architecture (a preset with its overrides; its deform/se
-    switches decide the block). The file must have the same architecture on every field its
-    shapes decide (SHAPE_FIELDS) and, for a checkpoint of this project, the same heads; a
-    difference is an error listing each field. A CRIS file does not store its heads: cfg's
-    are used (the paper preset's are CRIS's: 8 and 8).
-
-    clip_name ("RN50", "RN101", ...): the backbone the run names (train.py --clip-weights).
-    The file must hold that CLIP, and the run then takes its CLIP fields from the file, as
-    build_model takes them from CLIP's weights; None: cfg's own CLIP fields must match.
-    """
-    path = os.fspath(path)
-    obj = read_checkpoint_file(path, "cpu")
-    if is_cris_checkpoint(obj):
-        ckpt, kind = to_segvlm_checkpoint(obj, path), "CRIS"
-        compared = SHAPE_FIELDS
-    elif isinstance(obj, dict) and {"model", "config"} <= set(obj):
-        ckpt, kind = obj, "SegVLM"
-        compared = SHAPE_FIELDS + ("transformer_heads", "decoder_heads")
-    else:
-        raise ValueError(f"{path}: expected CRIS's best_model.pth or a checkpoint of this project "
-                         f"(a dict with 'model' and 'config')")
-    try:
-        file_cfg = SegVLMConfig.from_dict(ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad config: {e}") from e
-    if clip_name is not None:
-        if backbone_name(file_cfg) != clip_name:
-            raise ValueError(f"{path} holds {_clip(backbone_name(file_cfg))}, not the CLIP {clip_name} this run names "
-                             f"(--clip-weights {clip_name}); name the file's backbone instead")
-        take = CLIP_FIELDS + ("transformer_heads",)
-        cfg = dataclasses.replace(cfg, **{k: getattr(file_cfg, k) for k in take})
-    differ = [f"{k}: file {_show(getattr(file_cfg, k))}, run {_show(getattr(cfg, k))}" for k in compared
-              if getattr(file_cfg, k) != getattr(cfg, k)]
-    if differ:
-        hint = ""
-        if backbone_name(file_cfg) != backbone_name(cfg):
-            hint = (f". The file's backbone is {_clip(backbone_name(file_cfg))}, the run's {_clip(backbone_name(cfg))}"
-                    + (f"; to fine-tune on the file's, name it (train.py --clip-weights {backbone_name(file_cfg)})"
-                       if backbone_name(file_cfg) in BACKBONES else ""))
-        raise ValueError(f"{path} ({kind}) does not fit the run's architecture: " + "; ".join(differ) + hint)
-    missing, unexpected, wrong = fit_to_config(ckpt["model"], cfg)
-    new = [k for k in missing if k.startswith("enhance.")]
-    missing = [k for k in missing if not k.startswith("enhance.")]
-    if missing or unexpected or wrong:
-        name = cris_name if kind == "CRIS" else str
-        problems = []
-        if missing:
-            problems.append(f"missing tensor(s) {_listing(name(k) for k in missing)}")
-        if unexpected:
-            problems.append(f"tensor(s) the run's model lacks {_listing(name(k) for k in unexpected)}")
-            if any(k.startswith("enhance.") for k in unexpected):
-                problems.append("the file has an enhancement block the run switched off (match --deform/--se)")
-        if wrong:
-            problems.append(f"wrong shape(s) {_listing(wrong)}")
-        raise ValueError(f"{path} ({kind}) does not fit the run's model: " + "; ".join(problems))
-    check_tensors(ckpt["model"], path)
-    check_finite(ckpt["model"], path)
-    model = SegVLM(cfg)
-    model.load_state_dict(ckpt["model"], strict=False)  # only the block's tensors are missing, checked above
-    what = f"CRIS, backbone {_clip(backbone_name(file_cfg))}" if kind == "CRIS" else "a SegVLM checkpoint"
-    block = f"{len(new)} tensors of the enhancement block are new" if new else "nothing new"
-    return model, (f"initialised from {path} ({what}): {len(ckpt['model'])} tensors copied, {block}")
 
 
 # --------------------------------------------------------------------------- reading any checkpoint
@@ -393,19 +322,15 @@ def newest_run_hint(path) -> str:
 def read_checkpoint_file(path, map_location="cpu"):
     """torch.load(weights_only=True) with clear errors: tensors, numbers, strings and containers, never code.
 
-    A folder with config.json and model.safetensors (tools/export.py --safetensors) is read by
-    safetensors_folder.read_folder instead: the same checkpoint dict, without pickle.
-
     collections.Counter is allowed besides (torch.serialization.safe_globals): CRIS's
     best_model.pth holds a MultiStepLR state whose `milestones` is one. A file that needs any
-    other object is refused, because unpickling it could run code.
+    other object is refused, because unpickling it could run code. A folder is refused here: a model
+    folder (config.json + model.safetensors) is read by model_files.read_model_file.
     """
     path = os.fspath(path)
-    if safetensors_folder.is_folder(path):  # config.json + model.safetensors: tensors only, memory-mapped
-        return safetensors_folder.read_folder(path)
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory; name the .pth file in it, or a model folder holding "
-                         f"{safetensors_folder.CONFIG} and {safetensors_folder.WEIGHTS}")
+                         f"config.json and model.safetensors")
     if not os.path.isfile(path):
         if os.path.exists(path):  # a FIFO or a device: torch.load would wait on it, or read forever
             raise ValueError(f"checkpoint {path} is not a regular file")
@@ -423,43 +348,3 @@ def read_checkpoint_file(path, map_location="cpu"):
                          f"strings and containers; load a file like this only if you trust its source.") from None
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt?): {type(e).__name__}: {e}") from e
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint and rebuild its model -> (model in eval mode, checkpoint dict).
-
-    A checkpoint of this project (train.py's, `tools.cris convert`'s) is a plain dict
-    {"model": state_dict, "config": cfg.to_dict(), ...}, read by `read_checkpoint_file`
-    (torch.load with weights_only=True). No CLIP weights are needed: the state dict holds
-    them. The config is checked first (every field, no unknown one: `SegVLMConfig.from_dict`),
-    then the state dict must fit exactly; a misfit is summarised (`state_dict_misfit`).
-
-    A best_model.pth of CRIS's training code is recognised and converted in memory (to_segvlm_checkpoint): SegVLM
-    with the enhancement block off is CRIS's model. A one-line note on stderr says so.
-    """
-    path = os.fspath(path)
-    ckpt = read_checkpoint_file(path, map_location)
-    if isinstance(ckpt, dict) and not {"model", "config"} <= set(ckpt):
-        if is_cris_checkpoint(ckpt):
-            ckpt = to_segvlm_checkpoint(ckpt, path)
-            if distributed.is_main():
-                print(summary(ckpt, path), file=sys.stderr, flush=True)
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SegVLM checkpoint: expected a dict with 'model' and 'config' (train.py's, "
-                         f"tools.cris convert's) or CRIS's best_model.pth (a dict whose 'state_dict' has keys "
-                         f"module.backbone.*, module.neck.*, module.decoder.*, module.proj.*), found {keys}")
-    try:
-        cfg = SegVLMConfig.from_dict(ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a SegVLM checkpoint: bad config: {e}") from e
-    model = SegVLM(cfg)
-    misfit = state_dict_misfit(model, ckpt["model"])
-    if misfit:
-        raise ValueError(f"{path}: the weights do not fit the model its config describes: {misfit}")
-    check_tensors(ckpt["model"], path)
-    check_finite(ckpt["model"], path)
-    model.load_state_dict(ckpt["model"], strict=True)
-    if isinstance(map_location, (str, torch.device)):
-        model = model.to(map_location)
-    return model.eval(), ckpt

@@ -51,10 +51,33 @@ def read_json(path, expected=list):
     except RecursionError:
         raise ValueError(f"{path}: JSON nested deeper than Python's recursion limit "
                          f"({sys.getrecursionlimit()} levels); no file of this project's inputs is") from None
+    except ValueError as err:  # a number of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ValueError(f"{path} is not valid JSON for this project: {err}") from None
     if not isinstance(content, expected):
         raise ValueError(f"{path}: the top level is a JSON {JSON_TYPES.get(type(content))}, expected "
                          f"an {JSON_TYPES[expected]}")
     return content
+
+
+MAX_METADATA = 1 << 20  # characters of one JSON metadata entry of a model file: a config or a record is a few hundred
+
+
+def metadata_json(meta: dict, key: str, where):
+    """The JSON value of the string entry `key` of a model file's metadata (a safetensors header's, an ONNX
+    graph's), or None when absent; a ValueError naming `where` and the entry when it is not JSON, is longer than
+    MAX_METADATA or nests deeper than Python's recursion limit (a hostile file)."""
+    if key not in meta:
+        return None
+    text = meta[key]
+    if len(text) > MAX_METADATA:
+        raise ValueError(f"{where}: the metadata entry {key!r} holds {len(text):,} characters, more than any "
+                         f"SegVLM model file writes ({MAX_METADATA:,})")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: the metadata entry {key!r} is JSON nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: the metadata entry {key!r} is not JSON ({e})") from None
 
 
 @contextlib.contextmanager

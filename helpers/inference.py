@@ -28,15 +28,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from helpers import distributed, provenance, transforms
-from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_threshold
+from helpers.model_files import read_model_file
+from helpers.onnx_model import OnnxSegVLM
 from model import DEFAULT_THRESHOLD, build_model
 
 PRECISIONS = ("auto", "bf16", "fp32")  # the --precision of predict.py and app.py
 
 
 def load_model(ckpt_path, device=None, fast=None, precision="auto"):
-    """Rebuild the model from a checkpoint (checkpoints.load_checkpoint: a .pth file or a safetensors
+    """Rebuild the model from a checkpoint (model_files.load_checkpoint: a .pth file or a safetensors
     folder), in eval mode on `device`.
 
     device: default this process's GPU if there is one, else the CPU. precision: "auto" (bf16 autocast on
@@ -52,9 +53,12 @@ def load_model(ckpt_path, device=None, fast=None, precision="auto"):
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    net, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-    net = net.to(device or distributed.info().device).eval()
-    net.trained_on = provenance.of_checkpoint(ckpt)
+    found = read_model_file(ckpt_path)
+    if found.form == "onnx":
+        graph = OnnxSegVLM(found.path, found.config, device)
+        graph.trained_on = found.trained_on
+        return graph
+    net = found.build(device or distributed.info().device)
     cuda = net_device(net).type == "cuda"
     amp = amp_for(net_device(net), precision)
     if fast is None:

@@ -1,27 +1,34 @@
-"""The model exported to ONNX (tools/export.py --onnx), run through onnxruntime as if it were SegVLM.
+"""The model exported to ONNX (tools/export.py --onnx): its header read and checked, and the graph run through
+onnxruntime as if it were SegVLM.
 
-    from helpers.onnx_model import load_onnx
-    model = load_onnx("model.onnx")            # an OnnxSegVLM: model(image, tokens) -> logits (torch)
-    masks = inference.predict(model, "dog.jpg", ["black dog", "the ball"])
+    from helpers.model_files import read_model_file
+    found = read_model_file("model.onnx")       # config, trained_on and the declared shapes, checked
+    model = OnnxSegVLM("model.onnx", found.config)   # model(image, tokens) -> logits (torch)
 
 The file holds one graph, (normalised image (B, 3, S, S) float32, tokens (B, L) int64) -> logits
-(B, 1, S/4, S/4), with a dynamic batch axis, and the model's config as the metadata entry "segvlm_config"
-(JSON, SegVLMConfig.to_dict()), so that predict.py letterboxes and tokenizes as for the checkpoint.
-The graph has no image_index input: for several phrases on one image, the image is repeated (it is encoded
-once per phrase, where the PyTorch model encodes it once).
+(B, 1, S/4, S/4), with a dynamic batch axis, and two metadata entries (JSON): "segvlm_config", the model's config
+(SegVLMConfig.to_dict()), so that predict.py letterboxes and tokenizes as for the checkpoint, and
+"segvlm_trained_on", what the model was trained on. The graph has no image_index input: for several phrases on
+one image, the image is repeated (it is encoded once per phrase, where the PyTorch model encodes it once).
+
+A graph is trusted only as far as it is checked: `read_graph` compares its declared inputs and output with the
+config (names, element types, S, L, S/4, a batch axis that is not fixed) before any session is made, and every run
+checks the real output's shape, so a graph that returns one mask for six phrases, or maps of another size, is
+refused instead of giving masks without a word.
 
 Providers: CUDA's when onnxruntime has it and device is CUDA (or not given and a GPU is there), else the CPU's.
 """
-import json
 import os
 
 import torch
 
+from helpers.files import metadata_json
 from helpers.inputs import check_inputs
 from model import SegVLMConfig
 
-CONFIG_KEY = "segvlm_config"  # the metadata entry with the model's config (JSON)
+CONFIG_KEY, TRAINED_ON_KEY = "segvlm_config", "segvlm_trained_on"  # the metadata entries (JSON)
 INPUTS, OUTPUT = ("image", "tokens"), "logits"
+FLOAT, INT64 = 1, 7  # ONNX's TensorProto element types
 
 
 def providers(device=None) -> list:
@@ -32,36 +39,79 @@ def providers(device=None) -> list:
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
-def load_onnx(path, device=None) -> "OnnxSegVLM":
-    """An OnnxSegVLM on `path`; a ValueError naming the file when it is missing, not ONNX, or not SegVLM's graph."""
+def _dims(value_info) -> list:
+    """A graph input's or output's declared shape: an int per fixed axis, None per free (named or unknown) one."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def check_declared(graph, cfg: SegVLMConfig, path) -> None:
+    """A ValueError naming the file unless the graph declares SegVLM's signature for `cfg`: inputs image
+    (B, 3, S, S) float32 and tokens (B, L) int64, output logits (B, 1, S/4, S/4) float32, B free (or at least
+    not fixed to one size), S = input_size, L = word_len; an axis left free passes."""
+    s, length = cfg.input_size, cfg.word_len
+    want = {"image": (FLOAT, [None, 3, s, s]), "tokens": (INT64, [None, length]),
+            OUTPUT: (FLOAT, [None, 1, s // 4, s // 4])}
+    declared = {v.name: v for v in list(graph.input) + list(graph.output)}
+    for name, (kind, shape) in want.items():
+        info = declared.get(name)
+        dims = _dims(info) if info is not None else None
+        ok = info is not None and info.type.tensor_type.elem_type == kind and len(dims) == len(shape) \
+            and all(d is None or w is None or d == w for d, w in zip(dims, shape))
+        if ok and dims[0] is not None:
+            raise ValueError(f"--onnx {path}: the graph's {name} has a fixed batch of {dims[0]}; SegVLM's graph "
+                             f"takes any number of phrases (python -m tools.export writes a dynamic batch axis)")
+        if not ok:
+            shown = "absent" if info is None else f"{['?' if d is None else d for d in dims]} of element type " \
+                                                  f"{info.type.tensor_type.elem_type}"
+            raise ValueError(f"--onnx {path}: the graph's {name} is {shown}; for its config (input_size {s}, word_len "
+                             f"{length}) SegVLM's is {['B' if w is None else w for w in shape]} of element type "
+                             f"{kind} ({'float32' if kind == FLOAT else 'int64'})")
+
+
+def read_graph(path) -> dict:
+    """An ONNX file's header -> {"config": config dict, "trained_on": record (if the file has one), "graph": path},
+    the config checked (model.LIMITS) and the declared shapes against it (check_declared). The graph's tensors are
+    not read (onnx.load without external data); onnxruntime loads them when it runs the file."""
+    import onnx
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"--onnx {path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
-    return OnnxSegVLM(path, device)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's and onnx's own errors: any is a file that is not ONNX
+        raise ValueError(f"--onnx {path}: not an ONNX file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                         if str(e) else f"--onnx {path}: not an ONNX file ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    names = tuple(i.name for i in proto.graph.input)
+    if CONFIG_KEY not in meta or names != INPUTS:
+        raise ValueError(f"--onnx {path}: not a SegVLM graph written by tools/export.py (inputs {names[:4]}, "
+                         f"metadata {sorted(meta)[:6]}; expected inputs {INPUTS} and the metadata {CONFIG_KEY!r})")
+    try:
+        cfg = SegVLMConfig.from_dict(metadata_json(meta, CONFIG_KEY, path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--onnx {path}: bad {CONFIG_KEY} metadata: {e}") from None
+    check_declared(proto.graph, cfg, path)
+    found = {"config": cfg.to_dict(), "graph": path}
+    record = metadata_json(meta, TRAINED_ON_KEY, path)
+    if record is not None:
+        found["trained_on"] = record
+    return found
 
 
 class OnnxSegVLM(torch.nn.Module):
     """An onnxruntime session with SegVLM's call: (image, tokens, image_index=None) -> logits, torch float32 on
-    the CPU. The inputs are checked as SegVLM checks them (the same ValueErrors); config is the file's."""
+    the CPU. The inputs are checked as SegVLM checks them (the same ValueErrors); config is the file's
+    (read_graph's). A run that fails inside onnxruntime, or returns logits of another shape than
+    (N, 1, S/4, S/4) for N phrases, is a ValueError naming the file."""
 
-    def __init__(self, path, device=None):
+    def __init__(self, path, config: SegVLMConfig, device=None):
         super().__init__()
         import onnxruntime as ort
+        self.path, self.config = os.fspath(path), config
         try:
-            self.session = ort.InferenceSession(path, providers=providers(device))
+            self.session = ort.InferenceSession(self.path, providers=providers(device))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: any is a file it cannot run
             raise ValueError(f"--onnx {path}: onnxruntime cannot load it ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        names = tuple(i.name for i in self.session.get_inputs())
-        if CONFIG_KEY not in meta or names != INPUTS:
-            raise ValueError(f"--onnx {path}: not a SegVLM graph written by tools/export.py (inputs {names}, "
-                             f"metadata {sorted(meta)}; expected inputs {INPUTS} and the metadata {CONFIG_KEY!r})")
-        try:
-            self.config = SegVLMConfig.from_dict(json.loads(meta[CONFIG_KEY]))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--onnx {path}: bad {CONFIG_KEY} metadata: {e}") from None
-        self.path = path
+                             f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
 
     def forward(self, image, tokens, image_index=None):
         check_inputs(image, tokens, image_index, self.config.input_size, self.config.word_len)
@@ -74,4 +124,19 @@ class OnnxSegVLM(torch.nn.Module):
         if tokens.shape[1] < length:  # the graph's token axis is word_len long: pad, as tokenize would
             tokens = torch.nn.functional.pad(tokens, (0, length - tokens.shape[1]))
         feeds = {"image": image.detach().float().cpu().numpy(), "tokens": tokens.detach().long().cpu().numpy()}
-        return torch.from_numpy(self.session.run([OUTPUT], feeds)[0])
+        try:
+            logits = self.session.run([OUTPUT], feeds)[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: the graph failed on this input
+            raise ValueError(f"--onnx {self.path}: the graph failed to run ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+        return check_output(torch.from_numpy(logits), tokens.shape[0], size, self.path)
+
+
+def check_output(logits, phrases, size, path):
+    """The logits a graph returned, checked: (phrases, 1, size/4, size/4) floating; a ValueError naming `path`
+    otherwise (a graph with a fixed batch, or of another model, would give masks without a word)."""
+    want = (phrases, 1, size // 4, size // 4)
+    if tuple(logits.shape) != want or not logits.is_floating_point():
+        raise ValueError(f"--onnx {path}: the graph returned {tuple(logits.shape)} {logits.dtype} for {phrases} "
+                         f"phrase(s); SegVLM's logits are {want} float32; the file is not this model's graph")
+    return logits

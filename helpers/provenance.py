@@ -76,7 +76,7 @@ def run_record(preset: str, epochs: int, planned_epochs: int, best_val_mIoU: flo
 
 
 def of_checkpoint(ckpt: dict) -> dict:
-    """The record of a loaded checkpoint dict (checkpoints.load_checkpoint's): its own `trained_on`; for CRIS's
+    """The record of a loaded checkpoint dict (model_files.load_checkpoint's): its own `trained_on`; for CRIS's
     file what the file tells (no dataset); for an older checkpoint of this project what its run settings tell."""
     if isinstance(ckpt.get("trained_on"), dict):
         return dict(ckpt["trained_on"])

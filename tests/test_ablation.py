@@ -20,7 +20,7 @@ from tooling import command, save_model_checkpoint, tool_env
 import evaluate
 import train
 from data import PhraseCutLMDB
-from helpers.checkpoints import load_checkpoint
+from helpers.model_files import load_checkpoint
 from helpers.runs import make_run_dir
 from model import build_model
 from sources.synthetic import ensure_synthetic

@@ -15,6 +15,7 @@ from tooling import run_tool, save_model_checkpoint
 from helpers import (
     checkpoints,
     inference,
+    model_files,
     train_config,
     transforms,
 )
@@ -78,9 +79,9 @@ def test_every_path_into_the_config_names_the_field_and_where_it_came_from(tmp_p
     net = build_model("smoke")
     bad = save(net, tmp_path / "bad.pth", deform="no")
     with pytest.raises(ValueError, match=f"{bad}.*deform must be true or false"):
-        checkpoints.load_checkpoint(bad)
+        model_files.load_checkpoint(bad)
     with pytest.raises(ValueError, match=f"{bad}.*deform must be true or false"):
-        checkpoints.init_model(bad, SMOKE)
+        model_files.init_model(bad, SMOKE)
     short = save(net, tmp_path / "short.pth", word_len=2)
     proc = tool("evaluate.py", "--ckpt", short, "--data", tmp_path / "none.lmdb")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -98,9 +99,9 @@ def test_a_non_finite_weight_is_refused_at_load_naming_the_tensor(tmp_path):
     path = tmp_path / "nan.pth"
     torch.save({"model": sd, "config": net.config.to_dict()}, path)
     with pytest.raises(ValueError, match=f"{path}: the weight {name} holds NaN or infinite values"):
-        checkpoints.load_checkpoint(path)
+        model_files.load_checkpoint(path)
     with pytest.raises(ValueError, match=f"{name} holds NaN or infinite values"):
-        checkpoints.init_model(path, SMOKE)
+        model_files.init_model(path, SMOKE)
     image = tmp_path / "photo.png"
     Image.new("RGB", (40, 30)).save(image)
     proc = tool("predict.py", "--ckpt", path, "--image", image, "--phrase", "a cup", "--out", tmp_path / "o.png")
@@ -111,7 +112,7 @@ def test_a_non_finite_weight_is_refused_at_load_naming_the_tensor(tmp_path):
         model.projector.txt.weight[0, 0] = float("inf")
     cris_path = write_cris_checkpoint(model, tmp_path / "cris_inf.pth")
     with pytest.raises(ValueError, match="proj.txt.weight holds NaN or infinite values"):
-        checkpoints.load_checkpoint(cris_path)
+        model_files.load_checkpoint(cris_path)
 
 
 # --- flags that contradict what a command is for ---------------------------------------------------

@@ -24,8 +24,9 @@ import train
 from helpers import (
     checkpoints,
     inference,
+    model_files,
 )
-from helpers.checkpoints import load_checkpoint
+from helpers.model_files import load_checkpoint
 from model import PRESETS, SegVLM, SegVLMConfig, build_model
 from sources import synthetic
 from tools import cris
@@ -196,7 +197,7 @@ def test_fine_tuning_starts_from_every_cris_tensor(files, shape):
     source, path = files[shape]
     run_cfg = dataclasses.replace(source.config, deform=True, se=True)
     torch.manual_seed(7)
-    m, note = checkpoints.init_model(path, run_cfg)
+    m, note = model_files.init_model(path, run_cfg)
     torch.manual_seed(7)
     fresh = SegVLM(run_cfg)
     assert m.config == run_cfg and list(m.enhance.parameters())
@@ -238,14 +239,14 @@ def test_mismatches_are_errors_listing_what_differs(files, tmp_path):
     rn101, path101 = files["RN101"]
     with pytest.raises(ValueError, match=r"does not fit the run's architecture: embed_dim: file 128, run 64; "
                                          r"vision_layers: file \(1, 1, 2, 1\), run \(1, 1, 3, 1\)"):
-        checkpoints.init_model(path50, rn101.config)
+        model_files.init_model(path50, rn101.config)
     with pytest.raises(ValueError, match="holds a CLIP ResNet with embed_dim 64.*not the CLIP RN101 this run names"):
-        checkpoints.init_model(path101, rn101.config, clip_name="RN101")
+        model_files.init_model(path101, rn101.config, clip_name="RN101")
 
     sd = cris_state_dict(rn101)
     del sd["module.neck.f4_proj5.0.weight"], sd["module.decoder.layers.1.multihead_attn.in_proj_bias"]
     missing = write_cris_checkpoint(rn101, tmp_path / "missing.pth", state_dict=sd)
-    for call in (lambda: load_checkpoint(missing), lambda: checkpoints.init_model(missing, rn101.config)):
+    for call in (lambda: load_checkpoint(missing), lambda: model_files.init_model(missing, rn101.config)):
         with pytest.raises(ValueError, match=r"missing\.pth.*missing tensor\(s\) decoder\.layers\.1\.multihead_attn"
                                              r"\.in_proj_bias, neck\.f4_proj5\.0\.weight"):
             call()
@@ -266,8 +267,8 @@ def test_naming_the_files_backbone_takes_its_clip_fields(files, monkeypatch):
     rn101, _ = files["RN101"]
     with pytest.raises(ValueError, match=r"The file's backbone is CLIP RN50, the run's CLIP RN101; to fine-tune "
                                          r"on the file's, name it \(train.py --clip-weights RN50\)"):
-        checkpoints.init_model(path50, rn101.config)
-    m, note = checkpoints.init_model(path50, rn101.config, clip_name="RN50")
+        model_files.init_model(path50, rn101.config)
+    m, note = model_files.init_model(path50, rn101.config, clip_name="RN50")
     assert m.config == rn50.config and "backbone CLIP RN50" in note and "nothing new" in note
     assert torch.equal(logits(m.eval()), logits(rn50))
 
@@ -310,15 +311,15 @@ def test_truncated_foreign_and_code_carrying_files_are_refused(files, tmp_path):
     torch.save({"state_dict": {"module.encoder.weight": torch.zeros(2)}, "epoch": 3}, foreign)
     with pytest.raises(ValueError, match=r"foreign\.pth is not a SegVLM checkpoint.*CRIS's best_model\.pth"):
         load_checkpoint(foreign)
-    with pytest.raises(ValueError, match=r"foreign\.pth: expected CRIS's best_model\.pth or a checkpoint"):
-        checkpoints.init_model(foreign, PRESETS["smoke"].model)
+    with pytest.raises(ValueError, match=r"foreign\.pth is not a SegVLM checkpoint.*CRIS's best_model\.pth"):
+        model_files.init_model(foreign, PRESETS["smoke"].model)  # the one reader's message, whatever the tool
 
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
     obj = torch.load(path, weights_only=True)
     obj["scheduler"]["hook"] = RunsCode(marker)
     torch.save(obj, evil)
-    for call in (lambda: load_checkpoint(evil), lambda: checkpoints.init_model(evil, PRESETS["smoke"].model),
+    for call in (lambda: load_checkpoint(evil), lambda: model_files.init_model(evil, PRESETS["smoke"].model),
                  lambda: cris.convert(evil, tmp_path / "out.pth")):
         with pytest.raises(ValueError, match=r"evil\.pth is refused: loading it needs `getattr`.*could run code"):
             call()
@@ -344,7 +345,7 @@ def test_tensors_of_the_wrong_kind_or_name_are_refused_by_name(files, tmp_path):
         sd = cris_state_dict(rn50)
         edit(sd)
         path = write_cris_checkpoint(rn50, tmp_path / f"case{k}.pth", state_dict=sd)
-        calls = [lambda p=path: load_checkpoint(p)] + [lambda p=path: checkpoints.init_model(p, rn50.config),
+        calls = [lambda p=path: load_checkpoint(p)] + [lambda p=path: model_files.init_model(p, rn50.config),
                                                        lambda p=path: cris.convert(p, tmp_path / "out.pth")] * (k == 0)
         for call in calls:
             with pytest.raises(ValueError, match=rf"case{k}\.pth: {message}"):

@@ -16,9 +16,9 @@ from tooling import save_model_checkpoint
 import evaluate as ev
 import evaluate as metrics
 from helpers import (
-    checkpoints,
     figures,
     files,
+    model_files,
 )
 from sources import (
     phrasecut,
@@ -250,7 +250,7 @@ def raw_task_count(run_dir):
 @pytest.fixture(scope="module")
 def smoke(run_dir):
     import data
-    net, _ = checkpoints.load_checkpoint(run_dir / "best.pth")
+    net, _ = model_files.load_checkpoint(run_dir / "best.pth")
     cfg = net.config
     return net, data.PhraseCutLMDB(run_dir / "test.lmdb", input_size=cfg.input_size, word_len=cfg.word_len,
                                    train=False)

@@ -29,7 +29,8 @@ LAYERS = {
     # 2: the model
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction
-    "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.provenance": 3, "helpers.inference": 3,
+    "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.model_files": 3, "helpers.provenance": 3,
+    "helpers.inference": 3,
     "helpers.onnx_model": 3, "helpers.batch_predict": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
     # 4: the metrics and the evaluation
     "evaluate": 4,
@@ -158,7 +159,7 @@ def test_public_names_import_from_where_readme_and_the_notebooks_say():
     import evaluate
     import predict
     from helpers import inference
-    from helpers.checkpoints import load_checkpoint
+    from helpers.model_files import load_checkpoint
     from loss import RAFLoss
     from model import build_model
     assert data.PhraseCutLMDB.__module__ == "data"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from helpers import checkpoints
-from helpers.checkpoints import load_checkpoint
+from helpers.model_files import load_checkpoint
 from loss import RAFLoss
 from model import (
     PRESETS,

@@ -24,7 +24,7 @@ from helpers import (
     transforms,
     visualize,
 )
-from helpers.checkpoints import load_checkpoint
+from helpers.model_files import load_checkpoint
 from model import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -54,9 +54,9 @@ from pathlib import Path
 import evaluate
 from data import PhraseCutLMDB
 from helpers import figures
-from helpers.checkpoints import load_checkpoint
 from helpers.cli import make_dir
 from helpers.files import atomic_path, hold_dir, read_json
+from helpers.model_files import load_checkpoint
 from helpers.train_config import TrainConfig
 from helpers.train_config import parse_args as parse_train_args
 from model import PRESETS

@@ -49,10 +49,10 @@ import layers
 import train
 from data import PhraseCutLMDB, collate
 from helpers import distributed, train_config
-from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_path, parse_device, run_tool
 from helpers.files import atomic_path
 from helpers.inference import PRECISIONS, FastSegVLM, amp_for
+from helpers.model_files import load_checkpoint
 from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic

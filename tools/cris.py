@@ -13,7 +13,7 @@ differ.
     python evaluate.py --ckpt best_model.pth --data lmdb/test.lmdb
     python train.py --preset paper --init-from best_model.pth --data lmdb/
 
-predict.py and evaluate.py read the file through `checkpoints.load_checkpoint`, which recognises it
+predict.py and evaluate.py read the file through `model_files.load_checkpoint`, which recognises it
 (`is_cris_checkpoint`) and converts it in memory (`to_segvlm_checkpoint`). train.py's
 `--init-from` copies every tensor into a SegVLM whose enhancement block is new (`init_model`).
 helpers/checkpoints.py holds the format and its conversion, with the table of names.
@@ -115,7 +115,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"cris.py: error: {e}")
     print(summary(ckpt, args.src))
-    print(f"wrote {args.dst}: {len(ckpt['model'])} tensors; checkpoints.load_checkpoint, predict.py, evaluate.py and "
+    print(f"wrote {args.dst}: {len(ckpt['model'])} tensors; model_files.load_checkpoint, predict.py, evaluate.py and "
           f"train.py --init-from read it")
 
 

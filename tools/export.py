@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from helpers import transforms
-from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_output_dir, check_path, positive_int, run_tool, same_file
 from helpers.files import atomic_path
+from helpers.model_files import load_checkpoint
 from helpers.onnx_model import CONFIG_KEY, INPUTS, OUTPUT, OnnxSegVLM
 from helpers.safetensors_folder import write_folder
 
