@@ -88,7 +88,7 @@ def atomic_path(path):
     two processes; those of processes that no longer run (a hard kill) are removed first. A write that
     fails because the disk is full is an OSError that says so and names `path`; `path` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     remove_stale_temporaries(path)
     try:
         yield tmp
@@ -102,6 +102,13 @@ def atomic_path(path):
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_name(path) -> Path:
+    """The name atomic_path writes `path` under until it is complete: .NAME.tmp-PID beside it (a message names
+    `path` instead: the user never asked for this one)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _free(path) -> str:
