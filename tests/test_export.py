@@ -88,6 +88,7 @@ def onnx_file(files):
     proc = run_tool("export.py", "--ckpt", files / "best.pth", "--onnx", files / "model.onnx", timeout=900,
                     check=True)
     assert "largest relative difference" in proc.stdout
+    assert sorted(p.name for p in files.iterdir() if p.name.startswith(".")) == [], "the exporter's files stayed behind"
     return files / "model.onnx"
 
 

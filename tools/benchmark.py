@@ -52,7 +52,7 @@ from helpers import distributed, train_config
 from helpers.cli import check_output, check_path, parse_device, run_tool
 from helpers.files import atomic_path
 from helpers.inference import PRECISIONS, FastSegVLM, amp_for
-from helpers.model_files import load_checkpoint
+from helpers.model_files import read_model_file
 from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic
@@ -215,10 +215,8 @@ def check_size(cfg, size, batch, memory) -> None:
 
 def run(args) -> dict:
     device = args.device or distributed.info().device
-    if args.ckpt:
-        net, _ = load_checkpoint(args.ckpt, map_location="cpu")
-        cfg, name = net.config, args.ckpt
-        del net
+    if args.ckpt:  # its architecture only: the config, checked against its weights (model_files), no model built
+        cfg, name = read_model_file(args.ckpt, forms=("checkpoint", "cris", "folder")).config, args.ckpt
     else:
         cfg, name = PRESETS[args.preset].model, args.preset
     size = args.size or cfg.input_size
