@@ -16,7 +16,7 @@ on photos mean nothing.
 The page calls the Python API, nothing else: `inference.iter_proba` for all the phrases at once
 (the image encoded once, as `inference.predict` does) and overlay's `tint` and `draw_legend` for the
 picture, so the page's picture is exactly `overlay(image, predict(model, image, phrases), phrases)`. On a CUDA
-machine the model runs as `inference.FastSegVLM` (load_model's default there).
+machine the model runs as `engines.FastSegVLM`, on a CPU on OpenVINO where it is installed (load_model's "auto").
 
 Serving: it listens on 127.0.0.1, this machine only; `--host 0.0.0.0` opens it to the network and
 `--share` asks Gradio for a public link, each only when given. Requests wait in one queue and the
@@ -52,8 +52,9 @@ from PIL import Image
 
 from helpers import provenance, transforms
 from helpers.cli import parse_device
+from helpers.engines import CHOICES, PRECISIONS, net_device
 from helpers.files import read_json, save_mask
-from helpers.inference import NOT_FOUND, PALETTE, PRECISIONS, as_image, draw_legend, iter_proba, load_model, open_image, tint
+from helpers.inference import NOT_FOUND, PALETTE, as_image, draw_legend, iter_proba, load_model, open_image, tint
 from model import DEFAULT_THRESHOLD
 
 MAX_PHRASES = len(PALETTE)  # one colour each
@@ -282,19 +283,25 @@ def main(argv=None):
     p.add_argument("--port", type=port_number, help="port (default 7860, or the next free one)")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link")
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    p.add_argument("--engine", choices=CHOICES, default="auto",
+                   help="what runs the model: auto (default) the fastest here (OpenVINO on a CPU where installed: it "
+                        "converts the model at start), eager, torch, openvino, onnxruntime (an ONNX --ckpt)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 autocast on CUDA and on a CPU with native bf16, float32 elsewhere")
+                   help="auto (default): bf16 on CUDA and on a CPU with native bf16, float32 elsewhere")
+    p.add_argument("--engine-cache", metavar="DIR",
+                   help="a folder of your own where OpenVINO keeps the converted model for the next start")
     args = p.parse_args(argv)
     ckpt = args.ckpt or newest_demo_checkpoint()
     if ckpt is None:
         sys.exit(f"app.py: no --ckpt and no demo run under runs/; make one with: {DEMO_COMMAND}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        model = load_model(ckpt, args.device, precision=args.precision)
+        model = load_model(ckpt, args.device, engine=args.engine, precision=args.precision, cache_dir=args.engine_cache)
         examples = synthetic_examples(ckpt)
     except (ValueError, OSError) as e:
         sys.exit(f"app.py: error: {e}")
-    print(f"app.py: {ckpt} on {next(model.parameters()).device}: {provenance.describe(model.trained_on)}", flush=True)
+    print(f"app.py: {ckpt} on {net_device(model)}, engine {model.engine} ({model.precision}): "
+          f"{provenance.describe(model.trained_on)}", flush=True)
     if provenance.knows_only_synthetic(model.trained_on):
         print(f"app.py: note: {provenance.SYNTHETIC_NOTE}", flush=True)
     # This server's files, the masks it writes and the uploads Gradio caches for it, live in one temporary

@@ -51,10 +51,11 @@ from tqdm import tqdm
 from data import PhraseCutLMDB, collate, unique_images
 from helpers import distributed, transforms
 from helpers.cli import make_dir, run_tool
+from helpers.engines import FastSegVLM, open_engine
 from helpers.eval_files import claim_outputs, parse_args, resolve_data_path
 from helpers.files import atomic_path, load_mask, mask_path, save_mask
-from helpers.inference import FastSegVLM, eval_mode
-from helpers.model_files import load_checkpoint
+from helpers.inference import eval_mode
+from helpers.model_files import read_model_file
 from helpers.provenance import UNITS
 from helpers.visualize import draw_panel, overlay_name, predict_item
 from model import DEFAULT_THRESHOLD, SegVLM
@@ -291,9 +292,11 @@ def evaluate(model, dataset, threshold=DEFAULT_THRESHOLD, batch_size=8, num_work
     tasks = []  # (dataset index, I, U, subset names)
     ceiling_tasks = []  # (dataset index, I, U) of the perfect decoder-grid map
     with eval_mode(model, device) as (net, device):
-        fast = cuda_graphs and device.type == "cuda"
+        engine = getattr(net, "engine", None) not in (None, "eager")  # an engine runs its own precision
+        fast = cuda_graphs and device.type == "cuda" and not engine
         forward = FastSegVLM(net, amp=amp) if fast else net  # FastSegVLM applies amp itself
-        grouped = not fast and isinstance(net, SegVLM)  # another model gets (image, tokens) only
+        grouped = not fast and (isinstance(net, SegVLM) or engine)  # another model gets (image, tokens) only
+        amp = amp and not engine
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and rank == 0), leave=False):
             inputs = batch["image"], batch["tokens"]
             if grouped:  # each distinct image once, and which one each phrase is about
@@ -430,10 +433,15 @@ def run(args):
     rank, world, device = distributed.init()
     device = args.device or device  # already checked by parse_device
 
-    net, ckpt = load_checkpoint(args.ckpt, map_location="cpu")
-    net.to(device)
+    found = read_model_file(args.ckpt)
+    if args.engine:  # for speed: the engine (and, unless --precision names one, its precision) of this machine
+        net = open_engine(found, device, args.engine, args.precision or ("bf16" if args.amp else "auto"))
+        if rank == 0:
+            print(f"evaluate: engine {net.engine} ({net.precision})", flush=True)
+    else:
+        net = found.build(device)
     cfg = net.config
-    path = resolve_data_path(ckpt, args.data)
+    path = resolve_data_path(found.checkpoint, args.data)
     dataset = PhraseCutLMDB(str(path), input_size=cfg.input_size, word_len=cfg.word_len, train=False)
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no tasks")

@@ -7,8 +7,10 @@ Run:
     python predict.py --ckpt best_model.pth --image photo.jpg --phrase "man in the red shirt"   # a CRIS checkpoint
 
 (One image is one forward pass, so there is nothing to gain from torchrun here.)
-On CUDA the model runs through `FastSegVLM` (CUDA graphs, bf16 autocast) unless
-`--no-fast` is given; on the CPU it runs eagerly.
+The model runs on the fastest engine of this machine (--engine auto, helpers/engines.py): for one image the
+PyTorch model (CUDA graphs on CUDA; bf16 autocast with channels-last on a CPU with native bf16), for a folder
+OpenVINO on a CPU where it is installed (it converts the model first, which pays off after a few images). The
+engine in use is said once on stderr. --engine eager, torch, openvino or onnxruntime forces one.
 
 From Python, load the checkpoint once and call `predict` as often as needed:
 
@@ -34,10 +36,10 @@ phrases (helpers/batch_predict.py; docs/predict.md):
     python predict.py --ckpt best.pth --images photos/ --phrases phrases.txt --out masks/
     python predict.py --ckpt best.pth --images a.jpg b.jpg --phrase "the dog" --phrase "the ball" --out masks/
 
---onnx model.onnx (tools/export.py's) runs the model through onnxruntime instead of PyTorch, in both modes;
---ckpt also takes a safetensors folder (config.json + model.safetensors, tools/export.py --safetensors).
---precision: "auto" runs bf16 autocast on CUDA and on a CPU with native bf16 (AVX512-BF16, AMX), float32
-elsewhere; "fp32" always float32.
+--onnx model.onnx (tools/export.py's) runs the exported graph (OpenVINO where installed, else onnxruntime), in
+both modes; --ckpt also takes a safetensors folder (config.json + model.safetensors, tools/export.py --safetensors).
+--precision: "auto" runs bf16 on CUDA and on a CPU with native bf16 (AVX512-BF16, AMX), float32 elsewhere; "fp32"
+always float32.
 """
 import argparse
 import os
@@ -46,8 +48,9 @@ import warnings
 
 from helpers import batch_predict
 from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
+from helpers.engines import CHOICES, PRECISIONS
 from helpers.files import atomic_path, image_format, mask_format, save_mask
-from helpers.inference import NOT_FOUND, PRECISIONS, check_phrase, load_model, open_image, overlay, predict
+from helpers.inference import NOT_FOUND, check_phrase, load_model, open_image, overlay, predict
 from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
 from model import DEFAULT_THRESHOLD
@@ -96,11 +99,18 @@ def parse_args(argv=None):
                    help=f"cut on the sigmoid (CRIS: {DEFAULT_THRESHOLD})")
     p.add_argument("--device", type=parse_device,
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--engine", choices=CHOICES, default="auto",
+                   help="what runs the model (docs/predict.md): auto (default) the fastest here (on a CPU: OpenVINO for "
+                        "a folder or an ONNX file, PyTorch for one image, which conversion would slow), eager (the "
+                        "PyTorch model), torch (CUDA graphs; bf16 + channels-last on a CPU with native bf16), "
+                        "openvino, onnxruntime (--onnx)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="FastSegVLM: CUDA graphs + bf16 autocast on CUDA, bf16 autocast on a CPU with native bf16; "
-                        "default on there, off elsewhere")
+                   help="the older switch: --fast is --engine torch, --no-fast --engine eager")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 autocast on CUDA and on a CPU with native bf16, float32 elsewhere")
+                   help="auto (default): bf16 on CUDA and on a CPU with native bf16 (AVX512-BF16, AMX), float32 "
+                        "elsewhere; every engine but onnxruntime honours it")
+    p.add_argument("--engine-cache", metavar="DIR",
+                   help="a folder of your own where OpenVINO keeps the converted model for the next run")
     p.add_argument("--batch-size", type=positive_int, default=4, help="folder mode: images per forward pass (4)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="folder mode: image-decoding processes (default min(2, CPUs); 0 decodes in this one)")
@@ -122,8 +132,14 @@ def parse_args(argv=None):
             p.error("--images needs --phrases FILE or --phrase (repeatable), one of the two")
         if args.workers < 0:
             p.error(f"--workers must be at least 0, got {args.workers}")
-    if args.onnx and (args.fast is not None or args.precision != "auto"):
-        p.error("--fast and --precision are for a PyTorch model (--ckpt); --onnx runs the exported float32 graph")
+    if args.fast is not None:
+        if args.engine not in ("auto", "torch" if args.fast else "eager"):
+            p.error(f"--{'' if args.fast else 'no-'}fast contradicts --engine {args.engine}; give one of the two")
+        args.engine = "torch" if args.fast else "eager"
+    if args.onnx and args.engine in ("eager", "torch"):
+        p.error(f"--engine {args.engine} runs a PyTorch model (--ckpt); --onnx runs on onnxruntime or openvino")
+    if args.ckpt and args.engine == "onnxruntime":
+        p.error("--engine onnxruntime runs an ONNX graph (--onnx); export one with python -m tools.export --onnx")
     return p, args
 
 
@@ -131,12 +147,13 @@ def argv_has(argv, flag):
     return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
 
 
-def open_model(args):
-    """The model of --onnx or --ckpt; a model trained only on the synthetic set says so once, on stderr,
-    before any mask it qualifies (an ONNX file does not record what it was trained on)."""
-    if args.onnx:
-        return load_model(args.onnx, args.device)
-    model = load_model(args.ckpt, args.device, fast=args.fast, precision=args.precision)
+def open_model(args, quick_start=False):
+    """The model of --onnx or --ckpt on its engine, said once on stderr; a model trained only on the synthetic set
+    says so once, on stderr, before any mask it qualifies. quick_start: one image (no engine that converts)."""
+    model = load_model(args.onnx or args.ckpt, args.device, engine=args.engine, precision=args.precision,
+                       quick_start=quick_start, cache_dir=args.engine_cache)
+    print(f"predict.py: engine {model.engine} ({model.precision}){' chosen for this machine' * (args.engine == 'auto')}",
+          file=sys.stderr, flush=True)
     if knows_only_synthetic(model.trained_on):
         print(f"predict.py: note: {SYNTHETIC_NOTE}", file=sys.stderr, flush=True)
     return model
@@ -154,7 +171,7 @@ def main(argv=None):
     try:
         phrase = check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
-        model = open_model(args)
+        model = open_model(args, quick_start=True)
         mask = predict(model, image, phrase, args.threshold)
         with atomic_path(args.out) as tmp:
             overlay(image, mask, phrase).save(tmp, format=image_format(args.out))

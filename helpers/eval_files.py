@@ -5,6 +5,7 @@ from pathlib import Path
 
 from helpers import distributed
 from helpers.cli import check_output, check_output_dir, check_path, claim_files, parse_device, parse_threshold, same_file
+from helpers.engines import CHOICES
 from helpers.files import mask_path
 from helpers.visualize import overlay_name
 from model import DEFAULT_THRESHOLD
@@ -75,8 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", type=parse_device, help="cpu, cuda, cuda:N or mps (default: this rank's GPU if "
                                                         "there is one, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32 (default: scores comparable across machines) or bf16 autocast (CUDA or CPU)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="fp32 (the default: scores comparable across machines) or bf16 autocast (CUDA or CPU); "
+                        "with --engine, default that engine's choice for this machine")
     p.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     p.add_argument("--json", metavar="OUT.json", help="write the metrics there")
     p.add_argument("--save-masks", metavar="DIR", help="write <task_id>.png per task, 0/255 at the original size")
@@ -86,8 +88,14 @@ def parse_args(argv=None):
     p.add_argument("--ceiling", action="store_true",
                    help="also score a perfect prediction made at the decoder's stride-16 grid (decoder_grid_ceiling)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA graphs on CUDA (inference.FastSegVLM); no effect on the CPU (default on)")
+                   help="CUDA graphs on CUDA (engines.FastSegVLM); no effect on the CPU (default on)")
+    p.add_argument("--engine", choices=CHOICES,
+                   help="for speed: the engine that runs the model (auto: the fastest here, OpenVINO on a CPU where "
+                        "installed, in bf16 where the CPU computes it natively unless --precision fp32); default: "
+                        "the PyTorch model in float32, so that scores compare across machines")
     args = p.parse_args(argv)
+    if args.engine and args.pred_masks:
+        p.error("--engine needs a model (--ckpt); --pred-masks only scores saved masks")
     args.amp = args.amp or args.precision == "bf16"
     if bool(args.ckpt) == bool(args.pred_masks):
         p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")

@@ -13,9 +13,9 @@ The pipeline is the evaluation's: `transforms.letterbox` to the checkpoint's inp
 to the original size and the threshold (0.35, CRIS's, metrics.DEFAULT_THRESHOLD). `open_image`
 applies the photo's EXIF orientation first, so the mask fits the image as viewers display it.
 
-On CUDA, `FastSegVLM` replays CUDA graphs of the model's forward under bf16 autocast (load_model's default
-there); on a CPU that computes bf16 natively (AVX512-BF16 or AMX, `native_bf16`) it runs the model under bf16
-autocast; elsewhere, or with precision="fp32", the model runs eagerly in float32.
+load_model runs the model on the fastest engine of this machine (helpers/engines.py: OpenVINO on a CPU where it is
+installed, in bf16 where the CPU computes it natively; CUDA graphs under bf16 autocast on CUDA); engine="eager",
+precision="fp32" is the PyTorch model itself in float32.
 """
 import contextlib
 import os
@@ -29,59 +29,41 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from helpers import distributed, provenance, transforms
 from helpers.cli import check_threshold
+from helpers.engines import CHOICES, PRECISIONS, net_device, open_engine
 from helpers.model_files import read_model_file
-from helpers.onnx_model import OnnxSegVLM
 from model import DEFAULT_THRESHOLD, build_model
 
-PRECISIONS = ("auto", "bf16", "fp32")  # the --precision of predict.py and app.py
 
+def load_model(ckpt_path, device=None, engine="auto", precision="auto", fast=None, quick_start=False, cache_dir=None):
+    """Load any model file and run it on an engine: a .pth (train.py's, CRIS's best_model.pth), a model folder
+    (config.json + model.safetensors) or an ONNX graph (tools/export.py's) -> a module called as SegVLM is,
+    `model(image, tokens, image_index=None) -> logits`, in eval mode.
 
-def load_model(ckpt_path, device=None, fast=None, precision="auto"):
-    """Rebuild the model from a checkpoint (model_files.load_checkpoint: a .pth file or a safetensors
-    folder), in eval mode on `device`.
+    The file is read and checked by model_files.read_model_file (errors for missing, truncated, foreign or
+    hostile files are its). device: default this process's GPU if there is one, else the CPU.
+    engine: "auto" (the fastest engine on this machine, engines.choose_engine: OpenVINO on a CPU where it is
+    installed), "eager" (the PyTorch model itself), "torch" (engines.FastSegVLM: CUDA graphs on CUDA, bf16 autocast
+    and channels-last on a CPU with native bf16), "openvino", or "onnxruntime" (an ONNX graph). precision: "auto"
+    (bf16 on CUDA and on a CPU with native bf16, engines.native_bf16; float32 elsewhere), "bf16" or "fp32": every
+    engine but onnxruntime honours it. fast: the older switch, True for "torch", False for "eager".
+    quick_start: the caller runs the model once (predict.py --image): "auto" then takes no engine that converts
+    the model first. cache_dir: a folder of your own where OpenVINO's conversion is kept for the next process.
 
-    device: default this process's GPU if there is one, else the CPU. precision: "auto" (bf16 autocast on
-    CUDA and on a CPU with native bf16, `native_bf16`; float32 elsewhere), "bf16" or "fp32". fast: wrap it
-    in `FastSegVLM` (CUDA graphs on CUDA, the autocast of `precision`); default on for CUDA and wherever
-    precision gives bf16; off otherwise (the eager model in float32). Errors for missing, truncated or
-    foreign files are load_checkpoint's.
-
-    `model.trained_on` is what the checkpoint says the model was trained on (provenance.of_checkpoint: dataset,
-    split sizes, preset, epochs, best val score; "unknown" where the file does not tell);
-    `provenance.describe(model.trained_on)` is that as one line, and `provenance.knows_only_synthetic`
-    says when the masks on a photo mean nothing (provenance.SYNTHETIC_NOTE).
+    `model.engine` and `model.precision` say what runs; `model.trained_on` is what the file says the model was
+    trained on (provenance.of_checkpoint: dataset, split sizes, preset, epochs, best val score; "unknown" where the
+    file does not tell); `provenance.describe(model.trained_on)` is that as one line, and
+    `provenance.knows_only_synthetic` says when the masks on a photo mean nothing (provenance.SYNTHETIC_NOTE).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if engine not in CHOICES:
+        raise ValueError(f"engine must be one of {CHOICES}, got {engine!r}")
+    if fast is not None:
+        if engine not in ("auto", "torch" if fast else "eager"):
+            raise ValueError(f"fast={fast} contradicts engine={engine!r}; give one of the two")
+        engine = "torch" if fast else "eager"
     found = read_model_file(ckpt_path)
-    if found.form == "onnx":
-        graph = OnnxSegVLM(found.path, found.config, device)
-        graph.trained_on = found.trained_on
-        return graph
-    net = found.build(device or distributed.info().device)
-    cuda = net_device(net).type == "cuda"
-    amp = amp_for(net_device(net), precision)
-    if fast is None:
-        fast = cuda or amp
-    return FastSegVLM(net, amp=amp, cuda_graphs=cuda) if fast else net
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively, as torch reports it: AVX512-BF16 or AMX tiles (torch.cpu).
-    Without either, bf16 on a CPU is emulated and slower than float32."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(check()) for check in checks if check is not None)
-
-
-def amp_for(device, precision="auto") -> bool:
-    """Whether the fast path runs under low-precision autocast on `device` for --precision `precision`:
-    "fp32" never, "bf16" always, "auto" on CUDA and on a CPU with native bf16 (native_bf16)."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and native_bf16())
+    return open_engine(found, device or distributed.info().device, engine, precision, quick_start, cache_dir)
 
 
 def trained_checkpoint(root="."):
@@ -106,95 +88,6 @@ def notebook_model(root=".", preset="demo", **overrides):
     model = build_model(preset, **overrides).eval()
     return model, (f"random weights (the {preset} preset): no runs/demo*/best.pth under {Path(root).resolve()} and no "
                    f"$SEGVLM_CKPT; `python train.py --preset demo` trains one")
-
-
-def net_device(model):
-    """The device of a model's parameters; the CPU for a model without any (inference.OnnxSegVLM's runtime)."""
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-class FastSegVLM(torch.nn.Module):
-    """Inference through CUDA graphs: SegVLM's forward captured once per input shape, then replayed.
-
-    At batch 1 a forward pass is hundreds of small kernels, and launching them
-    costs more than running them; a replayed graph launches them all at once.
-    Use it like the model: `FastSegVLM(model)(image, tokens, image_index=None) -> logits`.
-
-    - The inputs are checked first with `SegVLM.check_inputs`: the same errors as
-      the eager model. The graph then runs `SegVLM.segment`.
-    - A shape (images, image size, phrases, token length) is captured on its second call
-      (its first runs eagerly, so the odd last batch of an evaluation costs no
-      capture) and kept; at most `max_graphs` shapes, the oldest dropped. A new
-      shape never reuses another shape's graph, and the output is copied out
-      of the graph's memory, so no result is stale or wrong-shaped.
-    - amp: bf16 autocast (fp16 where the GPU lacks bf16), default on for CUDA and on a
-      CPU with native bf16 (amp_for's "auto"); `dtype` says which (None: float32).
-    - On the CPU, in train mode, or if a capture fails (with one warning), it
-      runs the eager model instead (under the autocast amp asks for).
-    """
-
-    def __init__(self, model, amp=None, cuda_graphs=True, max_graphs=4):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-        self.trained_on = getattr(model, "trained_on", dict(provenance.UNKNOWN))  # load_model's record
-        cuda = net_device(model).type == "cuda"
-        amp = amp_for(net_device(model)) if amp is None else amp
-        self.dtype = (torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16) if amp else None
-        if cuda_graphs and not cuda:
-            warnings.warn("CUDA graphs need a CUDA device; running the model eagerly", stacklevel=2)
-        self.cuda_graphs = cuda_graphs and cuda
-        self.max_graphs = max_graphs
-        self.graphs = {}  # shape key -> (graph, static image, static tokens, static index, static logits)
-        self.seen = set()
-
-    def _eager(self, image, tokens, image_index=None):
-        with torch.autocast(image.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.model.segment(image, tokens, image_index)
-
-    def forward(self, image, tokens, image_index=None):
-        self.model.check_inputs(image, tokens, image_index)
-        key = (tuple(image.shape), image.dtype, tuple(tokens.shape), image.device, image_index is None)
-        if not (self.cuda_graphs and image.is_cuda and not self.model.training and not torch.is_grad_enabled()):
-            return self._eager(image, tokens, image_index)
-        if key not in self.graphs:
-            if key not in self.seen:
-                self.seen.add(key)
-                return self._eager(image, tokens, image_index)
-            try:
-                self._capture(key, image, tokens, image_index)
-            except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on, said once
-                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running the model eagerly",
-                              stacklevel=2)
-                self.cuda_graphs = False
-                self.graphs.clear()
-                return self._eager(image, tokens, image_index)
-        graph, static_image, static_tokens, static_index, static_out = self.graphs[key]
-        static_image.copy_(image)
-        static_tokens.copy_(tokens)
-        if image_index is not None:
-            static_index.copy_(image_index)
-        graph.replay()
-        return static_out.clone()
-
-    def _capture(self, key, image, tokens, image_index=None):
-        if len(self.graphs) >= self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)))  # the oldest shape; its memory goes with it
-        static_image, static_tokens = image.clone(), tokens.clone()
-        static_index = None if image_index is None else image_index.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up passes on a side stream, as torch.cuda.graph requires
-            for _ in range(2):
-                self._eager(static_image, static_tokens, static_index)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # autocast's cast cache must be off while capturing (PyTorch's CUDA graphs notes)
-        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=self.dtype or torch.float32,
-                                                      enabled=self.dtype is not None, cache_enabled=False):
-            static_out = self.model.segment(static_image, static_tokens, static_index)
-        self.graphs[key] = (graph, static_image, static_tokens, static_index, static_out)
 
 
 def unwrap(model):

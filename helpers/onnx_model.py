@@ -129,14 +129,15 @@ class OnnxSegVLM(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: the graph failed on this input
             raise ValueError(f"--onnx {self.path}: the graph failed to run ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
-        return check_output(torch.from_numpy(logits), tokens.shape[0], size, self.path)
+        return check_output(torch.from_numpy(logits), tokens.shape[0], size, f"--onnx {self.path}")
 
 
-def check_output(logits, phrases, size, path):
-    """The logits a graph returned, checked: (phrases, 1, size/4, size/4) floating; a ValueError naming `path`
-    otherwise (a graph with a fixed batch, or of another model, would give masks without a word)."""
+def check_output(logits, phrases, size, where):
+    """The logits a graph returned, checked: (phrases, 1, size/4, size/4) floating; a ValueError naming `where`
+    (e.g. "--onnx model.onnx") otherwise (a graph with a fixed batch, or of another model, would give masks without
+    a word)."""
     want = (phrases, 1, size // 4, size // 4)
     if tuple(logits.shape) != want or not logits.is_floating_point():
-        raise ValueError(f"--onnx {path}: the graph returned {tuple(logits.shape)} {logits.dtype} for {phrases} "
+        raise ValueError(f"{where}: the graph returned {tuple(logits.shape)} {logits.dtype} for {phrases} "
                          f"phrase(s); SegVLM's logits are {want} float32; the file is not this model's graph")
     return logits

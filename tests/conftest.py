@@ -1,4 +1,5 @@
 """Shared by the tests: a small synthetic PhraseCut, converted once per session, and Ctrl-C that reaches the tools."""
+import os
 import signal
 
 import pytest
@@ -10,6 +11,10 @@ from sources import phrasecut, synthetic
 # the tools would never see it: give this process Python's own handler, which children reset to the
 # default and then install their own.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# "auto" means the PyTorch engine in the tests and the tools they start: OpenVINO converts the model first (seconds
+# a test); tests/test_engines.py runs OpenVINO by name, and with "auto" where the choice itself is tested.
+os.environ.setdefault("SEGVLM_ENGINE", "torch")
 
 
 def pytest_collection_modifyitems(config, items):

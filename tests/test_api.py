@@ -12,7 +12,7 @@ from PIL import Image
 from tooling import save_model_checkpoint
 
 import predict
-from helpers import inference
+from helpers import engines, inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_one_phrase_gives_one_mask_and_a_list_of_one_a_list(net, photo):
 
 
 def test_the_fast_model_takes_a_list_too(net, photo):
-    fast = inference.FastSegVLM(net, cuda_graphs=False)  # on the CPU: the eager model behind the same API
+    fast = engines.FastSegVLM(net, amp=False, cuda_graphs=False)  # float32 on the CPU: the eager model, same API
     for a, b in zip(inference.predict_proba(fast, photo, PHRASES), inference.predict_proba(net, photo, PHRASES)):
         assert np.array_equal(a, b)
 
@@ -164,7 +164,7 @@ def test_load_model_exposes_what_the_checkpoint_was_trained_on(net, tmp_path):
     assert torch.load(path, weights_only=True)["trained_on"] == record  # plain strings and numbers
     loaded = inference.load_model(path, "cpu")
     assert loaded.trained_on == record and provenance.knows_only_synthetic(loaded.trained_on)
-    assert inference.FastSegVLM(loaded, cuda_graphs=False).trained_on == record
+    assert engines.FastSegVLM(loaded, cuda_graphs=False).trained_on == record
     assert provenance.describe(record) == ("trained on synthetic shapes and colours (sources/synthetic.py) (train split: "
                                            "4,520 phrases on 1,280 images), preset demo, 5 epochs of 8, best val mean "
                                            "IoU 55.8 %")

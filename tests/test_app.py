@@ -463,7 +463,7 @@ def test_the_page_says_what_its_model_knows_and_how_to_share(ckpt, tmp_path, cap
     from helpers import provenance
     header = {"dataset": "phrasecut", "split": "train", "num_tasks": 40, "num_images": 10, "synthetic": {"seed": 0}}
     record = provenance.run_record("smoke", 2, 2, 0.25, header, {**header, "split": "val"})
-    net = inference.load_model(ckpt[0], "cpu")
+    net = inference.load_model(ckpt[0], "cpu", engine="eager", precision="fp32")  # the plain model, to save
     path = save_model_checkpoint(net, tmp_path / "synthetic.pth", trained_on=record)
     pages = {}
     for name, checkpoint in (("synthetic", path), ("unknown", ckpt[0])):

@@ -1,6 +1,8 @@
-"""bf16 on the CPU: the fast path (inference.FastSegVLM, load_model) takes bf16 autocast exactly where torch reports
+"""bf16 on the CPU: the torch engine (engines.FastSegVLM, load_model) takes bf16 autocast exactly where torch reports
 native bf16 (AVX512-BF16 or AMX) and float32 elsewhere or when asked; evaluate.py stays float32 unless asked;
 and on a small trained model bf16 masks agree with float32's."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import evaluate
 from data import PhraseCutLMDB, collate
-from helpers import inference
+from helpers import engines, inference
 from model import SegVLM, build_model
 
 
@@ -25,32 +27,46 @@ def ckpt(tmp_path_factory):
     return save_model_checkpoint(build_model("smoke"), tmp_path_factory.mktemp("bf16") / "best.pth")
 
 
-def test_without_native_bf16_the_fast_path_stays_float32(ckpt, monkeypatch):
+def test_without_native_bf16_the_torch_engine_stays_float32(ckpt, monkeypatch):
     pretend_cpu(monkeypatch, avx512_bf16=False, amx=False)
-    assert not inference.native_bf16() and not inference.amp_for("cpu")
-    model = inference.load_model(ckpt, "cpu")
-    assert type(model) is SegVLM  # the eager model in float32, as before
-    assert inference.FastSegVLM(model, cuda_graphs=False).dtype is None
-    forced = inference.load_model(ckpt, "cpu", precision="bf16")  # asked for: emulated, but done
-    assert isinstance(forced, inference.FastSegVLM) and forced.dtype == torch.bfloat16
-    assert inference.amp_for("cuda") and inference.amp_for("cuda", "auto")  # the GPU's choice is its own
+    assert not engines.native_bf16() and not engines.amp_for("cpu")
+    model = inference.load_model(ckpt, "cpu", engine="torch")
+    assert isinstance(model, engines.FastSegVLM) and model.dtype is None and model.precision == "fp32"
+    forced = inference.load_model(ckpt, "cpu", engine="torch", precision="bf16")  # asked for: emulated, but done
+    assert isinstance(forced, engines.FastSegVLM) and forced.dtype == torch.bfloat16
+    assert engines.amp_for("cuda") and engines.amp_for("cuda", "auto")  # the GPU's choice is its own
     with pytest.raises(ValueError, match="precision must be one of"):
         inference.load_model(ckpt, "cpu", precision="fp16")
 
 
 @pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True)])
-def test_with_native_bf16_the_fast_path_runs_bf16_autocast(ckpt, monkeypatch, avx512_bf16, amx):
+def test_with_native_bf16_the_torch_engine_runs_bf16_autocast(ckpt, monkeypatch, avx512_bf16, amx):
     pretend_cpu(monkeypatch, avx512_bf16, amx)
-    assert inference.native_bf16() and inference.amp_for("cpu") and not inference.amp_for("cpu", "fp32")
-    fast = inference.load_model(ckpt, "cpu")
-    assert isinstance(fast, inference.FastSegVLM) and fast.dtype == torch.bfloat16 and not fast.cuda_graphs
-    assert type(inference.load_model(ckpt, "cpu", precision="fp32")) is SegVLM
+    assert engines.native_bf16() and engines.amp_for("cpu") and not engines.amp_for("cpu", "fp32")
+    fast = inference.load_model(ckpt, "cpu", engine="torch")
+    assert isinstance(fast, engines.FastSegVLM) and fast.dtype == torch.bfloat16 and not fast.cuda_graphs
+    assert fast.precision == "bf16" and fast.channels_last
+    assert type(inference.load_model(ckpt, "cpu", engine="eager", precision="fp32")) is SegVLM
     image, tokens = torch.randn(2, 3, 64, 64), torch.tensor([[49406, 320, 49407], [49406, 530, 49407]])
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref = fast.model(image, tokens)
-        assert torch.equal(fast(image, tokens), ref)  # the model under bf16 autocast, nothing else
-        assert not torch.equal(fast.model(image, tokens), ref)  # which is not float32's
+            ref = fast.model(image.contiguous(memory_format=torch.channels_last), tokens).float()
+        assert torch.equal(fast(image, tokens), ref)  # the model under bf16 autocast, channels-last, nothing else
+        plain = inference.load_model(ckpt, "cpu", engine="eager", precision="fp32")
+        assert not torch.equal(plain(image, tokens), ref)  # which is not float32's
+
+
+def test_the_eager_engine_honours_bf16_when_asked(ckpt):
+    """--engine eager --precision bf16 (the old --no-fast --precision bf16) runs bf16, not float32 in silence."""
+    eager = inference.load_model(ckpt, "cpu", engine="eager", precision="bf16")
+    plain = inference.load_model(ckpt, "cpu", engine="eager", precision="fp32")
+    assert eager.precision == "bf16" and plain.precision == "fp32"
+    image, tokens = torch.randn(2, 3, 64, 64), torch.tensor([[49406, 320, 49407], [49406, 530, 49407]])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = plain(image, tokens).float()
+        assert torch.equal(eager(image, tokens), ref) and not torch.equal(plain(image, tokens), ref)
+    assert type(inference.load_model(ckpt, "cpu", fast=False, precision="fp32")) is SegVLM  # the older switch
 
 
 def test_evaluate_keeps_float32_unless_asked(tmp_path):
@@ -83,13 +99,14 @@ def test_bf16_masks_agree_with_float32_on_a_trained_model(synth):
             loss.backward()
             optimizer.step()
     model.eval()
-    fast = inference.FastSegVLM(model, amp=True, cuda_graphs=False)
+    plain = copy.deepcopy(model)  # the torch engine turns its model's weights channels-last
+    fast = engines.FastSegVLM(model, amp=True, cuda_graphs=False)
     assert fast.dtype == torch.bfloat16
     tasks = PhraseCutLMDB(str(lmdb), input_size=cfg.input_size, word_len=cfg.word_len, train=False)
     ious, fractions, inter, union = [], [], 0, 0
     with torch.no_grad():
         for batch in DataLoader(tasks, batch_size=16, collate_fn=collate):
-            pair = model(batch["image"], batch["tokens"]), fast(batch["image"], batch["tokens"])
+            pair = plain(batch["image"], batch["tokens"]), fast(batch["image"], batch["tokens"])
             for i, gt in enumerate(batch["gt_mask"]):  # the masks as predict writes them: at the image's size
                 fp32, bf16 = (inference.probability_map(logits[i], *gt.shape, cfg.input_size)
                               > inference.DEFAULT_THRESHOLD for logits in pair)

@@ -159,7 +159,7 @@ def test_predict_and_evaluate_run_on_a_cris_file(files, lmdbs, tmp_path):
     src = dataclasses.replace(source.config, input_size=416, word_len=16)
     ref = SegVLM(src).eval()
     ref.load_state_dict(source.state_dict())
-    got = inference.predict_proba(predict.load_model(path, device="cpu"), image, "red shirt")
+    got = inference.predict_proba(predict.load_model(path, device="cpu", precision="fp32"), image, "red shirt")
     assert np.array_equal(got, inference.predict_proba(ref, image, "red shirt"))
 
     out = tmp_path / "test.json"

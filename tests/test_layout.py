@@ -22,7 +22,7 @@ FOLDERS = ("helpers", "sources", "tools")  # everything else, by role
 LAYERS = {
     # 0: building blocks with no knowledge of data, model or tools
     "layers": 0, "loss": 0, "helpers.distributed": 0, "helpers.files": 0, "helpers.cli": 0,
-    "helpers.inputs": 0, "helpers.clip_weights": 0, "helpers.weights": 0,
+    "helpers.inputs": 0, "helpers.clip_weights": 0, "helpers.weights": 0, "helpers.hardware": 0,
     # 1: the data: model inputs, the LMDB format, each source's converter, the dataset (data.py)
     "helpers.transforms": 1, "sources.lmdb_store": 1, "sources.phrasecut": 1, "sources.coco": 1,
     "sources.refcoco": 1, "sources.grefcoco": 1, "sources.voc": 1, "sources.synthetic": 1, "sources.build": 1, "data": 1,
@@ -30,7 +30,7 @@ LAYERS = {
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction
     "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.model_files": 3, "helpers.provenance": 3,
-    "helpers.inference": 3,
+    "helpers.engines": 3, "helpers.inference": 3,
     "helpers.onnx_model": 3, "helpers.batch_predict": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
     # 4: the metrics and the evaluation
     "evaluate": 4,

@@ -208,12 +208,13 @@ def inputs(n):
 
 def test_a_graph_with_segvlms_signature_runs_and_says_what_it_was_trained_on(tmp_path):
     path = graph_file(tmp_path / "ok.onnx", trained_on=RECORD)
-    model = inference.load_model(path)
-    assert model.trained_on == RECORD
     image, tokens = inputs(3)
-    logits = model(image, tokens)
     expected = torch.nn.functional.avg_pool2d(image, 4).mean(1, keepdim=True)
-    assert logits.shape == (3, 1, 16, 16) and torch.allclose(logits, expected, atol=1e-6)
+    for engine in ("onnxruntime", "openvino"):
+        model = inference.load_model(path, engine=engine, precision="fp32")
+        assert model.trained_on == RECORD and model.engine == engine
+        logits = model(image, tokens)
+        assert logits.shape == (3, 1, 16, 16) and torch.allclose(logits, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -230,16 +231,18 @@ def test_a_graph_that_declares_another_signature_is_refused_at_load(tmp_path, ki
         proto.metadata_props[0].value = json.dumps(SMOKE.to_dict())
         onnx.save(proto, str(path))
     with pytest.raises(ValueError, match=message):
-        inference.load_model(path)
+        inference.load_model(path)  # refused by the reader, before any engine
 
 
 def test_a_graph_whose_real_output_is_not_what_it_declares_is_refused_on_the_run(tmp_path):
-    model = inference.load_model(graph_file(tmp_path / "liar.onnx", slice_to_one=True))
-    with pytest.raises(ValueError, match=r"returned \(1, 1, 16, 16\) .* for 3 phrase\(s\)"):
-        model(*inputs(3))
-    broken = inference.load_model(graph_file(tmp_path / "broken.onnx", fail=True))
+    for engine in ("onnxruntime", "openvino"):  # every engine that runs a graph checks what it returns
+        model = inference.load_model(graph_file(tmp_path / "liar.onnx", slice_to_one=True), engine=engine)
+        with pytest.raises(ValueError, match=r"liar\.onnx.*returned \(1, 1, 16, 16\) .* for 3 phrase\(s\)"):
+            model(*inputs(3))
     with pytest.raises(ValueError, match=r"broken\.onnx: the graph failed to run"):
-        broken(*inputs(2))
+        inference.load_model(graph_file(tmp_path / "broken.onnx", fail=True), engine="onnxruntime")(*inputs(2))
+    with pytest.raises(ValueError, match=r"broken\.onnx"):  # OpenVINO sees the impossible shape when it compiles
+        inference.load_model(graph_file(tmp_path / "broken.onnx", fail=True), engine="openvino")(*inputs(2))
 
 
 @pytest.mark.parametrize("meta, message", [("[" * 100000 + "]" * 100000, "nested too deeply"),

@@ -16,7 +16,7 @@ from PIL import Image
 from tooling import save_model_checkpoint, smoke_checkpoint
 
 import predict
-from helpers import inference
+from helpers import engines, inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_fast_model_on_the_cpu_is_the_eager_model_and_rejects_what_it_rejects():
     torch.manual_seed(0)
     net = model.build_model("smoke").eval()
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
-        fast = inference.FastSegVLM(net, cuda_graphs=True)  # asked for explicitly on a CPU: said once
+        fast = engines.FastSegVLM(net, amp=False, cuda_graphs=True)  # asked for explicitly on a CPU: said once
     with torch.no_grad():
         for batch, size in [(2, 64), (3, 96), (2, 64)]:
             image, tokens = _smoke_inputs(batch, size)
@@ -215,7 +215,7 @@ def test_cuda_graphs_follow_every_shape_and_never_return_a_stale_result():
     import model
     torch.manual_seed(0)
     net = model.build_model("smoke").cuda().eval()
-    fast = inference.FastSegVLM(net)
+    fast = engines.FastSegVLM(net)
     with torch.no_grad():
         for batch, size in [(2, 64), (2, 64), (2, 64), (3, 64), (3, 64), (2, 96), (2, 96), (2, 64)]:
             image, tokens = (t.cuda() for t in _smoke_inputs(batch, size, phrase=f"shape {batch} {size}"))
@@ -230,7 +230,7 @@ def test_cuda_graphs_follow_every_shape_and_never_return_a_stale_result():
 def test_a_model_trained_on_synthetic_data_says_so_once(files, tmp_path, capsys):
     from helpers import provenance
     header = {"dataset": "phrasecut", "split": "train", "num_tasks": 40, "num_images": 10, "synthetic": {"seed": 0}}
-    net = predict.load_model(files / "best.pth", device="cpu")
+    net = predict.load_model(files / "best.pth", device="cpu", engine="eager", precision="fp32")  # the plain model
     synthetic = save_model_checkpoint(net, tmp_path / "synthetic.pth",
                                       trained_on=provenance.run_record("smoke", 1, 1, 0.2, header, header))
     argv = ["--image", str(files / "photo.jpg"), "--phrase", "red circle", "--out", str(tmp_path / "o.png"),

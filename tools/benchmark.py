@@ -31,6 +31,7 @@ training figure is skipped (BatchNorm cannot train on one value per channel) and
 before anything is allocated, naming the largest that fits.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -48,11 +49,12 @@ from torch.utils.data import DataLoader
 import layers
 import train
 from data import PhraseCutLMDB, collate
-from helpers import distributed, train_config
+from helpers import distributed, engines, hardware, train_config
 from helpers.cli import check_output, check_path, parse_device, run_tool
+from helpers.engines import PRECISIONS, FastSegVLM, amp_for
 from helpers.files import atomic_path
-from helpers.inference import PRECISIONS, FastSegVLM, amp_for
 from helpers.model_files import read_model_file
+from helpers.onnx_model import OnnxSegVLM
 from helpers.safetensors_folder import is_folder
 from model import PRESETS, SegVLM
 from sources import phrasecut, synthetic
@@ -118,6 +120,66 @@ def inference(models, cfg, size, batch, device, repeats, warmup, compile=False, 
     else:
         out["inference_images_per_s"] = {b: batch / s for b, s in t.items()}
     return out
+
+
+def engine_latencies(cfg, size, device, repeats, warmup, precision="auto", onnx=True) -> dict:
+    """Batch-1 latency of every engine installed (helpers/engines.py), timed alternately in this one process, the
+    model with its enhancement block: the eager model in float32 (the reference), "torch", "openvino" (converted
+    here; the conversion's seconds in engine_setup_s) and, with `onnx`, the model exported by tools.export and run
+    by onnxruntime and by OpenVINO with its defaults ("openvino_onnx_defaults", no setting of this project's).
+    Also what "auto" picks here, for a folder or the page ("engine") and for one image ("engine_one_image"), this
+    CPU's matmul rates, the model's FLOPs, the floors they give, and the fraction of its floor "engine" reaches."""
+    from tools.export import export_onnx  # tools of one layer; the exporter only when asked for
+    torch.manual_seed(0)
+    net = SegVLM(dataclasses.replace(cfg, input_size=size)).to(device).eval()
+    image, tokens, _ = inputs(net.config, 1, size, device)
+    bf16 = amp_for(device, precision)
+    setup, runs = {}, {"eager_fp32": net}
+    runs["torch"] = engines.FastSegVLM(copy.deepcopy(net), amp=bf16, cuda_graphs=device.type == "cuda")
+    if device.type == "cpu" and engines.openvino_available():
+        start = time.perf_counter()
+        runs["openvino"] = engines.OpenVINOSegVLM(copy.deepcopy(net), net.config, bf16)
+        setup["openvino"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx and device.type == "cpu":
+            start = time.perf_counter()
+            export_onnx(copy.deepcopy(net), Path(tmp) / "model.onnx")
+            setup["onnx_export"] = time.perf_counter() - start
+            runs["onnxruntime"] = OnnxSegVLM(Path(tmp) / "model.onnx", net.config, device)
+            if engines.openvino_available():
+                import openvino as ov
+                compiled = ov.Core().compile_model(str(Path(tmp) / "model.onnx"), "CPU")  # OpenVINO's defaults
+                feeds = [image.cpu().numpy(), tokens.cpu().numpy()]
+                runs["openvino_onnx_defaults"] = lambda *_: compiled(feeds)
+        with torch.no_grad():
+            ms = {name: 1000 * t for name, t in timed({n: (lambda r=r: r(image, tokens)) for n, r in runs.items()},
+                                                      device, repeats, warmup + 1).items()}
+    default = engines.choose_engine("checkpoint", device)
+    result = {"engine": default, "engine_one_image": engines.choose_engine("checkpoint", device, quick_start=True),
+              "engine_precision": "bf16" if bf16 else "fp32", "engine_latency_ms": ms,
+              "engine_speedup_over_eager_fp32": {n: ms["eager_fp32"] / t for n, t in ms.items()},
+              "engine_setup_s": setup}
+    if device.type == "cpu":
+        rates = hardware.matmul_rates()
+        flops = hardware.count_flops(net, image, tokens)
+        floors = {k: 1000 * flops / (rate * 1e9) for k, rate in rates.items()}
+        result.update(cpu=hardware.cpu_description(), matmul_gflops=rates, model_gflop=flops / 1e9, floor_ms=floors,
+                      default_fraction_of_floor=floors[result["engine_precision"]] / ms[default])
+    return result
+
+
+def print_engines(result) -> None:
+    for name, t in result["engine_latency_ms"].items():
+        mark = " <- default" if name == result["engine"] else " <- one image" if name == result["engine_one_image"] else ""
+        print(f"  engine {name:<24} {t:10.2f} ms   x{result['engine_speedup_over_eager_fp32'][name]:.2f} over eager "
+              f"fp32{mark}")
+    if "cpu" in result:
+        cpu, rates, floors = result["cpu"], result["matmul_gflops"], result["floor_ms"]
+        print(f"  cpu {cpu['name']} ({cpu['capability']}, AVX512-BF16 {cpu['avx512_bf16']}, AMX {cpu['amx']}): matmul "
+              f"{rates['fp32']:.0f} GFLOP/s fp32, {rates['bf16']:.0f} GFLOP/s bf16; model {result['model_gflop']:.1f} "
+              f"GFLOP; floor {floors['fp32']:.1f} ms fp32, {floors['bf16']:.1f} ms bf16; the default "
+              f"({result['engine']}, {result['engine_precision']}) reaches {100 * result['default_fraction_of_floor']:.0f} %"
+              f" of its floor")
 
 
 BATCHNORM_AT_1 = "Expected more than 1 value per channel when training"  # torch's BatchNorm, one value a channel
@@ -236,7 +298,15 @@ def run(args) -> dict:
              (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
     if args.batch == 1:  # the latency figures are the batch-1 figures
         del steps[1]
-    for title, step in steps[:1] if args.latency_only else steps:
+    if args.engines:
+        steps.insert(1, ("engines, batch 1", lambda: engine_latencies(cfg, size, device, args.repeats, args.warmup,
+                                                                      args.precision, onnx=args.onnx)))
+    for title, step in steps[:1 + args.engines] if args.latency_only else steps:
+        if title.startswith("engines"):
+            figures = step()
+            result.update(figures)
+            print_engines(figures)
+            continue
         figures = step()
         result.update(figures)
         for key, value in figures.items():
@@ -251,7 +321,7 @@ def run(args) -> dict:
         rate = loader_rate(size, cfg.word_len, args.workers, args.batch, args.loader_batches)
         result["loader_samples_per_s"] = rate
         print(f"  LMDB loader, {args.workers} workers: {rate:.1f} samples/s")
-    result = {k: ({"with_block": v[True], "without_block": v[False]} if isinstance(v, dict) else v)
+    result = {k: ({"with_block": v[True], "without_block": v[False]} if isinstance(v, dict) and True in v else v)
               for k, v in result.items()}
     print(json.dumps(result))
     if args.json:
@@ -281,7 +351,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the fast path's: auto (bf16 on CUDA and on a CPU with native bf16), bf16 or fp32")
     p.add_argument("--latency-only", action="store_true",
-                   help="only the batch-1 latencies (eager fp32 and the fast path); no throughput, training, loader")
+                   help="only the batch-1 latencies (eager fp32, the fast path, every engine installed, with this "
+                        "CPU's matmul rates and floors); no throughput, training, loader")
+    p.add_argument("--engines", action=argparse.BooleanOptionalAction, default=True,
+                   help="time every engine installed at batch 1 (default on; OpenVINO converts the model first)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --engines, also export the model to ONNX and time onnxruntime and OpenVINO on it")
     args = p.parse_args(argv)
     for name, least in (("batch", 1), ("repeats", 1), ("loader_batches", 1), ("warmup", 0), ("workers", -1),
                         ("size", 0)):
