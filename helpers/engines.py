@@ -263,7 +263,7 @@ def model_key(net, precision: str) -> str:
                                         code_digest()]).encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
