@@ -165,3 +165,16 @@ def test_the_conversion_is_cached_only_in_a_folder_of_ones_own(ckpt, tmp_path, m
     os.chmod(shared, 0o777)
     with pytest.raises(ValueError, match="can be written by other users"):
         inference.load_model(ckpt, "cpu", engine="openvino", cache_dir=shared)
+
+
+def test_agree_measures_an_engine_against_float32(ckpt, synth, tmp_path):
+    from tools import agree
+    _, lmdb, _ = synth
+    same = agree.main(["--ckpt", str(ckpt), "--data", str(lmdb), "--engine", "eager", "--precision", "fp32",
+                       "--limit", "12", "--json", str(tmp_path / "a.json")])
+    assert same["tasks"] == 12 and same["mean_iou"] == same["min_iou"] == same["no_target_agree"] == 1.0
+    assert same["reference_mIoU"] == same["engine_mIoU"]
+    bf16 = agree.main(["--ckpt", str(ckpt), "--data", str(lmdb), "--engine", "torch", "--precision", "bf16",
+                       "--limit", "12"])
+    assert bf16["precision"] == "bf16" and 0.0 < bf16["min_iou"] <= bf16["mean_iou"] <= 1.0
+    assert abs(bf16["engine_mIoU"] - bf16["reference_mIoU"]) <= 1 - bf16["min_iou"]  # each task moves at most that

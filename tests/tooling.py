@@ -10,8 +10,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tools in tools/ run as modules from the root (`python -m tools.cris`); the rest are root scripts.
-MODULES = {"ablation.py": "tools.ablation", "benchmark.py": "tools.benchmark", "cris.py": "tools.cris",
-           "export.py": "tools.export"}
+MODULES = {"ablation.py": "tools.ablation", "agree.py": "tools.agree", "benchmark.py": "tools.benchmark",
+           "cris.py": "tools.cris", "export.py": "tools.export"}
 
 
 def command(script, *args) -> list:
