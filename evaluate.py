@@ -51,11 +51,10 @@ from tqdm import tqdm
 from data import PhraseCutLMDB, collate, unique_images
 from helpers import distributed, transforms
 from helpers.cli import make_dir, run_tool
-from helpers.engines import FastSegVLM, open_engine
-from helpers.eval_files import claim_outputs, parse_args, resolve_data_path
+from helpers.engines import FastSegVLM
+from helpers.eval_files import claim_outputs, open_model, parse_args, resolve_data_path
 from helpers.files import atomic_path, load_mask, mask_path, save_mask
 from helpers.inference import eval_mode
-from helpers.model_files import read_model_file
 from helpers.provenance import UNITS
 from helpers.visualize import draw_panel, overlay_name, predict_item
 from model import DEFAULT_THRESHOLD, SegVLM
@@ -432,14 +431,7 @@ def run(args):
         return run_pred_masks(args)
     rank, world, device = distributed.init()
     device = args.device or device  # already checked by parse_device
-
-    found = read_model_file(args.ckpt)
-    if args.engine:  # for speed: the engine (and, unless --precision names one, its precision) of this machine
-        net = open_engine(found, device, args.engine, args.precision or ("bf16" if args.amp else "auto"))
-        if rank == 0:
-            print(f"evaluate: engine {net.engine} ({net.precision})", flush=True)
-    else:
-        net = found.build(device)
+    net, found = open_model(args, device)
     cfg = net.config
     path = resolve_data_path(found.checkpoint, args.data)
     dataset = PhraseCutLMDB(str(path), input_size=cfg.input_size, word_len=cfg.word_len, train=False)

@@ -130,7 +130,7 @@ def open_engine(found: ModelFile, device, engine="auto", precision="auto", quick
         elif engine == "torch":
             run = FastSegVLM(net, amp=bf16, cuda_graphs=device.type == "cuda")
         else:
-            run = OpenVINOSegVLM(net, found.config, bf16, device, cache_dir=cache_dir)
+            run = OpenVINOSegVLM(net, found.config, bf16, device, cache_dir=cache_dir or run_cache(found.path))
     run.engine, run.precision = engine, "bf16" if bf16 else "fp32"
     run.trained_on = found.trained_on
     return run
@@ -284,6 +284,23 @@ def private_cache(cache_dir) -> Path:
     return folder
 
 
+RUN_CACHE = "engine-cache"  # in a run's own folder (train.py's), where the default engine keeps its conversion
+
+
+def run_cache(path):
+    """The default cache of a model file's conversion: RUN_CACHE in the folder of a checkpoint that train.py wrote
+    (it holds config.json and command.txt), when this user owns that folder and nobody else can write in it; else
+    None (no cache: a user's download folder gets nothing written into it)."""
+    folder = Path(path).resolve().parent
+    try:
+        info = folder.stat()
+    except OSError:
+        return None
+    ours = not hasattr(os, "getuid") or (info.st_uid == os.getuid() and not info.st_mode & 0o022)
+    run = (folder / "config.json").is_file() and (folder / "command.txt").is_file()
+    return folder / RUN_CACHE if ours and run and os.access(folder, os.W_OK) else None
+
+
 def convert(net, cache_dir=None, precision="fp32"):
     """The OpenVINO model of `net` (a SegVLM, in eval mode): converted by tracing (ov.convert_model) with the batch
     axes free, or read from `cache_dir` where an earlier process left the same model's conversion."""
@@ -331,11 +348,13 @@ class OpenVINOSegVLM(torch.nn.Module):
         self.config, self.bf16 = config, bf16
         self.graph_file = None if isinstance(source, torch.nn.Module) else os.fspath(source)
         core = ov.Core()
+        properties = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if cache_dir is not None:  # OpenVINO's own cache of compiled models, beside the conversions
+            properties["CACHE_DIR"] = str(private_cache(cache_dir) / "compiled")
         try:
             ov_model = core.read_model(self.graph_file) if self.graph_file else convert(
                 source, cache_dir, "bf16" if bf16 else "fp32")
-            self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-                                                                 "PERFORMANCE_HINT": "LATENCY"})
+            self.compiled = core.compile_model(ov_model, "CPU", properties)
         except (RuntimeError, ValueError, TypeError) as e:  # OpenVINO's errors: an op it lacks, a graph it refuses
             where = self.graph_file or "the model"
             raise ValueError(f"OpenVINO cannot compile {where} ({type(e).__name__}: "

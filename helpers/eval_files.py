@@ -5,10 +5,24 @@ from pathlib import Path
 
 from helpers import distributed
 from helpers.cli import check_output, check_output_dir, check_path, claim_files, parse_device, parse_threshold, same_file
-from helpers.engines import CHOICES
+from helpers.engines import CHOICES, open_engine
 from helpers.files import mask_path
+from helpers.model_files import read_model_file
 from helpers.visualize import overlay_name
 from model import DEFAULT_THRESHOLD
+
+
+def open_model(args, device):
+    """--ckpt as evaluate.py runs it -> (model, model_files.ModelFile): the PyTorch model in float32 (scores that
+    compare across machines), or with --engine that engine, in its own precision for this machine unless
+    --precision names one (said once)."""
+    found = read_model_file(args.ckpt)
+    if not args.engine:
+        return found.build(device), found
+    net = open_engine(found, device, args.engine, args.precision or ("bf16" if args.amp else "auto"))
+    if distributed.is_main():
+        print(f"evaluate: engine {net.engine} ({net.precision})", flush=True)
+    return net, found
 
 
 def resolve_data_path(ckpt, data_arg=None):

@@ -178,3 +178,19 @@ def test_agree_measures_an_engine_against_float32(ckpt, synth, tmp_path):
                        "--limit", "12"])
     assert bf16["precision"] == "bf16" and 0.0 < bf16["min_iou"] <= bf16["mean_iou"] <= 1.0
     assert abs(bf16["engine_mIoU"] - bf16["reference_mIoU"]) <= 1 - bf16["min_iou"]  # each task moves at most that
+
+
+@pytest.mark.slow  # OpenVINO converts the model: seconds
+def test_a_runs_own_folder_keeps_the_conversion_and_a_download_folder_does_not(ckpt, tmp_path):
+    pytest.importorskip("openvino")
+    import shutil
+    run, downloads = tmp_path / "run", tmp_path / "downloads"
+    for folder in (run, downloads):
+        folder.mkdir()
+        shutil.copy(ckpt, folder / "best.pth")
+    (run / "config.json").write_text("{}")  # what train.py writes in a run's folder
+    (run / "command.txt").write_text("train.py\n")
+    inference.load_model(run / "best.pth", "cpu", engine="openvino", precision="fp32")
+    inference.load_model(downloads / "best.pth", "cpu", engine="openvino", precision="fp32")
+    assert len(list((run / engines.RUN_CACHE).glob("openvino-*/model.xml"))) == 1
+    assert sorted(p.name for p in downloads.iterdir()) == ["best.pth"]  # nothing written beside a download

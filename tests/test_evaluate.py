@@ -16,6 +16,7 @@ from tooling import save_model_checkpoint
 import evaluate as ev
 import evaluate as metrics
 from helpers import (
+    eval_files,
     figures,
     files,
     model_files,
@@ -369,7 +370,7 @@ def test_cli_errors_are_clean(run_dir, tmp_path, capsys):
 def test_bad_outputs_and_devices_are_refused_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
     def fail(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the mistake was reported")
-    monkeypatch.setattr(ev, "load_checkpoint", fail)
+    monkeypatch.setattr(eval_files, "read_model_file", fail)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "a_file").write_text("keep")
     ckpt = tmp_path / "best.pth"
