@@ -42,7 +42,6 @@ elsewhere; "fp32" always float32.
 import argparse
 import os
 import sys
-import warnings
 
 from helpers import batch_predict
 from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
@@ -144,7 +143,6 @@ def open_model(args):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p, args = parse_args(argv)
     if args.images is not None:
         return folder_main(p, args)

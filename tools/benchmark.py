@@ -38,10 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import clip
 import torch
 from torch.utils.data import DataLoader
 
@@ -51,6 +49,7 @@ from data import PhraseCutLMDB, collate
 from helpers import distributed, train_config
 from helpers.checkpoints import load_checkpoint
 from helpers.cli import check_output, check_path, parse_device, run_tool
+from helpers.clip_weights import clip
 from helpers.files import atomic_path
 from helpers.inference import PRECISIONS, FastSegVLM, amp_for
 from helpers.safetensors_folder import is_folder
@@ -305,7 +304,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     args = parse_args(argv)
     try:
         return run(args)

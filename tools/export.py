@@ -151,7 +151,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     args = parse_args(argv)
     try:
         model, ckpt = load_checkpoint(args.ckpt, map_location="cpu")
