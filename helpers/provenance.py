@@ -26,9 +26,9 @@ NAMES = {"synthetic": "synthetic shapes and colours (sources/synthetic.py)", "ph
          "coco": "COCO categories as phrases", "voc": "PASCAL VOC categories as phrases"}
 
 SYNTHETIC_NOTE = ("This model was trained on the synthetic dataset only: it knows six kinds of shapes in six "
-                  "colours on plain backgrounds, nothing else. Its masks on a photo mean nothing. For photos, "
-                  "use a checkpoint trained on real data (PhraseCut, RefCOCO; docs list the commands) or CRIS's "
-                  "released weights.")
+                  "colours on plain backgrounds, nothing else. Its masks on a photo mean nothing. For photos, use a "
+                  "checkpoint trained on real data: train one (PhraseCut, RefCOCO; docs list the commands), or load "
+                  "one written by CRIS's training code (docs/cris.md; CRIS's authors published no checkpoints).")
 
 UNKNOWN = {"dataset": "unknown", "name": "unknown (the checkpoint does not record it)"}
 
