@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from test_app import browser, needs_chromium, serve, wait
 from tooling import save_model_checkpoint, smoke_checkpoint, start_tool
 
 import app
@@ -60,6 +61,27 @@ def test_the_page_shows_the_record_as_text_and_the_terminal_escaped(files, monke
     markdown = [c["props"].get("value") or "" for c in components if c["type"] == "markdown"]
     assert markdown and not any("evil.example" in text for text in markdown)
     assert len(json.dumps(config)) < 100_000  # the megabyte of `units` is nowhere on the page
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_browser_shows_the_record_as_text(files):
+    from selenium.webdriver.common.by import By
+    demo, url = serve(inference.load_model(files[0], "cpu", precision="fp32"))
+    driver = browser()
+    try:
+        driver.get(url)
+        block = wait(lambda: driver.find_element(By.CSS_SELECTOR, "#trained-on"), what="the model's line")
+        text = wait(lambda: "Trained on" in block.text and block.text, what="the model's line drawn")
+        for literal in ("[click here](http://evil.example/phish)", "![pixel](http://evil.example/p.png)",
+                        "# Forged heading <b>bold</b>", "app.py: note: forged"):
+            assert literal in text, text
+        assert not block.find_elements(By.CSS_SELECTOR, "a, img, b, h1, h3")  # only the title's h2 and the line
+        fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert fetched and not any("evil.example" in name for name in fetched)
+    finally:
+        driver.quit()
+        demo.close()
 
 
 def app_title(ckpt):
