@@ -10,8 +10,11 @@ picture (uploaded, pasted, or one of the examples), one phrase per line, a thres
 the evaluation's) and a view: the masks, each in its own colour with a legend, or the probability
 maps. It shows the picture with every phrase drawn on it and offers each mask as a PNG. Under the
 title it says what the checkpoint was trained on (`model.trained_on`: dataset, split sizes, preset,
-epochs, best val score); on a model trained on the synthetic set only, a note says that its masks
-on photos mean nothing.
+epochs, best val score), as plain text: the record is the file's, so nothing in it is read as
+Markdown or HTML (a link, an image from another host, a heading), and the terminal gets it with its
+control characters escaped (helpers.cli.shown). A field the file holds in the wrong form is named as
+unreadable (provenance.checked), never a traceback. On a model trained on the synthetic set only, a
+note says that its masks on photos mean nothing.
 
 The page calls the Python API, nothing else: `inference.iter_proba` for all the phrases at once
 (the image encoded once, as `inference.predict` does) and overlay's `tint` and `draw_legend` for the
@@ -33,25 +36,29 @@ DCT scale, so a 1.6 MB JPEG of 9,400 x 9,400 never costs its full size), and the
 masks are at the reduced size. The phrases' full-size maps are made one at a time and kept only as
 bool masks (`segment`). docs/measurements.md has the server's peak memory for ten phrases on such a
 picture. The server's files (its masks, and Gradio's cache of the uploads, GRADIO_TEMP_DIR pointed
-there) live in one temporary folder, removed however it ends: Ctrl-C, SIGTERM, an error.
+there) live in one temporary folder, removed however it ends: an error, or Ctrl-C and SIGTERM, which
+end it with one line ("app.py: stopped by SIGTERM; temporary files removed") and the shell's code
+128 + the signal's number, as every tool of this project (helpers.cli.run_tool). A --port that is
+taken is said in one line, with the flag to change.
 """
 import argparse
 import atexit
+import errno
 import html
 import logging
 import os
 import shutil
-import signal
+import socket
 import sys
 import tempfile
-import warnings
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from helpers import provenance, transforms
-from helpers.cli import parse_device
+from helpers.cli import parse_device, run_tool, shown
 from helpers.engines import CHOICES, PRECISIONS, net_device
 from helpers.files import read_json, save_mask
 from helpers.inference import NOT_FOUND, PALETTE, as_image, draw_legend, iter_proba, load_model, open_image, tint
@@ -188,9 +195,8 @@ def build_app(model, examples=(), title="SegVLM", work=None):
 
     record = getattr(model, "trained_on", None) or dict(provenance.UNKNOWN)
     with gr.Blocks(title=title, delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        known = provenance.describe(record)
-        gr.Markdown(f"## {html.escape(title)}\n{html.escape(known[:1].upper() + known[1:])}.",
-                    elem_id="trained-on")
+        known = provenance.describe(record)  # the file's own text: HTML-escaped in an HTML block, never Markdown
+        gr.HTML(trained_on_html(title, known), elem_id="trained-on")
         if provenance.knows_only_synthetic(record):
             gr.Markdown(f"**Note:** {SYNTHETIC_NOTE_HTML}", elem_id="synthetic-note",
                         container=True, padding=True)
@@ -218,17 +224,49 @@ def build_app(model, examples=(), title="SegVLM", work=None):
     return demo.queue(max_size=32, default_concurrency_limit=1)
 
 
+def trained_on_html(title, known):
+    """The page's heading and its line on the model (provenance.describe's) as HTML that shows both as plain text:
+    every character of the file's record escaped, and no Markdown, which would read `[text](link)` as a link and
+    `![](url)` as an image every visitor's browser fetches."""
+    return f"<h2>{html.escape(title)}</h2>\n<p>{html.escape(known[:1].upper() + known[1:])}.</p>"
+
+
 def launch(demo, host="127.0.0.1", port=None, share=False, block=True):
     """Serve the page (127.0.0.1 unless host says otherwise); block=False returns at once (tests).
 
     Gradio's own start-up lines are silenced (quiet): they tell a user to "set `share=True` in `launch()`",
-    while this tool's flag is --share. served_lines says where the page is instead."""
+    while this tool's flag is --share. served_lines says where the page is instead. With block, it waits
+    here, not in Gradio's wait (which ends Ctrl-C with its own line and a normal exit): Ctrl-C and SIGTERM
+    reach the caller (run_tool's line and exit code) once the server is closed."""
     demo.launch(server_name=host, server_port=port, share=share, show_error=False,
                 max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True)
     if block:
         print(served_lines(demo), flush=True)
-        demo.block_thread()
+        try:
+            while demo.is_running:
+                time.sleep(0.1)
+        finally:
+            demo.close(verbose=False)
     return demo
+
+
+def cannot_serve(host, port) -> str:
+    """What to tell a user whom launch refused (an OSError): Gradio's message says the same for every cause and
+    advises launch()'s `server_port`, while this tool's flag is --port. The cause is asked of the system, by
+    binding the port as Gradio does."""
+    from gradio import http_server  # imported by build_app already
+    first, last = http_server.INITIAL_PORT_VALUE, http_server.INITIAL_PORT_VALUE + http_server.TRY_NUM_PORTS - 1
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((address, port or first))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return (f"port {port} is taken on {host}; pass another --port, or none for the next free one" if port
+                    else f"ports {first} to {last} are all taken on {host}; pass a free one with --port")
+        return f"cannot listen on {host}{f':{port}' if port else ''} ({e.strerror or e}); is --host an address of this machine?"
+    return f"cannot serve on {host}:{port or f'{first}-{last}'}; pass another --port"
 
 
 def served_lines(demo) -> str:
@@ -274,7 +312,6 @@ def port_number(text):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p = argparse.ArgumentParser(prog="app.py", description="A web page to try a SegVLM checkpoint on any picture.")
     p.add_argument("--ckpt", help="a checkpoint (a run's best.pth, CRIS's best_model.pth, ...); "
                                   "default: the newest runs/demo/best.pth or runs/demo-*/best.pth")
@@ -294,37 +331,29 @@ def main(argv=None):
     ckpt = args.ckpt or newest_demo_checkpoint()
     if ckpt is None:
         sys.exit(f"app.py: no --ckpt and no demo run under runs/; make one with: {DEMO_COMMAND}")
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # not httpx's line per request
     try:
         model = load_model(ckpt, args.device, engine=args.engine, precision=args.precision, cache_dir=args.engine_cache)
         examples = synthetic_examples(ckpt)
     except (ValueError, OSError) as e:
         sys.exit(f"app.py: error: {e}")
-    print(f"app.py: {ckpt} on {net_device(model)}, engine {model.engine} ({model.precision}): "
-          f"{provenance.describe(model.trained_on)}", flush=True)
+    print(f"app.py: {shown(ckpt)} on {net_device(model)}, engine {model.engine} ({model.precision}): "
+          f"{shown(provenance.describe(model.trained_on))}", flush=True)
     if provenance.knows_only_synthetic(model.trained_on):
         print(f"app.py: note: {provenance.SYNTHETIC_NOTE}", flush=True)
     # This server's files, the masks it writes and the uploads Gradio caches for it, live in one temporary
-    # folder that every way out removes: a return, an error, Ctrl-C, SIGTERM (raised as Ctrl-C is, below).
+    # folder that every way out removes: a return, an error, Ctrl-C and SIGTERM (raised here by run_tool).
     work = Path(tempfile.mkdtemp(prefix="segvlm-app-"))
     os.environ["GRADIO_TEMP_DIR"] = str(work / "gradio")  # read when the page is built
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         demo = build_app(model, examples, title=f"SegVLM: {Path(ckpt).parent.name}/{Path(ckpt).name}", work=work)
-        launch(demo, args.host, args.port, args.share)
-    except OSError as e:  # the port is taken, the host is not this machine's, ...
-        sys.exit(f"app.py: error: cannot serve on {args.host}:{args.port or 'default port'}: {e}")
-    except KeyboardInterrupt:  # while the page was being built, before Gradio's own wait handles it
-        sys.exit("app.py: stopped; its temporary files removed")
+        try:
+            launch(demo, args.host, args.port, args.share)
+        except OSError:  # Gradio's refusal: the port is taken, the host is not this machine's, ...
+            sys.exit(f"app.py: error: {cannot_serve(args.host, args.port)}")
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def interrupt(signum, frame):
-    """SIGTERM as Ctrl-C: Gradio's wait for the server ends on it and closes the server; main then cleans up."""
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    main()
+    run_tool("app.py", main)

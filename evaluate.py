@@ -38,7 +38,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -482,7 +481,6 @@ def write_json(path, result):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     args = parse_args(argv)
     try:
         run(args)

@@ -26,14 +26,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-import clip
-import clip.model
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from helpers.clip_weights import clip_fields_from_state_dict, load_clip_state_dict
+from helpers.clip_weights import clip, clip_fields_from_state_dict, load_clip_state_dict  # clip, without its import's warning
 from helpers.inputs import check_inputs
 from layers import (
     FPN,

@@ -44,7 +44,6 @@ always float32.
 import argparse
 import os
 import sys
-import warnings
 
 from helpers import batch_predict
 from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
@@ -160,7 +159,6 @@ def open_model(args, quick_start=False):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # clip's import, not ours
     p, args = parse_args(argv)
     if args.images is not None:
         return folder_main(p, args)

@@ -1,10 +1,20 @@
 """CLIP's weights for model.build_model: by name through clip.load (downloads when online) or from a local file
-(OpenAI's TorchScript .pt, or a plain state dict read with weights_only=True), and CLIP's sizes read from them."""
+(OpenAI's TorchScript .pt, or a plain state dict read with weights_only=True), and CLIP's sizes read from them.
+
+It is also where the project imports `clip` (`from helpers.clip_weights import clip`): clip's own module runs
+`from pkg_resources import packaging`, and setuptools warns (a UserWarning, "pkg_resources is deprecated as an
+API") on that import, so every tool would open with two lines that are neither its own nor anything a user can
+act on. That one warning is silenced around that one import; every other warning, clip's later ones included,
+is shown as Python shows it.
+"""
 import os
 import warnings
 
-import clip
 import torch
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    import clip
 
 
 def load_clip_state_dict(clip_weights) -> dict:

@@ -110,7 +110,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.engine and args.pred_masks:
         p.error("--engine needs a model (--ckpt); --pred-masks only scores saved masks")
-    args.amp = args.amp or args.precision == "bf16"
     if bool(args.ckpt) == bool(args.pred_masks):
         p.error("give --ckpt (a model to run) or --pred-masks DIR (saved masks to score), one of the two")
     if args.pred_masks:
@@ -118,8 +117,12 @@ def parse_args(argv=None):
             p.error("--pred-masks needs --data, the LMDB whose tasks the masks answer")
         model_only = [f for f in ("--save-masks", "--vis", "--ceiling", "--amp")
                       if getattr(args, f[2:].replace("-", "_"))]
+        if args.precision == "bf16":  # named as given: --amp is only its other spelling
+            model_only.append("--precision bf16")
         if model_only:
-            p.error(f"{', '.join(model_only)} need a model (--ckpt); --pred-masks only scores saved masks")
+            p.error(f"{', '.join(model_only)} need{'s' * (len(model_only) == 1)} a model (--ckpt); --pred-masks only "
+                    "scores saved masks")
+    args.amp = args.amp or args.precision == "bf16"
     for name, least in (("batch_size", 1), ("num", 1), ("workers", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}")

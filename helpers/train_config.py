@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import clip
 import torch
 
 from helpers.cli import check_path, check_writable, parse_threshold
+from helpers.clip_weights import clip
 from helpers.files import dir_holder
 from helpers.safetensors_folder import is_folder
 from model import DEFAULT_THRESHOLD, PRESETS, ConfigError, SegVLMConfig, get_preset

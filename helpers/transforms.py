@@ -19,9 +19,14 @@ Choices where PhraseCut and the paper are silent (all deliberate, all tested):
   from 0..65535 to 0..255; float images are clipped to 0..255.
 - Phrases: CLIP's tokenizer (ftfy + byte-level BPE, so any Unicode works), truncated to word_len
   with the end token kept; the datasets warn once per process with the words kept (kept_words).
+  The model reads word_len - 2 tokens, and no more of a phrase is tokenised than can hold them
+  (phrase_ids): CLIP's BPE takes time that grows faster than a word's length (100,000 letters took
+  57 s), so a word is cut at max_word_bytes before BPE and a phrase at max_phrase_chars before
+  anything. Every phrase the model can read is tokenised exactly as clip.tokenize does.
 """
 import functools
 import io
+import re
 import warnings
 
 import numpy as np
@@ -38,13 +43,74 @@ _MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
+# CLIP's longest BPE token, in UTF-8 bytes (eight 4-byte emoji; a test reads it off the vocabulary): a token covers
+# at most this many bytes of a word, and a character is at least one byte.
+LONGEST_TOKEN = 32
+
+
+def max_word_bytes(word_len):
+    """The bytes of one word that CLIP's BPE is given: (word_len - 2) x LONGEST_TOKEN + 1. A word is a unit of
+    CLIP's pre-tokenizer (a run of letters, one digit, a run of other signs), each BPE'd on its own. The model reads
+    word_len - 2 tokens; a word of more bytes than this has more tokens than that by itself, so the phrase is cut
+    whatever its bytes split into, and a word the model can read is never cut. (Such a cut word may split into other
+    first tokens than the whole word would: the model reads it cut either way.)"""
+    return max(word_len - 2, 0) * LONGEST_TOKEN + 1
+
+
+def max_phrase_chars(word_len):
+    """The characters of a phrase that are read at all: 16 times the longest text the model can read (word_len - 2
+    tokens of at most LONGEST_TOKEN bytes, a space after each), counted once its runs of spaces are one space. A
+    phrase the model can read is longer only when most of it is what else CLIP's cleaning drops (control characters,
+    HTML entities); one that is longer is read from its first max_phrase_chars characters, and counts as cut
+    (kept_words says what is kept)."""
+    return 16 * max(word_len - 2, 1) * (LONGEST_TOKEN + 1)
+
+
+def _clip_tokenizer():
+    """CLIP's tokenizer object and its module (the text cleaning). clip is imported on first use, as the project
+    imports it (helpers/clip_weights.py): its import is slow."""
+    from helpers.clip_weights import clip
+    return clip.clip._tokenizer, clip.simple_tokenizer
+
+
+def phrase_ids(phrase, word_len):
+    """(the ids of the BPE tokens the model reads of `phrase`, at most word_len - 2; whether the phrase is cut).
+
+    CLIP's own steps (SimpleTokenizer.encode: ftfy and HTML unescaping, spaces joined, lower case, its
+    pre-tokenizer, byte-level BPE), with the work bounded by word_len: the phrase's first max_phrase_chars
+    characters, each word's first max_word_bytes bytes, and no word after the one that fills word_len - 2 tokens.
+    For any phrase of up to word_len - 2 tokens, the ids are CLIP's encode(phrase); for a longer one of words the
+    model can read, its first word_len - 2."""
+    tokenizer, text = _clip_tokenizer()
+    limit, longest, most = max(word_len - 2, 0), max_word_bytes(word_len), max_phrase_chars(word_len)
+    if len(phrase) > most:  # its runs of spaces as the one space CLIP's cleaning makes of them, before the cut
+        phrase = re.sub(r"\s+", " ", phrase)
+    cleaned = text.whitespace_clean(text.basic_clean(phrase[:most])).lower()
+    ids = []
+    for word in tokenizer.pat.finditer(cleaned):
+        symbols = "".join(tokenizer.byte_encoder[b] for b in word.group().encode("utf-8")[:longest])
+        ids.extend(tokenizer.encoder[token] for token in tokenizer.bpe(symbols).split(" "))
+        if len(ids) > limit:
+            return ids[:limit], True
+    return ids, len(phrase) > most
+
+
 def tokenize(phrases, word_len=22):
-    """CLIP BPE tokens, (N, word_len) long; long phrases are cut, keeping the end-of-text token (what is
-    kept: kept_words)."""
-    import clip  # imported here: clip imports pkg_resources, slow and noisy at module import
+    """CLIP BPE tokens, (N, word_len) long, as clip.tokenize(phrases, word_len, truncate=True) gives them: the start
+    token, the phrase's tokens (phrase_ids), the end token, zeros; a long phrase is cut, keeping the end-of-text
+    token (what is kept: kept_words)."""
     if isinstance(phrases, str):
         phrases = [phrases]
-    return clip.tokenize(list(phrases), context_length=word_len, truncate=True).long()
+    tokenizer, _ = _clip_tokenizer()
+    start, end = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
+    tokens = torch.zeros(len(phrases), word_len, dtype=torch.long)
+    for i, phrase in enumerate(phrases):
+        row = [start, *phrase_ids(phrase, word_len)[0], end]
+        if len(row) > word_len:  # clip.tokenize's truncation: the end token in the last place
+            row = row[:word_len]
+            row[-1] = end
+        tokens[i, :len(row)] = torch.tensor(row)
+    return tokens
 
 
 @functools.lru_cache(maxsize=16384)
@@ -58,12 +124,12 @@ def kept_words(phrase, word_len=22):
     text: the start and end tokens take two), or None when the whole phrase fits. CLIP's BPE works on
     UTF-8 bytes, so the cut may fall inside a character: that character's bytes are dropped, never shown
     as a broken one."""
-    from clip.clip import _tokenizer
-    ids = _tokenizer.encode(phrase)
-    if len(ids) <= word_len - 2:
+    ids, cut = phrase_ids(phrase, word_len)
+    if not cut:
         return None
-    text = "".join(_tokenizer.decoder[i] for i in ids[:word_len - 2])  # as CLIP's decode, whole characters
-    return bytearray(_tokenizer.byte_decoder[c] for c in text).decode("utf-8", errors="ignore") \
+    tokenizer, _ = _clip_tokenizer()
+    text = "".join(tokenizer.decoder[i] for i in ids)  # as CLIP's decode, whole characters
+    return bytearray(tokenizer.byte_decoder[c] for c in text).decode("utf-8", errors="ignore") \
         .replace("</w>", " ").strip()
 
 

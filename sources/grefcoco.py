@@ -12,7 +12,8 @@ A ref is {ref_id, image_id, split, sentences: [{sent_id, sent, raw, tokens}], an
 Its `ann_id` is a list of annotation ids, or a bare int in some files (a list of one). A ref that
 names nothing has ann_id == [-1] (its category_id may be [-1] too). The refs of a split are those
 whose `split` field is exactly that split (G_REFER.getRefIds). Each sentence is one task: its id the
-`sent_id`, its phrase the sentence's `sent`. Its mask is G_REFER.getMaskByRef(ref, merge=True): the
+`sent_id`, its phrase the sentence's `sent` (a sentence that is empty or only spaces makes no task: build
+counts them, names a few in the LMDB's header and says so, as for RefCOCO). Its mask is G_REFER.getMaskByRef(ref, merge=True): the
 union of the ref's annotations that are not crowd regions (those are left out), decoded by
 pycocotools at the size instances.json gives the image (transforms.coco_mask); all zeros for a
 no-target ref. Every task records `no_target` (true for ann_id == [-1]), which the LMDB keeps and
@@ -25,7 +26,15 @@ from pathlib import Path
 from helpers.files import short_repr
 from sources.coco import read_instances
 from sources.lmdb_store import check_out, write_lmdb
-from sources.refcoco import check_sentences, check_unique, find_refs_file, read_checked_refs
+from sources.refcoco import (
+    check_sentences,
+    check_unique,
+    empty_phrases,
+    find_refs_file,
+    no_phrase,
+    no_sentences,
+    read_checked_refs,
+)
 
 SPLITS = ("train", "val", "testA", "testB")
 
@@ -77,8 +86,9 @@ def images_dir(root, given=None):
     return folder
 
 
-def grefcoco_tasks(refs, images, anns, where):
-    """One task per sentence of each ref, in file order (see the module docstring)."""
+def grefcoco_tasks(refs, images, anns, where, empty=None):
+    """One task per sentence of each ref, in file order (see the module docstring). A sentence that is empty or
+    only spaces makes no task, and is listed in `empty` (refcoco.no_phrase)."""
     tasks = []
     for ref in refs:
         if ref["image_id"] not in images:
@@ -94,6 +104,8 @@ def grefcoco_tasks(refs, images, anns, where):
                                  f"{a} is on image {ann['image_id']} in instances.json")
         kept = [ann for ann in found if not ann.get("iscrowd")]  # getMaskByRef leaves crowd regions out
         for sent in ref["sentences"]:
+            if no_phrase(ref, sent, empty):
+                continue
             tasks.append({"task_id": str(sent["sent_id"]), "image_id": str(ref["image_id"]), "phrase": sent["sent"],
                           "ref_id": ref["ref_id"], "sent_id": sent["sent_id"], "ann_id": ids,
                           "category_id": ref.get("category_id"), "no_target": no_target,
@@ -113,14 +125,16 @@ def build_grefcoco(root, split, out, images=None, skip_missing=False, progress=T
     check_out(out, [instances, refs_file], folders=[folder])
     refs = [r for r in load_grefs(refs_file) if r["split"] == split]
     image_records, anns, _ = read_instances(instances)
-    tasks = grefcoco_tasks(refs, image_records, anns, refs_file)
+    empty = []
+    tasks = grefcoco_tasks(refs, image_records, anns, refs_file, empty)
     if not tasks:
-        raise ValueError(f"{refs_file}: split {split!r} holds no sentences")
+        raise ValueError(no_sentences(refs_file, split, empty))
     files = {}
     for t in tasks:
         img = image_records[int(t["image_id"])]
         files[t["image_id"]] = (folder / img["file_name"], (img["width"], img["height"]))
     header = {"dataset": "grefcoco", "refer": {"dataset": "grefcoco", "split_by": split_by}, "split": split,
-              "source": str(root.resolve()), "images_dir": str(folder.resolve()), "num_refs": len(refs)}
+              "source": str(root.resolve()), "images_dir": str(folder.resolve()), "num_refs": len(refs),
+              **empty_phrases(empty)}
     return write_lmdb(out, header, files, tasks, where=refs_file, skip_missing=skip_missing, exact_size=True,
                       progress=progress)

@@ -173,9 +173,29 @@ def images_dir(root, given=None):
                             "pass --images DIR")
 
 
+def no_phrase(ref, sent, empty) -> bool:
+    """Whether a sentence is empty or only spaces: no phrase, so no task. Such a sentence is listed in `empty`
+    (when given) as "ref R sent_id S", which `empty_phrases` puts in the LMDB's header (RefCOCO's and gRefCOCO's)."""
+    if sent["sent"].strip():
+        return False
+    if empty is not None:
+        empty.append(f"ref {ref['ref_id']} sent_id {sent['sent_id']}")
+    return True
+
+
+def empty_phrases(empty) -> dict:
+    """The header's count of the sentences no_phrase listed, and the first 20 of them (build's report names 5)."""
+    return {"empty_phrases": len(empty), "empty_phrase_examples": empty[:20]}
+
+
+def no_sentences(refs_file, split, empty) -> str:
+    """The error for a split that makes no task."""
+    return f"{refs_file}: split {split!r} holds no sentences{f' but {len(empty)} empty ones' if empty else ''}"
+
+
 def refcoco_tasks(refs, images, anns, where, empty=None):
     """One task per sentence of each ref, in file order (see the module docstring). A sentence that is
-    empty or only spaces is no phrase: it makes no task, and is listed in `empty` ("ref R sentence S")."""
+    empty or only spaces is no phrase: it makes no task, and is listed in `empty` (no_phrase)."""
     tasks = []
     for ref in refs:
         ann = anns.get(ref["ann_id"])
@@ -185,9 +205,7 @@ def refcoco_tasks(refs, images, anns, where, empty=None):
             raise ValueError(f"{where}: ref {ref['ref_id']}: image_id {ref['image_id']}, but its annotation "
                              f"{ann['id']} is on image {ann['image_id']} in instances.json")
         for sent in ref["sentences"]:
-            if not sent["sent"].strip():
-                if empty is not None:
-                    empty.append(f"ref {ref['ref_id']} sent_id {sent['sent_id']}")
+            if no_phrase(ref, sent, empty):
                 continue
             tasks.append({"task_id": str(sent["sent_id"]), "image_id": str(ann["image_id"]), "phrase": sent["sent"],
                           "ref_id": ref["ref_id"], "sent_id": sent["sent_id"], "ann_id": ann["id"],
@@ -208,14 +226,13 @@ def build_refcoco(root, dataset, split_by, split, out, images=None, skip_missing
     empty = []
     tasks = refcoco_tasks(refs, image_records, anns, refs_file, empty)
     if not tasks:
-        raise ValueError(f"{refs_file}: split {split!r} holds no sentences"
-                         f"{f' but {len(empty)} empty ones' if empty else ''}")
+        raise ValueError(no_sentences(refs_file, split, empty))
     files = {}
     for t in tasks:
         img = image_records[int(t["image_id"])]
         files[t["image_id"]] = (folder / img["file_name"], (img["width"], img["height"]))
     header = {"dataset": "refcoco", "refer": {"dataset": dataset, "split_by": split_by}, "split": split,
               "source": str(root.resolve()), "images_dir": str(folder.resolve()), "num_refs": len(refs),
-              "empty_phrases": len(empty), "empty_phrase_examples": empty[:20]}
+              **empty_phrases(empty)}
     return write_lmdb(out, header, files, tasks, where=refs_file, skip_missing=skip_missing, exact_size=True,
                       progress=progress)

@@ -4,6 +4,7 @@ import signal
 
 import pytest
 
+import helpers.clip_weights  # noqa: F401  (clip imported as the tools import it, before a test imports it itself)
 from sources import phrasecut, synthetic
 
 # The Ctrl-C tests send SIGINT to the tools they start. A shell that starts a job in the background

@@ -158,7 +158,7 @@ def test_pred_masks_of_the_wrong_size_or_unreadable_are_named(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         evaluate.main(argv + ["--vis", str(tmp_path / "vis")])
-    assert "--vis need a model (--ckpt)" in capsys.readouterr().err
+    assert "--vis needs a model (--ckpt)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--pred-masks", str(preds)])
     assert "--pred-masks needs --data" in capsys.readouterr().err

@@ -531,3 +531,15 @@ def test_pred_masks_score_palette_masks_by_index_and_name_a_symlink(tmp_path):
         ev.main(argv)
     message = str(exit_info.value.code)
     assert "2007_000032_15.png is a symbolic link to" in message and "task id" not in message
+
+
+def test_pred_masks_names_the_model_flags_as_they_were_given(tmp_path, capsys):
+    for flags, said in ((["--precision", "bf16"], "--precision bf16 needs a model"), (["--amp"], "--amp needs a model"),
+                        (["--vis", "v", "--precision", "bf16"], "--vis, --precision bf16 need a model")):
+        with pytest.raises(SystemExit):
+            ev.main(["--data", str(tmp_path / "x.lmdb"), "--pred-masks", str(tmp_path), *flags])
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error == f"evaluate.py: error: {said} (--ckpt); --pred-masks only scores saved masks"
+    with pytest.raises(SystemExit):  # fp32 is the default, and no model is needed to score masks in it
+        ev.main(["--data", str(tmp_path / "x.lmdb"), "--pred-masks", str(tmp_path), "--precision", "fp32"])
+    assert "need" not in capsys.readouterr().err

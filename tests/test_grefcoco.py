@@ -121,3 +121,21 @@ def test_other_sources_read_no_target_as_false(tmp_path):
     ds = data.PhraseCutLMDB(out, input_size=32, train=True)
     assert ds.no_target_flags() == [False] and ds[0]["no_target"] is False
     assert "no_target" not in json.dumps(ds._read(0, image=False)[0])  # the flag's absence is what old files hold
+
+
+def test_empty_sentences_make_no_task_and_are_counted_as_for_refcoco(tmp_path, capsys):
+    refs = json.loads(json.dumps(GREFS))
+    refs[2]["sentences"][1]["sent"] = " \t "  # ref 3 (val), sent_id 505
+    refs[3]["sentences"][0]["sent"] = ""  # ref 4 (val, no target), sent_id 506
+    refs[4]["sentences"][0]["sent"] = "\n"  # ref 5, testA's only sentence
+    root = grefcoco_root(tmp_path, refs=refs)
+    ds, stats = build(root, tmp_path, "val")
+    assert ds.task_ids() == ["504", "507"] and stats["no_target_tasks"] == 1
+    assert ds.header["empty_phrases"] == 2 and ds.header["empty_phrase_examples"] == ["ref 3 sent_id 505",
+                                                                                       "ref 4 sent_id 506"]
+    data.main(["build", "--source", "grefcoco", "--root", str(root), "--split", "val", "--out", str(tmp_path / "v.lmdb")])
+    assert ("warning: 2 sentences are empty or only spaces: no phrase, so no task, e.g. ref 3 sent_id 505; ref 4 "
+            "sent_id 506") in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"grefs\(unc\).json: split 'testA' holds no sentences but 1 empty ones"):
+        build(root, tmp_path, "testA")
+    assert build(grefcoco_root(tmp_path / "clean"), tmp_path, "val")[0].header["empty_phrases"] == 0

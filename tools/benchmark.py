@@ -39,10 +39,8 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import clip
 import torch
 from torch.utils.data import DataLoader
 
@@ -51,6 +49,7 @@ import train
 from data import PhraseCutLMDB, collate
 from helpers import distributed, engines, hardware, train_config
 from helpers.cli import check_output, check_path, parse_device, run_tool
+from helpers.clip_weights import clip
 from helpers.engines import PRECISIONS, FastSegVLM, amp_for
 from helpers.files import atomic_path
 from helpers.model_files import read_model_file
@@ -378,7 +377,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     args = parse_args(argv)
     try:
         return run(args)

@@ -21,15 +21,11 @@ helpers/checkpoints.py holds the format and its conversion, with the table of na
 import argparse
 import functools
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-if __name__ == "__main__":  # clip's own import warns about pkg_resources; not ours to fix
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-
-from helpers.checkpoints import (  # noqa: E402
+from helpers.checkpoints import (
     CRIS_DECODER_HEADS,
     CRIS_INPUT_SIZE,
     is_cris_checkpoint,
@@ -37,9 +33,9 @@ from helpers.checkpoints import (  # noqa: E402
     summary,
     to_segvlm_checkpoint,
 )
-from helpers.cli import check_output, check_path, run_tool, same_file  # noqa: E402
-from helpers.files import atomic_path  # noqa: E402
-from model import SegVLMConfig  # noqa: E402
+from helpers.cli import check_output, check_path, run_tool, same_file
+from helpers.files import atomic_path
+from model import SegVLMConfig
 
 
 def check_paths(src, dst):
