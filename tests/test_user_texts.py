@@ -98,7 +98,8 @@ def first_outputs(synthetic, tmp_path_factory):
 
 
 def test_a_tools_first_line_is_its_own(first_outputs):
-    assert first_outputs["predict"].splitlines()[0] == f"predict.py: note: {provenance.SYNTHETIC_NOTE}"
+    first, second = first_outputs["predict"].splitlines()[:2]
+    assert first.startswith("predict.py: engine ") and second == f"predict.py: note: {provenance.SYNTHETIC_NOTE}"
     for tool in ("train", "data"):
         assert first_outputs[tool].splitlines()[0].startswith(f"usage: {tool}.py "), first_outputs[tool][:500]
     assert not any("pkg_resources" in out or "Warning" in out for out in first_outputs.values())
