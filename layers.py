@@ -401,7 +401,7 @@ def dense_attention_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """CLIP's attention pool at every position: (B, C, H, W) -> (B, out_dim, H, W)."""
     b, c, h, w = x.shape
     grid = pool.positional_embedding[1:]  # (g*g, C): drop the mean token's row
-    g = math.isqrt(int(grid.shape[0]))  # an int under tracing too (OpenVINO converts by torch.jit.trace)
+    g = round(grid.shape[0] ** 0.5)
     grid = grid.reshape(1, g, g, c).permute(0, 3, 1, 2)  # (1, C, g, g)
     if (g, g) != (h, w):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)

@@ -18,7 +18,11 @@ refused instead of giving masks without a word.
 
 Providers: CUDA's when onnxruntime has it and device is CUDA (or not given and a GPU is there), else the CPU's.
 """
+import contextlib
+import io
+import logging
 import os
+import warnings
 
 import torch
 
@@ -141,3 +145,49 @@ def check_output(logits, phrases, size, where):
         raise ValueError(f"{where}: the graph returned {tuple(logits.shape)} {logits.dtype} for {phrases} "
                          f"phrase(s); SegVLM's logits are {want} float32; the file is not this model's graph")
     return logits
+
+
+class Segment(torch.nn.Module):
+    """SegVLM.segment as a graph's signature: (image, tokens) -> logits, the exported file's (tools/export.py), or
+    with `image_index` (image, tokens, image_index) -> logits, each image encoded once for all its phrases (the
+    graph OpenVINO runs for a checkpoint: helpers/engines.py)."""
+
+    def __init__(self, model, image_index=False):
+        super().__init__()
+        self.model, self.image_index = model, image_index
+
+    def forward(self, image, tokens, image_index=None):
+        return self.model.segment(image, tokens, image_index if self.image_index else None)
+
+
+def export_graph(model, path, inputs, opset=18):
+    """torch.onnx.export's default exporter (torch.export, then onnxscript) of `model` (a SegVLM in eval mode) to
+    `path`, its weights as external data beside it (path + ".data"). inputs: (image, tokens) for the file's
+    signature, or (image, tokens, image_index) for the indexed one; the batch axes stay free (images and phrases
+    each their own axis). The exporter's own lines are kept off the terminal (quiet)."""
+    images, phrases = torch.export.Dim("images", min=1, max=1024), torch.export.Dim("phrases", min=1, max=1024)
+    indexed = len(inputs) == 3
+    names = INPUTS + (("image_index",) if indexed else ())
+    shapes = {"image": {0: images if indexed else phrases}, "tokens": {0: phrases}}
+    if indexed:
+        shapes["image_index"] = {0: phrases}
+    with warnings.catch_warnings(), quiet():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        torch.onnx.export(Segment(model, indexed), tuple(inputs), str(path), dynamo=True, input_names=list(names),
+                          output_names=[OUTPUT], opset_version=opset, dynamic_shapes=shapes, verbose=False)
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporter's progress lines ("[torch.onnx] ...") and its optimizer's log kept off the terminal: the tools
+    say what they did in one line."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)

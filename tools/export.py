@@ -21,15 +21,11 @@ Face's folder layout, read without pickle and memory-mapped (helpers/safetensors
 takes --ckpt takes such a folder.
 """
 import argparse
-import contextlib
-import io
 import json
-import logging
 import math
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +35,11 @@ from helpers import transforms
 from helpers.cli import check_output, check_output_dir, check_path, claim_files, positive_int, run_tool, same_file
 from helpers.files import atomic_path, temporary_name
 from helpers.model_files import read_model_file
-from helpers.onnx_model import CONFIG_KEY, INPUTS, OUTPUT, TRAINED_ON_KEY, OnnxSegVLM
+from helpers.onnx_model import CONFIG_KEY, TRAINED_ON_KEY, OnnxSegVLM, export_graph
 from helpers.safetensors_folder import CONFIG, WEIGHTS, write_folder
 
 MIN_OPSET = 16  # GridSample, the deformable conv's sampling
 PHRASES = ("the dog on the left", "red", "a small blue square beside the large circle")  # the check's phrases
-
-
-class Segment(torch.nn.Module):
-    """SegVLM's forward without image_index, as the graph's signature: (image, tokens) -> logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image, tokens):
-        return self.model.segment(image, tokens)
 
 
 def sample_inputs(cfg, batch, seed=0):
@@ -80,12 +65,7 @@ def export_onnx(model, path, opset=18, tolerance=1e-3, trained_on=None):
     try:
         with atomic_path(path) as tmp:
             raw = work / "graph.onnx"  # the exporter's file and its external data (graph.onnx.data), both in `work`
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            with warnings.catch_warnings(), quiet():
-                warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-                torch.onnx.export(Segment(model), sample_inputs(model.config, 2), str(raw), dynamo=True,
-                                  input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset,
-                                  dynamic_shapes={"image": {0: batch}, "tokens": {0: batch}}, verbose=False)
+            export_graph(model, raw, sample_inputs(model.config, 2), opset)
             graph = onnx.load(str(raw))  # the external data read in: one self-contained file below
             graph.metadata_props.add(key=CONFIG_KEY, value=json.dumps(model.config.to_dict()))
             if trained_on is not None:
@@ -111,22 +91,6 @@ def _named(error, path, work) -> str:
     """An error's first line (300 characters at most) with the temporary names replaced by `path`."""
     text = str(error).replace(str(temporary_name(path)), str(path)).replace(str(work / "graph.onnx"), str(path))
     return (text.splitlines() or [type(error).__name__])[0][:300]
-
-
-@contextlib.contextmanager
-def quiet():
-    """The exporter's progress lines ("[torch.onnx] ...") and its optimizer's log kept off the terminal: the tool
-    says what it did in one line."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
 
 
 @torch.no_grad()
