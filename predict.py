@@ -28,8 +28,8 @@ then prints a note saying so once, on stderr (`model.trained_on` holds what a ch
 The CLI checks its outputs before any work: --out and --mask must be image names PIL
 can write, and neither may be --image, --ckpt (under any path) or each other.
 
-A folder of images at once, every image with every phrase, each image encoded once for all its
-phrases (helpers/batch_predict.py; docs/predict.md):
+A folder of images at once, every image with every phrase, each image its own forward pass and encoded
+once for up to 64 of its phrases (helpers/batch_predict.py; docs/predict.md):
 
     python predict.py --ckpt best.pth --images photos/ --phrases phrases.txt --out masks/
     python predict.py --ckpt best.pth --images a.jpg b.jpg --phrase "the dog" --phrase "the ball" --out masks/
