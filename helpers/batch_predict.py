@@ -106,9 +106,16 @@ def _files_under(folder, skip=None, notes=None) -> tuple:
                     met = True
                 else:
                     stack.append(rel + (entry.name,))
-            elif entry.is_file():  # a link to a file too: an image of its own name
+            elif _is_file(entry):  # a link to a file too: an image of its own name
                 found.append(rel + (entry.name,))
     return sorted(found), met
+
+
+def _is_file(entry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symbolic link in a loop: nothing to read, as a broken link
+        return False
 
 
 def _source_name(source, used) -> str:
@@ -138,24 +145,24 @@ def find_images(sources, out_dir=None) -> Found:
     out_dir = Path(out_dir) if out_dir is not None else None
     out_id = _identity(out_dir) if out_dir is not None else None
     out_real = out_dir.resolve() if out_id is not None else None
-    images, notes, used, folders, given = [], [], set(RESERVED), [], set()
+    images, notes, used, earlier = [], [], set(RESERVED), {}  # earlier: {absolute path: (source, is a folder)}
     for source in map(Path, sources):
         absolute = Path(os.path.abspath(source))
-        if absolute in given:
+        if absolute in earlier:
             continue  # the same source twice
-        given.add(absolute)
         if not os.path.exists(source):
             raise ValueError(f"--images {shown(source)}: no such file or folder")
         if out_real is not None and _inside(source.resolve(), out_real):
             where = "the --out folder" if source.resolve() == out_real else "inside --out"
             raise ValueError(f"--images {shown(source)} is {where} {shown(out_dir)}, where the masks go (a rerun would "
                              f"read them as images); name an --out outside the images")
-        for folder, earlier in folders:
-            if _inside(absolute, folder) or _inside(folder, absolute):
-                raise ValueError(f"--images {shown(source)} and --images {shown(earlier)}: one holds the other, so its "
+        folder = source.is_dir()
+        for other, (given, other_is_folder) in earlier.items():
+            if (other_is_folder and _inside(absolute, other)) or (folder and _inside(other, absolute)):
+                raise ValueError(f"--images {shown(source)} and --images {shown(given)}: one holds the other, so its "
                                  f"images would be done twice under two names; give one of them")
-        if source.is_dir():
-            folders.append((absolute, source))
+        earlier[absolute] = (source, folder)
+        if folder:
             files, met = _files_under(source, out_id, notes)
             name = _source_name(source, used)
             images += [(Path(source, *parts), "/".join((name,) + parts)) for parts in files]

@@ -134,6 +134,7 @@ def test_an_images_key_depends_on_its_source_alone(files, net, photos, tmp_path)
     shutil.copy(photos / "b.png", other / "x.png")
     shutil.copy(photos / "a.jpg", single)
     (photos / "passwd.jpg").symlink_to("/etc/passwd")  # once made the common root "/"
+    (photos / "loop.jpg").symlink_to(photos / "loop.jpg")  # and a link in a loop: left out, as a broken one
     summary, failures = run(net, [photos, other, single], PHRASES, out)  # one more folder and a file
     assert summary["skipped"] == len(SIZES) * len(PHRASES) and summary["written"] == 2 * len(PHRASES)
     assert [(p.name, "not an image" in reason) for p, reason in failures] == [("passwd.jpg", True)]
@@ -147,7 +148,7 @@ def test_an_images_key_depends_on_its_source_alone(files, net, photos, tmp_path)
     found = batch_predict.find_images([photos, twin], out).images
     again = batch_predict.find_images([photos, twin], out).images
     assert found == again and found[-1][1].startswith("photos~") and found[-1][1].endswith("/x.png")
-    for nested in ([photos, photos / "sub"], [photos / "sub", photos], [photos, photos / "a.jpg"]):
+    for nested in ([photos, photos / "sub"], [photos / "sub", photos], [photos, photos / "a.jpg"], [photos / "a.jpg", photos]):
         with pytest.raises(ValueError, match="one holds the other"):
             batch_predict.find_images(nested, out)
 
@@ -267,11 +268,13 @@ def test_cells_a_spreadsheet_would_run_are_quoted_and_read_back(files, net, tmp_
 def test_names_with_line_breaks_resume(files, net, tmp_path):
     odd = tmp_path / "odd"
     odd.mkdir()
-    for name in ("a\nb.png", "c\rd.png", "e\u2028f.png", "g\x85h.png"):
+    names = ("a\nb.png", "c\rd.png", "e\u2028f.png", "g\x85h.png", "i\udcffj.png")  # the last: byte 0xff, not UTF-8
+    for name in names:
         shutil.copy(files / "photos" / "b.png", odd / name)
-    assert run(net, [odd], PHRASES, tmp_path / "out")[0]["written"] == 4 * len(PHRASES)
+    assert run(net, [odd], PHRASES, tmp_path / "out")[0]["written"] == len(names) * len(PHRASES)
     summary, _ = run(net, [odd], PHRASES, tmp_path / "out")  # was refused: "not written by this tool"
-    assert summary["skipped"] == 4 * len(PHRASES) and summary["written"] == 0
+    assert summary["skipped"] == len(names) * len(PHRASES) and summary["written"] == 0
+    assert {r["image"] for r in index_rows(tmp_path / "out")} == {str(odd / name) for name in names}
 
 
 def test_names_and_phrases_are_printed_with_their_escapes_shown(files, photos, tmp_path, capsys):
