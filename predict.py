@@ -30,8 +30,8 @@ then prints a note saying so once, on stderr (`model.trained_on` holds what a ch
 The CLI checks its outputs before any work: --out and --mask must be image names PIL
 can write, and neither may be --image, --ckpt (under any path) or each other.
 
-A folder of images at once, every image with every phrase, each image encoded once for all its
-phrases (helpers/batch_predict.py; docs/predict.md):
+A folder of images at once, every image with every phrase, each image its own forward pass and encoded
+once for up to 64 of its phrases (helpers/batch_predict.py; docs/predict.md):
 
     python predict.py --ckpt best.pth --images photos/ --phrases phrases.txt --out masks/
     python predict.py --ckpt best.pth --images a.jpg b.jpg --phrase "the dog" --phrase "the ball" --out masks/
@@ -46,9 +46,9 @@ import os
 import sys
 
 from helpers import batch_predict
-from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool
+from helpers.cli import check_output, check_output_dir, check_path, parse_device, parse_threshold, positive_int, run_tool, shown
 from helpers.engines import CHOICES, PRECISIONS
-from helpers.files import atomic_path, image_format, mask_format, save_mask
+from helpers.files import atomic_path, hold_dir, image_format, mask_format, save_mask
 from helpers.inference import NOT_FOUND, check_phrase, load_model, open_image, overlay, predict
 from helpers.provenance import SYNTHETIC_NOTE, knows_only_synthetic
 from helpers.transforms import short_phrase
@@ -110,7 +110,8 @@ def parse_args(argv=None):
                         "elsewhere; every engine but onnxruntime honours it")
     p.add_argument("--engine-cache", metavar="DIR",
                    help="a folder of your own where OpenVINO keeps the converted model for the next run")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="folder mode: images per forward pass (4)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="folder mode: images decoded per batch (4); each goes through the model on its own")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="folder mode: image-decoding processes (default min(2, CPUs); 0 decodes in this one)")
     args = p.parse_args(argv)
@@ -165,7 +166,7 @@ def main(argv=None):
     try:
         check_outputs(args)
     except ValueError as e:
-        p.error(str(e))
+        p.error(shown(e))
     try:
         phrase = check_phrase(args.phrase)
         image = open_image(args.image)  # before the (slow) model load: bad input fails fast
@@ -176,13 +177,15 @@ def main(argv=None):
         if args.mask:
             save_mask(mask, args.mask)
     except (ValueError, OSError) as e:
-        sys.exit(f"predict.py: error: {e}")
+        sys.exit(f"predict.py: error: {shown(e)}")
     found = f"{int(mask.sum())} of {mask.size} pixels ({100 * mask.mean():.1f}%)" if mask.any() else NOT_FOUND
-    print(f'{short_phrase(phrase)}: {found}; overlay {args.out}' + (f", mask {args.mask}" if args.mask else ""))
+    print(f'{shown(short_phrase(phrase))}: {found}; overlay {shown(args.out)}'
+          + (f", mask {shown(args.mask)}" if args.mask else ""))
 
 
 def folder_main(p, args):
-    """--images: every image with every phrase (helpers/batch_predict.run); exit 1 when an image could not be read."""
+    """--images: every image with every phrase (helpers/batch_predict); exit 1 when an image could not be read.
+    The flags, the images and OUT (its index, its files, its links) are checked before the model is loaded."""
     try:
         for flag in ("--ckpt", "--onnx", "--phrases"):
             if getattr(args, flag[2:]) is not None:
@@ -193,22 +196,27 @@ def folder_main(p, args):
                    else batch_predict.unique(p.strip() for p in args.phrase))
         if not phrases:
             raise ValueError("--phrase: every phrase given is empty")
-        images = batch_predict.find_images(args.images, out)
+        found = batch_predict.find_images(args.images, out)
     except ValueError as e:
-        p.error(str(e))
+        p.error(shown(e))
+    for note in found.notes:
+        print(f"predict.py: note: {note}", file=sys.stderr, flush=True)
     try:
-        model = open_model(args)
-        summary, failures = batch_predict.run(model, images, phrases, out, args.threshold, args.batch_size,
-                                              args.workers)
+        with hold_dir(out, "--out"):
+            job = batch_predict.plan(found.images, phrases, out)  # a refusal of OUT comes before the (slow) load
+            model = open_model(args)
+            summary, failures = batch_predict.execute(model, job, args.threshold, args.batch_size, args.workers,
+                                                      model_file=args.onnx or args.ckpt)
     except (ValueError, OSError) as e:
-        sys.exit(f"predict.py: error: {e}")
+        sys.exit(f"predict.py: error: {shown(e)}")
     print(f"predict.py: {summary['images']} image(s) x {summary['phrases']} phrase(s): {summary['written']} mask(s) "
-          f"written, {summary['skipped']} already in {out / batch_predict.INDEX}"
+          f"written, {summary['skipped']} already in {shown(out / batch_predict.INDEX)}"
           + (f"; {summary['read']} image(s) in {summary['seconds']:.1f} s, "
              f"{summary['read'] / summary['seconds']:.2f} images/s" if summary.get("read") else ""))
     if failures:
         sys.exit(f"predict.py: {len(failures)} of {summary['images']} image(s) could not be read (named above); "
                  f"the others are done")
+
 
 if __name__ == "__main__":
     run_tool("predict.py", main)

@@ -6,14 +6,16 @@ outputs go through `check_output` / `check_output_dir` before any work, the file
 folder through `claim_files`, and its main through `run_tool` (Ctrl-C and SIGTERM end it with one line).
 """
 import argparse
+import contextlib
 import errno
+import json
 import numbers
 import os
 import signal
 import stat
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -172,24 +174,131 @@ def check_output_dir(path, flag, inputs=()) -> Path:
 
 
 WRITTEN = ".segvlm-written"  # in a folder a tool writes into: the names of the files it wrote there
+RECORD_HEADER = "# segvlm-written 2: one name a line, as a JSON string"  # the first format: one bare name a line
+
+
+def written_names(folder) -> set:
+    """The names `folder`'s record (.segvlm-written) lists: the files a tool of this project wrote there. Each
+    name is a JSON string on its own line (ASCII only, so a name holding a line break, U+2028 or bytes that
+    are not UTF-8 is one name); a record of the first format (one bare name a line, no header) is read too.
+    A ValueError when the record is not a regular file (a symlink, a folder) or a line of it is damaged."""
+    path = Path(folder) / WRITTEN
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return set()
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{shown(path)} is not a regular file ({_kind(mode)}); this project writes it there to list "
+                         f"its own files: remove it, or name another folder")
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    lines = text.split("\n")
+    if lines[0] != RECORD_HEADER:
+        return {line for line in lines if line}  # the first format wrote name + "\n": split on "\n" alone
+    names = set()
+    for number, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        try:
+            name = json.loads(line)
+        except json.JSONDecodeError:
+            name = None
+        if not isinstance(name, str):
+            raise ValueError(f"{shown(path)}, line {number}: not a JSON string (the record of the files this project "
+                             f"wrote there is damaged); remove it, and move the folder's files elsewhere")
+        names.add(name)
+    return names
+
+
+def _kind(mode) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def _real_folder(path, folder, name, flag) -> bool:
+    """Whether `path` (a folder on the way from `folder` to folder/name) exists; a ValueError when it is a
+    symbolic link (it could lead outside `folder`) or not a folder."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{flag} {shown(folder)}: {shown(path)} is a symbolic link; this tool writes only into real "
+                         f"folders inside {flag}, never through a link (it could lead outside): replace it with a "
+                         f"folder, or name another {flag}")
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{flag} {shown(folder)}: {shown(path)} is {_kind(mode) if not stat.S_ISREG(mode) else 'a file'}"
+                         f" where this tool needs a folder (for {shown(name)}); move it, or name another {flag}")
+    return True
+
+
+def _parts(name, flag) -> tuple:
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or any(part in (".", "..") for part in parts):
+        raise ValueError(f"{flag}: {shown(name)} is not a name inside the folder")  # a caller's mistake, said plainly
+    return parts
+
+
+def check_inside(folder, name, flag, checked=None) -> bool:
+    """Whether folder/name (`name` relative, '/'-separated) exists, for a file a tool is about to write there.
+    A ValueError naming the flag when writing it could touch anything but a regular file inside `folder`: a
+    folder on the way that is a symbolic link or a file, or a name that is a symbolic link, a folder, a
+    FIFO or a device (checked with lstat: a link is never followed). `checked`: a set of folders known good,
+    filled as they are checked (many names share them)."""
+    parts = _parts(name, flag)
+    path = Path(folder)
+    for part in parts[:-1]:
+        path = path / part
+        if checked is not None and path in checked:
+            continue
+        if not _real_folder(path, folder, name, flag):
+            return False  # the rest of the way does not exist either
+        if checked is not None:
+            checked.add(path)
+    path = path / parts[-1]
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{flag} {shown(folder)}: {shown(path)} is {_kind(mode)} where this tool writes a file; "
+                         f"it never writes through a link nor replaces a folder: move it, or name another {flag}")
+    return True
+
+
+def make_folders(folder, name, flag) -> Path:
+    """Create the folders between `folder` and folder/name, each a real folder inside `folder` (check_inside's
+    rule, checked again as they are made, just before the file is written) -> folder/name."""
+    parts = _parts(name, flag)
+    path = Path(folder)
+    for part in parts[:-1]:
+        path = path / part
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        _real_folder(path, folder, name, flag)
+    return path / parts[-1]
 
 
 def claim_files(folder, names, flag, record=True) -> None:
-    """Before a tool writes `names` into `folder`: a ValueError when any of them exists and is not one this
-    project wrote there (a user's file is never overwritten); else, with `record` (one process of several
-    records), the names are added to the folder's record (.segvlm-written), so that the next run may write
-    them again."""
+    """Before a tool writes `names` (relative, '/'-separated) into `folder`: a ValueError when any of them exists
+    and is not one this project wrote there (a user's file is never overwritten), or when writing it would go
+    through a symbolic link or meet a file where a folder is needed (check_inside); else, with `record` (one
+    process of several records), the names are added to the folder's record (.segvlm-written, written_names),
+    so that the next run may write them again."""
     folder = Path(folder)
-    path = folder / WRITTEN
-    ours = set(path.read_text().splitlines()) if path.is_file() else set()
-    foreign = [name for name in names if name not in ours and os.path.lexists(folder / name)]
+    ours = written_names(folder)
+    checked = set()
+    foreign = [name for name in names if check_inside(folder, name, flag, checked) and name not in ours]
     if foreign:
-        raise ValueError(f"{flag} {folder} holds {len(foreign)} file(s) that this tool would overwrite and did not "
-                         f"write, e.g. {folder / foreign[0]}; move them, or name another folder")
+        raise ValueError(f"{flag} {shown(folder)} holds {len(foreign)} file(s) that this tool would overwrite and did "
+                         f"not write, e.g. {shown(folder / foreign[0])}; move them, or name another folder")
     new = set(names) - ours
     if new and record:
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(name + "\n" for name in sorted(ours | new)))
+        with atomic_path(folder / WRITTEN) as tmp:
+            lines = [RECORD_HEADER] + [json.dumps(name) for name in sorted(ours | new)]  # ASCII: \n only ends lines
+            tmp.write_text("".join(line + "\n" for line in lines), encoding="ascii")
 
 
 class Stopped(KeyboardInterrupt):

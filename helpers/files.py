@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,8 @@ def atomic_path(path):
     path = Path(path)
     tmp = temporary_name(path)
     remove_stale_temporaries(path)
+    with contextlib.suppress(FileNotFoundError):  # a leftover of an earlier process of our id, or a planted link:
+        tmp.unlink()                              # never written through
     try:
         yield tmp
         os.replace(tmp, path)
@@ -172,7 +175,17 @@ def hold_dir(folder, flag):
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link: the lock file is truncated, and would be another file
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise ValueError(f"{flag} {folder}: {lock} is not a regular file (a symbolic link, a folder or a "
+                             f"FIFO); this project keeps its lock there: remove it")
         if fcntl is None:
             break
         try:

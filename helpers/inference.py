@@ -204,12 +204,17 @@ def _phrase_list(phrases):
     return [check_phrase(p) for p in phrases], False
 
 
+PAIRS_PER_PASS = 64  # phrases of one image in one forward pass at most (iter_proba, the folder mode): memory bounded
+
+
 @torch.no_grad()
 def iter_proba(model, image, phrases):
     """predict_proba's maps one at a time: a generator of float32 numpy (H, W) maps, one per phrase in
-    order, each made at the image's size only when asked for. The model runs once, on the first
-    map: the image encoded once for every phrase. For many phrases on a large picture, only one
-    full-size map need be held at a time (the page does so). phrases: a string or a list of them."""
+    order, each made at the image's size only when asked for. The phrases go through the model
+    PAIRS_PER_PASS at a time (the first map of each group runs it): the image is encoded once per group,
+    so 10,000 phrases cost 157 passes of bounded memory, not one pass of gigabytes. For many phrases on a
+    large picture, only one full-size map need be held at a time (the page does so). phrases: a string
+    or a list of them."""
     phrases, _ = _phrase_list(phrases)
     image = as_image(image)
     cfg = model.config
@@ -218,30 +223,33 @@ def iter_proba(model, image, phrases):
         for phrase in phrases:
             transforms.warn_if_cut(phrase, cfg.word_len)  # which words the model sees of a long phrase
     device = net_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        pixels, _ = transforms.letterbox(image, cfg.input_size)  # (3, S, S) normalised
-        tokens = transforms.tokenize(phrases, cfg.word_len).to(device)  # (N, L)
-        if len(phrases) == 1:
-            logits = model(pixels[None].to(device), tokens)  # (1, 1, S/4, S/4)
-        else:  # one image, N phrases: phrase i is about image 0
-            index = torch.zeros(len(phrases), dtype=torch.long, device=device)
-            logits = model(pixels[None].to(device), tokens, image_index=index)  # (N, 1, S/4, S/4)
-    finally:
-        model.train(was_training)
-    for row in logits:  # (1, S/4, S/4) -> (H, W), one phrase at a time
-        yield probability_map(row, image.height, image.width, cfg.input_size)
+    pixels = transforms.letterbox(image, cfg.input_size)[0][None].to(device)  # (1, 3, S, S) normalised
+    for start in range(0, len(phrases), PAIRS_PER_PASS):
+        group = phrases[start:start + PAIRS_PER_PASS]
+        was_training = model.training
+        model.eval()
+        try:
+            tokens = transforms.tokenize(group, cfg.word_len).to(device)  # (N, L)
+            if len(group) == 1:
+                logits = model(pixels, tokens)  # (1, 1, S/4, S/4)
+            else:  # one image, N phrases: phrase i is about image 0
+                index = torch.zeros(len(group), dtype=torch.long, device=device)
+                logits = model(pixels, tokens, image_index=index)  # (N, 1, S/4, S/4)
+        finally:
+            model.train(was_training)
+        for row in logits:  # (1, S/4, S/4) -> (H, W), one phrase at a time
+            yield probability_map(row, image.height, image.width, cfg.input_size)
 
 
 def predict_proba(model, image, phrases):
     """Foreground probability of each phrase on `image`: float32 numpy (H, W) in [0, 1] at the image's size.
 
     image: a path, a PIL image or an (H, W, 3) uint8 numpy array (as_image). phrases: one string ->
-    one map; a list -> a list of maps, in order. A list is one forward pass: the image is
-    letterboxed and encoded once, and every phrase is decoded against it (SegVLM's image_index),
-    so N phrases cost one image encoding, not N. model: a SegVLM or FastSegVLM (its config gives
-    input_size and word_len). iter_proba gives the same maps one at a time.
+    one map; a list -> a list of maps, in order. A list is one forward pass per PAIRS_PER_PASS
+    phrases: the image is letterboxed once and encoded once per pass, and every phrase is decoded
+    against it (SegVLM's image_index), so N phrases (up to 64) cost one image encoding, not N. model: a
+    SegVLM or FastSegVLM (its config gives input_size and word_len). iter_proba gives the same maps one at
+    a time.
     """
     _, single = _phrase_list(phrases)
     probs = list(iter_proba(model, image, phrases))

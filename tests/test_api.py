@@ -73,6 +73,23 @@ def test_a_list_encodes_the_image_once_and_matches_the_phrases_one_at_a_time(net
     assert all(np.array_equal(m, p > 0.5) for m, p in zip(masks, together))
 
 
+def test_many_phrases_go_through_the_model_a_bounded_number_at_a_time(net, photo, monkeypatch):
+    """70 phrases: two forward passes of at most PAIRS_PER_PASS (64) phrases, the image encoded once each, the
+    maps made one at a time and equal to the phrases' own maps (10,000 phrases in one pass took > 5 GB)."""
+    calls = count_image_encodings(monkeypatch, net)
+    passes, forward = [], net.forward
+    monkeypatch.setattr(net, "forward", lambda image, tokens, image_index=None: passes.append(len(tokens)) or
+                        forward(image, tokens, image_index=image_index))
+    phrases = [f"shape number {i}" for i in range(70)]
+    maps = inference.iter_proba(net, photo, phrases)
+    first = next(maps)
+    assert passes == [inference.PAIRS_PER_PASS] == [64]  # one group run, only when its first map is asked for
+    rest = list(maps)
+    assert passes == [64, 6] and len(calls) == 2 and len(rest) == 69
+    for k in (0, 63, 64, 69):
+        np.testing.assert_allclose(([first] + rest)[k], inference.predict_proba(net, photo, phrases[k]), atol=1e-5)
+
+
 def test_one_phrase_gives_one_mask_and_a_list_of_one_a_list(net, photo):
     one = predict.predict(net, photo, "red circle")
     assert isinstance(one, np.ndarray) and one.shape == (37, 53)

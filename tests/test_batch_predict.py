@@ -69,7 +69,7 @@ def test_cli_does_the_good_images_names_the_broken_ones_and_fails_with_a_count(f
     assert len(rows) == len(SIZES) * len(PHRASES)  # the repeated phrase and the blank line count once
     for r in rows:
         mask_file = out / r["mask"]
-        assert mask_file.parent == out / os.path.relpath(r["image"], files / "photos")  # the image's own folder
+        assert mask_file.parent == out / "photos" / os.path.relpath(r["image"], files / "photos")  # its own folder
         with Image.open(mask_file) as im:
             h, w = SIZES[os.path.relpath(r["image"], files / "photos")]
             assert im.size == (w, h) == (int(r["width"]), int(r["height"])) and im.mode == "L"
@@ -133,7 +133,7 @@ def test_user_files_in_out_and_a_held_out_are_refused(files, net, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "index.csv").write_text("id,score\n1,2\n")  # somebody's index.csv
-    with pytest.raises(ValueError, match="not an index written by predict.py"):
+    with pytest.raises(ValueError, match="index.csv was not written by predict.py"):
         batch_predict.run(net, images, ["green"], other, 0.35, workers=0, progress=False)
     with hold_dir(tmp_path / "held", "--out"), pytest.raises(SystemExit) as stop:
         predict.main(["--ckpt", str(files / "best.pth"), "--images", str(images[0]), "--phrase", "x",

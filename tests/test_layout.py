@@ -30,8 +30,8 @@ LAYERS = {
     "model": 2,
     # 3: what the tools share about a model: checkpoints, inference, drawing a prediction
     "helpers.checkpoints": 3, "helpers.safetensors_folder": 3, "helpers.model_files": 3, "helpers.provenance": 3,
-    "helpers.engines": 3, "helpers.inference": 3,
-    "helpers.onnx_model": 3, "helpers.batch_predict": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
+    "helpers.engines": 3, "helpers.inference": 3, "helpers.onnx_model": 3, "helpers.batch_predict": 3,
+    "helpers.folder_index": 3, "helpers.visualize": 3, "helpers.eval_files": 3,
     # 4: the metrics and the evaluation
     "evaluate": 4,
     # 5: a run's settings and folder, and the figures labelled with scores

@@ -4,6 +4,7 @@ is held by one run at a time; a full disk is named as such; Ctrl-C and SIGTERM e
 line and no temporary file; a user's mistake never ends in a traceback."""
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,64 @@ def test_a_lock_left_by_a_dead_process_does_not_hold_the_directory(tmp_path):
             with files.hold_dir(tmp_path, "--out"):
                 pass
     assert lock is not None and not (tmp_path / files.LOCK_NAME).exists()
+
+
+def test_a_folder_of_outputs_is_never_written_through_a_link_nor_a_users_file(tmp_path):
+    """cli.claim_files, which every tool that writes into a folder uses (evaluate's --save-masks and --vis, the
+    folder mode of predict.py): a link, in the name or on the way, is refused before anything is written, and
+    a file or folder where the other is needed is named in words, not as [Errno 17] or [Errno 21]."""
+    from helpers import cli
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (outside / "mine.png").write_bytes(b"the user's file")
+    cli.claim_files(out, ["a.png", "sub/b.png"], "--save-masks")  # a fresh folder: claimed and recorded
+    (out / "a.png").symlink_to(outside / "mine.png")
+    (out / "sub").symlink_to(outside)
+    (out / "file").write_bytes(b"a user's file")
+    (out / "dir.png").mkdir()
+    cases = {"a.png": "a.png is a symbolic link", "sub/b.png": "sub is a symbolic link; this tool writes only into "
+             "real folders", "file/c.png": "file is a file where this tool needs a folder (for file/c.png)",
+             "dir.png": "dir.png is a folder where this tool writes a file"}
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cli.claim_files(out, [name], "--save-masks")  # a.png and sub/b.png are listed as ours: still refused
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        cli.make_folders(out, "sub/b.png", "--save-masks")
+    assert sorted(p.name for p in outside.iterdir()) == ["mine.png"]
+    assert (outside / "mine.png").read_bytes() == b"the user's file"
+
+
+def test_the_record_of_a_folder_keeps_names_with_line_breaks_and_reads_the_first_format(tmp_path):
+    from helpers import cli
+    names = ["a\nb.png", "c\rd.png", "e\u2028f.png", "g\x85h.png", "i\udcffj.png", "plain.png"]
+    cli.claim_files(tmp_path, names, "--out")
+    assert cli.written_names(tmp_path) == set(names)
+    for name in names:
+        (tmp_path / name).write_bytes(b"written by the tool")
+    cli.claim_files(tmp_path, names, "--out")  # its own files: no refusal
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / cli.WRITTEN).write_text("x.png\ny\u2028z.png\n")  # the first format, one name a line
+    assert cli.written_names(old) == {"x.png", "y\u2028z.png"}
+    (old / cli.WRITTEN).write_text(cli.RECORD_HEADER + "\n" + '"x.png"\nnot json\n')
+    with pytest.raises(ValueError, match="line 3: not a JSON string"):
+        cli.written_names(old)
+
+
+def test_a_lock_or_temporary_file_that_is_a_link_is_never_written_through(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("the user's text")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / files.LOCK_NAME).symlink_to(target)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        with files.hold_dir(run_dir, "--out"):
+            pass
+    (run_dir / f".m.json.tmp-{os.getpid()}").symlink_to(target)  # a planted link under this process's temporary name
+    with files.atomic_path(run_dir / "m.json") as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "the user's text" and (run_dir / "m.json").read_text() == "{}"
 
 
 # --- a full disk, stale temporary files, signals ---------------------------------------------------
