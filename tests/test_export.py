@@ -36,7 +36,8 @@ def files(tmp_path_factory):
 
 def test_safetensors_folder_round_trip(files, tmp_path):
     export.main(["--ckpt", str(files / "best.pth"), "--safetensors", str(tmp_path / "folder")])
-    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == [".segvlm-written", "config.json",
+                                                                        "model.safetensors"]  # and its own record
     original, ckpt = model_files.load_checkpoint(files / "best.pth")
     again, folder_ckpt = model_files.load_checkpoint(tmp_path / "folder")
     assert json.loads((tmp_path / "folder" / "config.json").read_text()) == original.config.to_dict()
