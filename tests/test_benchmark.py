@@ -11,7 +11,7 @@ from tools import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAST = ["--batch", "2", "--repeats", "1", "--warmup", "1", "--loader-batches", "2"]
+FAST = ["--batch", "2", "--repeats", "1", "--warmup", "1", "--loader-batches", "2", "--no-engines"]
 
 
 def test_every_figure_is_reported_and_consistent(tmp_path, capsys):
@@ -46,6 +46,7 @@ def test_bad_flags_are_rejected():
 
 def test_batch_1_measures_what_it_can_and_says_why_training_is_skipped(capsys):
     result = benchmark.run(benchmark.parse_args(["--preset", "smoke", "--workers", "-1", "--batch", "1", "--repeats", "1",
+                                                 "--no-engines",
                                                  "--warmup", "0"]))
     assert result["latency_eager_fp32_ms"]["with_block"] > 0 and result["latency_fast_ms"]["without_block"] > 0
     assert "train_images_per_s" not in result and "BatchNorm" in result["train_skipped"]
@@ -70,3 +71,21 @@ def test_an_absurd_size_exits_with_one_line():
     from tooling import one_line_error, run_tool
     proc = run_tool("benchmark.py", "--preset", "smoke", "--size", "99968", "--workers", "-1")
     assert "--size 99968 at --batch 32" in one_line_error(proc, code=1)
+
+
+@pytest.mark.slow  # exports the model to ONNX and converts it for OpenVINO
+def test_latency_only_times_every_engine_installed_beside_the_cpus_limits(tmp_path):
+    from tooling import run_tool
+    out = tmp_path / "engines.json"
+    proc = run_tool("benchmark.py", "--preset", "smoke", "--latency-only", "--repeats", "1", "--warmup", "0",
+                    "--json", out, env={"SEGVLM_ENGINE": ""}, timeout=900, check=True)  # "auto" as a user has it
+    result = json.loads(out.read_text())
+    ms = result["engine_latency_ms"]
+    assert set(ms) == {"eager_fp32", "torch", "openvino", "onnxruntime", "openvino_onnx_defaults"}
+    assert result["engine"] == "openvino" and result["engine_one_image"] == "torch" and min(ms.values()) > 0
+    assert result["engine_speedup_over_eager_fp32"]["openvino"] == pytest.approx(ms["eager_fp32"] / ms["openvino"])
+    floor = result["floor_ms"][result["engine_precision"]]
+    assert floor == pytest.approx(1000 * result["model_gflop"] / result["matmul_gflops"][result["engine_precision"]])
+    assert result["default_fraction_of_floor"] == pytest.approx(floor / ms["openvino"])
+    assert set(result["cpu"]) == {"name", "capability", "avx512_bf16", "amx"}
+    assert "<- default" in proc.stdout and "reaches" in proc.stdout and "latency_eager_fp32_ms" in result

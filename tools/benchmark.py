@@ -297,15 +297,7 @@ def run(args) -> dict:
              (f"training, batch {args.batch}", lambda: training(models, cfg, size, args.batch, **timing))]
     if args.batch == 1:  # the latency figures are the batch-1 figures
         del steps[1]
-    if args.engines:
-        steps.insert(1, ("engines, batch 1", lambda: engine_latencies(cfg, size, device, args.repeats, args.warmup,
-                                                                      args.precision, onnx=args.onnx)))
-    for title, step in steps[:1 + args.engines] if args.latency_only else steps:
-        if title.startswith("engines"):
-            figures = step()
-            result.update(figures)
-            print_engines(figures)
-            continue
+    for title, step in steps[:1] if args.latency_only else steps:
         figures = step()
         result.update(figures)
         for key, value in figures.items():
@@ -320,6 +312,10 @@ def run(args) -> dict:
         rate = loader_rate(size, cfg.word_len, args.workers, args.batch, args.loader_batches)
         result["loader_samples_per_s"] = rate
         print(f"  LMDB loader, {args.workers} workers: {rate:.1f} samples/s")
+    if args.engines:  # last: onnxruntime and OpenVINO loaded beside torch, a later fork of this process crashed once
+        figures = engine_latencies(cfg, size, device, args.repeats, args.warmup, args.precision, onnx=args.onnx)
+        result.update(figures)
+        print_engines(figures)
     result = {k: ({"with_block": v[True], "without_block": v[False]} if isinstance(v, dict) and True in v else v)
               for k, v in result.items()}
     print(json.dumps(result))
