@@ -84,8 +84,8 @@ def weights_line(ckpt, trained_on, root=".") -> str:
     "runs/demo/best.pth: trained on ... ; test mean IoU 70.69 % (718 phrases)". The path is shown relative to
     `root` when it lies under it, so that a rendered notebook names the repository's file, not the renderer's folder."""
     shown = Path(ckpt)
-    with contextlib.suppress(ValueError, OSError):
-        shown = Path(ckpt).resolve().relative_to(Path(root).resolve())
+    with contextlib.suppress(ValueError):  # abspath, not resolve: runs/ may be a link to another disk
+        shown = Path(os.path.abspath(ckpt)).relative_to(os.path.abspath(root))
     scores = provenance.test_scores(ckpt)
     return f"{shown}: {provenance.describe(trained_on)}" + (f"; {scores}" if scores else "")
 
