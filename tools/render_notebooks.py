@@ -147,7 +147,9 @@ def render(path: Path, ckpt, threads: int) -> float:
     os.environ.update(env)  # the kernel inherits this process's environment
     start = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,
+        # no timings, and a cell's printed lines in one output however the kernel happened to flush them: the same
+        # code renders the same file
+        NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False, coalesce_streams=True,
                        resources={"metadata": {"path": str(path.parent)}}).execute()
     except CellExecutionError:
         raise ValueError(f"{path.name}: {failed_cell(nb)}") from None
