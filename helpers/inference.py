@@ -66,28 +66,42 @@ def load_model(ckpt_path, device=None, engine="auto", precision="auto", fast=Non
     return open_engine(found, device or distributed.info().device, engine, precision, quick_start, cache_dir)
 
 
-def trained_checkpoint(root="."):
+def trained_checkpoint(root=".", preset="demo"):
     """The trained checkpoint the notebooks show, or None for random weights: $SEGVLM_CKPT when it is set
-    ("none" or empty: random weights), else the newest runs/demo*/best.pth under `root` (the demo's
-    runs/demo, or a dated runs/demo-<date>-<time>)."""
+    ("none" or empty: random weights), else the newest best.pth of a `preset` run under `root`: runs/<preset>
+    (train.py's) or a dated runs/<preset>-<date>-<time>, never another preset's (runs/demo-gres is not a demo run)."""
     chosen = os.environ.get("SEGVLM_CKPT")
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "none") else Path(chosen)
-    found = sorted(Path(root).glob("runs/demo*/best.pth"), key=lambda p: p.stat().st_mtime)
+    own = re.compile(re.escape(preset) + r"(-\d{8}-\d{6})?")
+    found = sorted((p for p in Path(root).glob("runs/*/best.pth") if own.fullmatch(p.parent.name)),
+                   key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
+def weights_line(ckpt, trained_on, root=".") -> str:
+    """Which checkpoint, what it was trained on and its test score, in one line (notebooks' figures say it):
+    "runs/demo/best.pth: trained on ... ; test mean IoU 70.69 % (718 phrases)". The path is shown relative to
+    `root` when it lies under it, so that a rendered notebook names the repository's file, not the renderer's folder."""
+    shown = Path(ckpt)
+    with contextlib.suppress(ValueError):  # abspath, not resolve: runs/ may be a link to another disk
+        shown = Path(os.path.abspath(ckpt)).relative_to(os.path.abspath(root))
+    scores = provenance.test_scores(ckpt)
+    return f"{shown}: {provenance.describe(trained_on)}" + (f"; {scores}" if scores else "")
+
+
 def notebook_model(root=".", preset="demo", **overrides):
-    """(model in eval mode on the CPU, a line saying which weights it has): trained_checkpoint(root)'s, with
-    what it was trained on, else `preset`'s random weights (build_model(preset, **overrides), seed 0)."""
-    ckpt = trained_checkpoint(root)
+    """(model in eval mode on the CPU, a line saying which weights it has): trained_checkpoint(root, preset)'s, the
+    PyTorch model itself in float32 (the same figures on any CPU), with weights_line's provenance; else `preset`'s
+    random weights (build_model(preset, **overrides), seed 0)."""
+    ckpt = trained_checkpoint(root, preset)
     if ckpt is not None:
-        model = load_model(ckpt, "cpu", fast=False)
-        return model, f"trained weights from {ckpt}: {provenance.describe(model.trained_on)}"
+        model = load_model(ckpt, "cpu", engine="eager", precision="fp32")
+        return model, f"trained weights from {weights_line(ckpt, model.trained_on, root)}"
     torch.manual_seed(0)
     model = build_model(preset, **overrides).eval()
-    return model, (f"random weights (the {preset} preset): no runs/demo*/best.pth under {Path(root).resolve()} and no "
-                   f"$SEGVLM_CKPT; `python train.py --preset demo` trains one")
+    return model, (f"random weights (the {preset} preset): no runs/{preset}/best.pth under {Path(root).resolve()} "
+                   f"and no $SEGVLM_CKPT; `python train.py --preset {preset}` trains one")
 
 
 def unwrap(model):

@@ -17,6 +17,7 @@ and names the others as unreadable, so that no record stops a tool. `describe` i
 and the API show; `knows_only_synthetic` says when SYNTHETIC_NOTE must go with the masks: a model trained on the
 synthetic set has never seen a photo.
 """
+import json
 from pathlib import Path
 
 # The `units` field of every JSON file with scores (trained_on, metrics.jsonl, test_metrics.json, evaluate --json).
@@ -204,3 +205,27 @@ def describe(record: dict) -> str:
     elif unreadable:
         text += f" (unreadable in the checkpoint's record: {', '.join(unreadable)})"
     return text
+
+
+def test_scores(ckpt_path) -> str:
+    """The scores train.py wrote for a run's best.pth on its test split (test_metrics.json beside it), as one line:
+    "test mean IoU 70.69 % (718 phrases)", or "test gIoU 58.52 %, N_acc 48.37 %, T_acc 96.52 % (902 phrases)"
+    where the split has phrases that name nothing (GRES's figures). "" for a file of another name (train.py
+    scores best.pth only), or when test_metrics.json is absent or its figures unreadable: never raises."""
+    path = Path(ckpt_path)
+    if path.name != "best.pth":
+        return ""
+    try:
+        scores = json.loads((path.parent / "test_metrics.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if not isinstance(scores, dict):
+        return ""
+    # with phrases that name nothing, PhraseCut's mean IoU scores every right "no target" 0: GRES's figures then
+    keys = (("gIoU", "gIoU"), ("N_acc", "N_acc"), ("T_acc", "T_acc")) if "gIoU" in scores else (("mIoU", "mean IoU"),)
+    named = [(label, _fraction(scores.get(key))) for key, label in keys]
+    if any(value is None or value < 0 for _, value in named):
+        return ""
+    count = _count(scores.get("n"))
+    return "test " + ", ".join(f"{label} {percent(value)} %" for label, value in named) + (
+        f" ({count:,} phrases)" if count else "")

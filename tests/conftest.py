@@ -19,10 +19,18 @@ os.environ.setdefault("SEGVLM_ENGINE", "torch")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The notebooks (nbmake runs each as one test) belong to the slow tier: `python -m pytest -m slow`."""
+    """The notebooks (nbmake runs each as one test) belong to the slow tier: `python -m pytest -m slow`. Those that
+    tests/test_notebooks.py executes on both their paths are left to it when it runs in the same session (the whole
+    slow tier), so that no notebook runs twice there; `pytest --nbmake notebooks/` alone still runs every one."""
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.slow)
+    if any(item.path.name == "test_notebooks.py" for item in items):
+        from test_notebooks import NOTEBOOKS
+        twice = [item for item in items if item.path.suffix == ".ipynb" and item.path.name in NOTEBOOKS]
+        if twice:
+            config.hook.pytest_deselected(items=twice)
+            items[:] = [item for item in items if item not in twice]
 
 
 @pytest.fixture(scope="session")

@@ -239,11 +239,15 @@ def test_the_notebooks_find_the_newest_demo_run(tmp_path, monkeypatch):
     import os
     monkeypatch.delenv("SEGVLM_CKPT", raising=False)
     assert inference.trained_checkpoint(tmp_path) is None
-    for k, name in enumerate(["demo-20260101-000000", "demo", "paper-20260103-000000"]):
+    names = ["demo-20260101-000000", "demo", "paper-20260103-000000", "demo-gres", "demo-old", "demo-gres-20260101-000000"]
+    for k, name in enumerate(names):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "best.pth").write_bytes(b"")
         os.utime(tmp_path / "runs" / name / "best.pth", (1000 + k, 1000 + k))
-    assert inference.trained_checkpoint(tmp_path) == tmp_path / "runs" / "demo" / "best.pth"  # the newest demo run
+    # the newest demo run; never another preset's, though demo-gres's name starts with "demo" and its run is newer
+    assert inference.trained_checkpoint(tmp_path) == tmp_path / "runs" / "demo" / "best.pth"
+    assert inference.trained_checkpoint(tmp_path, "demo-gres") == tmp_path / "runs/demo-gres-20260101-000000/best.pth"
+    assert inference.trained_checkpoint(tmp_path, "paper") == tmp_path / "runs/paper-20260103-000000/best.pth"
     monkeypatch.setenv("SEGVLM_CKPT", "elsewhere/best.pth")
     assert inference.trained_checkpoint(tmp_path) == Path("elsewhere/best.pth")
     monkeypatch.setenv("SEGVLM_CKPT", "none")  # random weights, whatever runs/ holds

@@ -38,7 +38,7 @@ LAYERS = {
     "helpers.train_config": 5, "helpers.runs": 5, "helpers.figures": 5,
     # 6: what a person runs
     "train": 6, "predict": 6, "app": 6, "tools.benchmark": 6, "tools.ablation": 6, "tools.cris": 6,
-    "tools.export": 6, "tools.agree": 6,
+    "tools.export": 6, "tools.agree": 6, "tools.render_notebooks": 6,
 }
 
 

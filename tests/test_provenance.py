@@ -75,3 +75,33 @@ def test_predict_and_the_api_run_on_a_checkpoint_with_a_broken_record(tmp_path, 
                   str(tmp_path / "o.png"), "--device", "cpu", "--precision", "fp32"])
     assert "predict.py: note: " + provenance.SYNTHETIC_NOTE in capsys.readouterr().err  # its dataset was readable
     assert (tmp_path / "o.png").is_file()
+
+
+def test_a_runs_test_scores_are_read_beside_its_best_pth_and_nothing_else(tmp_path):
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    assert provenance.test_scores(run / "best.pth") == ""  # no test_metrics.json
+    (run / "test_metrics.json").write_text(json.dumps({"mIoU": 0.70691, "n": 718}))
+    assert provenance.test_scores(run / "best.pth") == "test mean IoU 70.69 % (718 phrases)"
+    assert provenance.test_scores(run / "checkpoint.pth") == ""  # train.py scores best.pth only
+    gres = {"mIoU": 0.4865, "gIoU": 0.58519, "N_acc": 0.48370, "T_acc": 0.96518, "n": 902}
+    (run / "test_metrics.json").write_text(json.dumps(gres))
+    assert provenance.test_scores(run / "best.pth") == "test gIoU 58.52 %, N_acc 48.37 %, T_acc 96.52 % (902 phrases)"
+    for bad in ("{", "[1, 2]", json.dumps({"mIoU": "high"}), json.dumps({"mIoU": 70.7}), json.dumps({**gres, "N_acc": None}),
+                "[" * 100000):
+        (run / "test_metrics.json").write_text(bad)
+        assert provenance.test_scores(run / "best.pth") == "", bad[:40]
+
+
+def test_the_notebooks_line_names_the_file_under_the_repository_what_it_knows_and_its_test_score(tmp_path):
+    import json
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "test_metrics.json").write_text(json.dumps({"mIoU": 0.5, "n": 10}))
+    line = inference.weights_line(run / "best.pth", GOOD, root=tmp_path)
+    assert line == ("runs/demo/best.pth: trained on synthetic shapes and colours (sources/synthetic.py) (train split: 40 "
+                    "phrases on 10 images), preset demo, 3 epochs of 8, best val mean IoU 50.0 %; test mean IoU 50.00 % "
+                    "(10 phrases)")
+    elsewhere = tmp_path / "other" / "model.pth"  # outside root: as given; no test score (not a best.pth)
+    assert inference.weights_line(elsewhere, GOOD, root=run) == f"{elsewhere}: {provenance.describe(GOOD)}"

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tools in tools/ run as modules from the root (`python -m tools.cris`); the rest are root scripts.
 MODULES = {"ablation.py": "tools.ablation", "agree.py": "tools.agree", "benchmark.py": "tools.benchmark",
-           "cris.py": "tools.cris", "export.py": "tools.export"}
+           "cris.py": "tools.cris", "export.py": "tools.export", "render_notebooks.py": "tools.render_notebooks"}
 
 
 def command(script, *args) -> list:
