@@ -107,12 +107,15 @@ class OnnxSegVLM(torch.nn.Module):
     (read_graph's). A run that fails inside onnxruntime, or returns logits of another shape than
     (N, 1, S/4, S/4) for N phrases, is a ValueError naming the file."""
 
-    def __init__(self, path, config: SegVLMConfig, device=None):
+    def __init__(self, path, config: SegVLMConfig, device=None, spinning=True):
         super().__init__()
         import onnxruntime as ort
         self.path, self.config = os.fspath(path), config
+        options = ort.SessionOptions()
+        if not spinning:  # its threads sleep between runs instead of spinning (a benchmark alternating with others)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(self.path, providers=providers(device))
+            self.session = ort.InferenceSession(self.path, options, providers=providers(device))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: any is a file it cannot run
             raise ValueError(f"--onnx {path}: onnxruntime cannot load it ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None

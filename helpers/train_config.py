@@ -28,6 +28,16 @@ from sources.synthetic import DEMO_NUM_IMAGES
 
 DESCRIPTION = "Train SegVLM: one plain torch.distributed loop, from a laptop CPU to several GPUs."
 
+class Switch(argparse.BooleanOptionalAction):
+    """A switch's two flags, --NAME (on) and --no-NAME (off). Python 3.11's BooleanOptionalAction tells them apart by
+    the prefix "--no-", so the switch no_target_head's own flag, --no-target-head, turned it off: here the flag
+    itself decides (BooleanOptionalAction lists each name, then its --no- form)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, self.option_strings.index(option_string) % 2 == 0)
+
+
 def flag(default, help: str, **argparse_options):
     """A TrainConfig field: its default, and the line `python train.py --help` prints for it."""
     if isinstance(default, list):  # a mutable default: a fresh copy per TrainConfig
@@ -136,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         options = {**f.metadata, "default": getattr(defaults, f.name)}
         if f.type == "bool":
-            options["action"] = argparse.BooleanOptionalAction
+            options["action"] = Switch
         elif f.type == "list[float]":
             options.update(type=epoch_number, nargs="*", metavar="EPOCH")
         elif f.type == "list[str]":

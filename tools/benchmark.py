@@ -5,6 +5,7 @@
     python -m tools.benchmark --ckpt best.pth          # a checkpoint's own architecture and input size
     python -m tools.benchmark --deform-impl torchvision  # eq. 1 through torchvision's kernel instead
     python -m tools.benchmark --compile                # torch.compile for the eager and training figures
+    python -m tools.benchmark --preset paper --latency-only   # every engine at batch 1, the CPU's floors
 
 Weights are random (speed does not depend on them). Every figure is the
 median of --repeats timed passes after --warmup untimed ones, with the device
@@ -12,9 +13,14 @@ synchronised around each pass, and with the enhancement block on and off
 alternated so that a change in load hits both alike. Printed:
 
 - inference latency at batch 1: the eager model in float32, and the fast path
-  (inference.FastSegVLM: CUDA graphs and bf16 autocast on CUDA; bf16 autocast on a
-  CPU with native bf16, AVX512-BF16 or AMX; the eager model in float32 on any other
+  (engines.FastSegVLM, the engine "torch": CUDA graphs and bf16 autocast on CUDA; bf16 autocast
+  and channels-last on a CPU with native bf16, AVX512-BF16 or AMX; float32 on any other
   CPU; "fast_precision" says which), with the block on/off ratio;
+- (--latency-only, and last in a full run) the batch-1 latency of every engine installed
+  (helpers/engines.py), alternately in one process, with the model's enhancement block: eager
+  float32, torch, openvino (what "auto" picks here is "engine"), onnxruntime and OpenVINO with its
+  own defaults on tools.export's ONNX file; this CPU's float32 and bf16 matmul rates, the model's
+  FLOPs, the floors they give, and the fraction of its floor the default engine reaches;
 - inference images/s at --batch through the fast path;
 - training images/s at --batch (train.train_step, train.py's step: forward,
   RAF loss, backward, Adam, fused on CUDA; bf16 autocast and channels-last on
@@ -126,6 +132,8 @@ def engine_latencies(cfg, size, device, repeats, warmup, precision="auto", onnx=
     model with its enhancement block: the eager model in float32 (the reference), "torch", "openvino" (converted
     here; the conversion's seconds in engine_setup_s) and, with `onnx`, the model exported by tools.export and run
     by onnxruntime and by OpenVINO with its defaults ("openvino_onnx_defaults", no setting of this project's).
+    onnxruntime's threads are told not to spin between runs: spinning, they took the cores from the engine timed
+    next (the demo's eager model measured 2x slower beside it).
     Also what "auto" picks here, for a folder or the page ("engine") and for one image ("engine_one_image"), this
     CPU's matmul rates, the model's FLOPs, the floors they give, and the fraction of its floor "engine" reaches."""
     from tools.export import export_onnx  # tools of one layer; the exporter only when asked for
@@ -144,7 +152,7 @@ def engine_latencies(cfg, size, device, repeats, warmup, precision="auto", onnx=
             start = time.perf_counter()
             export_onnx(copy.deepcopy(net), Path(tmp) / "model.onnx")
             setup["onnx_export"] = time.perf_counter() - start
-            runs["onnxruntime"] = OnnxSegVLM(Path(tmp) / "model.onnx", net.config, device)
+            runs["onnxruntime"] = OnnxSegVLM(Path(tmp) / "model.onnx", net.config, device, spinning=False)
             if engines.openvino_available():
                 import openvino as ov
                 compiled = ov.Core().compile_model(str(Path(tmp) / "model.onnx"), "CPU")  # OpenVINO's defaults
