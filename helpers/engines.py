@@ -291,32 +291,32 @@ def run_cache(path):
     return folder / RUN_CACHE if ours and run and os.access(folder, os.W_OK) else None
 
 
-def convert(net, work, cache_dir=None, precision="fp32"):
-    """The OpenVINO model of `net` (a SegVLM, in eval mode), read from `cache_dir` where an earlier process left the
-    same model's conversion, else exported to ONNX in the folder `work` (onnx_model.export_graph: tools/export.py's
-    exporter, with image_index; the images and the phrases axes free) and read from there. The ONNX route gives
-    OpenVINO a graph it runs faster than a traced one (1.8x on the paper preset, docs/measurements.md), in less time."""
+def convert(net, work, cache_dir=None, precision="fp32") -> Path:
+    """The file OpenVINO reads `net` (a SegVLM, in eval mode) from: its conversion in `cache_dir` where an earlier
+    process left it, else the model exported to ONNX in the folder `work` (onnx_model.export_graph: tools/export.py's
+    exporter, with image_index; the images and the phrases axes free). The ONNX route gives OpenVINO a graph it
+    runs faster than a traced one (1.8x on the paper preset, docs/measurements.md), in less time."""
     import openvino as ov
     cfg = net.config
     target = None
     if cache_dir is not None:
         target = private_cache(cache_dir) / f"openvino-{model_key(net, precision)}"
         if (target / "model.xml").is_file():
-            return ov.Core().read_model(str(target / "model.xml"))
+            return target / "model.xml"
     example = (torch.zeros(2, 3, cfg.input_size, cfg.input_size), torch.ones(3, cfg.word_len, dtype=torch.long),
                torch.tensor([0, 1, 1]))  # two images, three phrases
     export_graph(net.eval(), Path(work) / "graph.onnx", example)
-    converted = ov.Core().read_model(str(Path(work) / "graph.onnx"))
     if target is not None:  # written under a temporary name, then renamed: a reader never sees half of it
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+            ov.save_model(ov.Core().read_model(str(Path(work) / "graph.onnx")), str(tmp / "model.xml"),
+                          compress_to_fp16=False)
             os.replace(tmp, target)
         except OSError:
             pass  # another process cached it first, or the disk is full: this process has its model anyway
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return converted
+    return Path(work) / "graph.onnx"
 
 
 class OpenVINOSegVLM(torch.nn.Module):
@@ -339,17 +339,23 @@ class OpenVINOSegVLM(torch.nn.Module):
         properties = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
         if cache_dir is not None:  # OpenVINO's own cache of compiled models, beside the conversions
             properties["CACHE_DIR"] = str(private_cache(cache_dir) / "compiled")
+        self.single = None  # the compiled model for one image and one phrase, shapes fixed (not for a file's graph)
         try:
             with tempfile.TemporaryDirectory(prefix="segvlm-openvino-") as work:  # the exported graph, until compiled
-                ov_model = core.read_model(self.graph_file) if self.graph_file else convert(
-                    source, work, cache_dir, "bf16" if bf16 else "fp32")
-                self.compiled = core.compile_model(ov_model, "CPU", properties)
+                path = self.graph_file or convert(source, work, cache_dir, "bf16" if bf16 else "fp32")
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", properties)
+                if not self.graph_file:  # images and phrases on two free axes cost 1-3 % at batch 1; fixed, nothing
+                    fixed = core.read_model(str(path))
+                    fixed.reshape({fixed.inputs[0]: [1, 3, config.input_size, config.input_size],
+                                   fixed.inputs[1]: [1, config.word_len], fixed.inputs[2]: [1]})
+                    self.single = core.compile_model(fixed, "CPU", properties)
         except (RuntimeError, ValueError, TypeError) as e:  # OpenVINO's errors: an op it lacks, a graph it refuses
             where = self.graph_file or "the model"
             raise ValueError(f"OpenVINO cannot compile {where} ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); use --engine torch"
                              f"{' or onnxruntime' if self.graph_file else ''}") from None
         self.request = self.compiled.create_infer_request()
+        self.single_request = self.single.create_infer_request() if self.single is not None else None
 
     def forward(self, image, tokens, image_index=None):
         check_inputs(image, tokens, image_index, self.config.input_size, self.config.word_len)
@@ -366,8 +372,10 @@ class OpenVINOSegVLM(torch.nn.Module):
             feeds = [np.ascontiguousarray(image[image_index].numpy()), tokens.numpy()]
         else:
             feeds = [np.ascontiguousarray(image.numpy()), tokens.numpy(), image_index.numpy()]
+        one = self.single_request is not None and image.shape[0] == 1 and tokens.shape[0] == 1
+        request = self.single_request if one else self.request
         try:
-            logits = self.request.infer(feeds)[self.compiled.output(0)]
+            logits = request.infer(feeds)[0]
         except RuntimeError as e:
             raise ValueError(f"OpenVINO failed to run {self.graph_file or 'the model'} "
                              f"({str(e).strip().splitlines()[0][:300] if str(e).strip() else 'RuntimeError'})") from None

@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -71,13 +72,18 @@ def sync(device):
 
 
 def timed(fns: dict, device, repeats: int, warmup: int) -> dict:
-    """Median seconds of each zero-argument function, run alternately."""
+    """Median seconds of each zero-argument function, run alternately, in a new order each round (seeded): a runtime
+    whose threads still spin after its run (OpenMP's, onnxruntime's) slows the one after it, so none always follows
+    the same one."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in list(order):
+            fn = fns[name]
             sync(device)
             t = time.perf_counter()
             fn()
