@@ -47,6 +47,8 @@ LINKED = ("helpers", "sources", "tools", "tests", "notebooks", "docs", ".ci", "p
 NETWORK = ("git clone ", "cd ", "mkdir ", "pip install ", "python download_dataset.py", "wget ", "unzip ", "tar ")
 # blocks that show commands without running them here, and why
 NOT_RUN = {"measurements.md: The web page": "needs Chromium; tests/test_app.py's browser test drives the same page",
+           "measurements.md: Engines on the CPU #2": "the first block's command in float32; tests/test_engines.py "
+                                                      "runs OpenVINO in float32",
            "measurements.md: One heavy request on the web page": "a test of tests/test_app.py, which the slow tier runs",
            "measurements.md: Using a model: folders, ONNX, bf16 #2": "times this CPU's matmul; emulated bf16 takes minutes",
            "measurements.md: Using a model: folders, ONNX, bf16 #3": "times the folder mode on photos it names; "
