@@ -47,9 +47,10 @@ from tqdm import tqdm
 
 from helpers import transforms
 from helpers.cli import WRITTEN, check_inside, claim_files, make_folders, shown, written_names
+from helpers.engines import net_device
 from helpers.files import LOCK_NAME, hold_dir, save_mask
 from helpers.folder_index import COLUMNS, INDEX, index_rows, mask_name, name_for, open_index, phrase_stem, write_row
-from helpers.inference import PAIRS_PER_PASS, net_device, open_image, probability_map
+from helpers.inference import PAIRS_PER_PASS, open_image, probability_map
 
 __all__ = ["find_images", "read_phrases", "unique", "plan", "execute", "run", "read_index", "INDEX", "COLUMNS",
            "mask_name", "PAIRS_PER_PASS"]

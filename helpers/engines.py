@@ -48,7 +48,6 @@ from helpers.onnx_model import OnnxSegVLM, check_output, export_graph
 ENGINES = ("eager", "torch", "openvino", "onnxruntime")
 CHOICES = ("auto",) + ENGINES  # the --engine of predict.py, app.py, evaluate.py and benchmark
 PRECISIONS = ("auto", "bf16", "fp32")  # the --precision of predict.py and app.py
-TORCH_FORMS = ("checkpoint", "cris", "folder")
 
 
 def native_bf16() -> bool:

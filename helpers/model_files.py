@@ -25,7 +25,6 @@ anything is allocated, and no tool builds a model its file does not fill exactly
 import dataclasses
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -194,9 +193,3 @@ def init_model(path, cfg: SegVLMConfig, clip_name=None):
     what = f"CRIS, backbone {clip_label(backbone_name(file_cfg))}" if kind == "CRIS" else "a SegVLM checkpoint"
     block = f"{len(new)} tensors of the enhancement block are new" if new else "nothing new"
     return model, (f"initialised from {path} ({what}): {len(found.weights)} tensors copied, {block}")
-
-
-def describe_form(found: ModelFile) -> str:
-    """A few words for messages: "checkpoint runs/demo/best.pth", "model folder segvlm-demo", ..."""
-    return {"checkpoint": "checkpoint", "cris": "CRIS checkpoint", "folder": "model folder",
-            "onnx": "ONNX graph"}[found.form] + f" {Path(found.path)}"
