@@ -213,3 +213,13 @@ def test_predict_and_predict_py_say_not_found(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "'the purple star': not found in the picture; overlay" in run.stdout
     assert not np.asarray(Image.open(tmp_path / "m.png")).any()
+
+
+def test_a_switch_named_no_something_is_turned_on_by_its_own_flag():
+    """--no-target-head turns the head on (Python 3.11's BooleanOptionalAction read its "--no-" as off), and
+    --no-no-target-head off; the other switches keep their two flags."""
+    assert train.parse_args(["--preset", "smoke", "--no-target-head"]).no_target_head is True
+    assert train.parse_args(["--preset", "demo-gres", "--no-no-target-head"]).no_target_head is False
+    assert train_config.flag_text("no_target_head", True) == "--no-target-head"
+    cfg = train.parse_args(["--preset", "smoke", "--no-deform", "--se"])
+    assert cfg.deform is False and cfg.se is True

@@ -256,16 +256,6 @@ def test_flags_override_the_preset():
     assert cfg.epochs == train_config.preset_defaults("smoke").epochs
 
 
-def test_a_switch_named_no_something_is_turned_on_by_its_own_flag():
-    """--no-target-head turns the head on (Python 3.11's BooleanOptionalAction read its "--no-" as off), and
-    --no-no-target-head off; the other switches keep their two flags."""
-    assert train.parse_args(["--preset", "smoke", "--no-target-head"]).no_target_head is True
-    assert train.parse_args(["--preset", "demo-gres", "--no-no-target-head"]).no_target_head is False
-    assert train_config.flag_text("no_target_head", True) == "--no-target-head"
-    cfg = train.parse_args(["--preset", "smoke", "--no-deform", "--se"])
-    assert cfg.deform is False and cfg.se is True
-
-
 def test_backbone_starts_at_its_own_rate():
     """The CRIS slip: the backbone's reduced rate must be the rate of the very first step."""
     cfg = train_config.preset_defaults("paper")
