@@ -96,31 +96,34 @@ def onnx_file(files):
 @pytest.mark.slow
 def test_onnx_graph_equals_the_model_at_batch_1_and_3(files, onnx_file):
     net, _ = model_files.load_checkpoint(files / "best.pth")
-    runtime = inference.load_model(onnx_file)
-    assert runtime.config == net.config
-    torch.manual_seed(5)
-    for batch in (1, 3):
-        image = torch.randn(batch, 3, 64, 64)
-        tokens = tokenize(["a cat", "the large square on the right", "x"][:batch], net.config.word_len)
-        with torch.no_grad():
-            ref = net(image, tokens)
-        got = runtime(image, tokens)
-        assert got.shape == ref.shape == (batch, 1, 16, 16)
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    with pytest.raises(ValueError, match="multiples of 32"):  # SegVLM's own checks
-        runtime(torch.randn(1, 3, 60, 64), tokens[:1])
+    for engine in ("onnxruntime", "openvino"):  # the graph on both runtimes that read it, in float32
+        runtime = inference.load_model(onnx_file, engine=engine, precision="fp32")
+        assert runtime.config == net.config and runtime.engine == engine
+        torch.manual_seed(5)
+        for batch in (1, 3):
+            image = torch.randn(batch, 3, 64, 64)
+            tokens = tokenize(["a cat", "the large square on the right", "x"][:batch], net.config.word_len)
+            with torch.no_grad():
+                ref = net(image, tokens)
+            got = runtime(image, tokens)
+            assert got.shape == ref.shape == (batch, 1, 16, 16)
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        with pytest.raises(ValueError, match="multiples of 32"):  # SegVLM's own checks
+            runtime(torch.randn(1, 3, 60, 64), tokens[:1])
 
 
 @pytest.mark.slow
 def test_predict_with_onnx_matches_the_checkpoint_in_both_modes(files, onnx_file, tmp_path):
     for name in ("a.jpg", "b.png"):
-        for mode in (["--onnx", str(onnx_file)], ["--ckpt", str(files / "best.pth"), "--precision", "fp32"]):
+        for mode in (["--onnx", str(onnx_file), "--precision", "fp32"],
+                     ["--ckpt", str(files / "best.pth"), "--precision", "fp32"]):
             predict.main([*mode, "--image", str(files / name), "--phrase", "blue square",
                           "--out", str(tmp_path / "o.png"), "--mask", str(tmp_path / f"{mode[0]}-{name}.png")])
         onnx_mask = np.asarray(Image.open(tmp_path / f"--onnx-{name}.png")) > 0
         ckpt_mask = np.asarray(Image.open(tmp_path / f"--ckpt-{name}.png")) > 0
         assert (onnx_mask != ckpt_mask).mean() < 0.002  # at most a pixel or two where a probability sits at 0.35
-    prob_onnx = inference.predict_proba(inference.load_model(onnx_file), files / "a.jpg", ["red", "blue square"])
+    prob_onnx = inference.predict_proba(inference.load_model(onnx_file, precision="fp32"), files / "a.jpg",
+                                        ["red", "blue square"])
     prob_ckpt = inference.predict_proba(predict.load_model(files / "best.pth", "cpu", precision="fp32"),
                                         files / "a.jpg", ["red", "blue square"])
     assert all(np.abs(a - b).max() < 1e-4 for a, b in zip(prob_onnx, prob_ckpt))
@@ -145,9 +148,10 @@ def test_the_no_target_answer_survives_the_export(tmp_path):
     assert answered.sum() == 2 and not answered.all()
     save_model_checkpoint(net, tmp_path / "gres.pth")
     run_tool("export.py", "--ckpt", tmp_path / "gres.pth", "--onnx", tmp_path / "gres.onnx", timeout=900, check=True)
-    got = inference.load_model(tmp_path / "gres.onnx")(image, tokens)
-    assert ((got.flatten(1) == NOTHING).all(1) == answered).all()  # the same phrases answered "no target"
-    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref[~answered].abs().max().item())
+    for engine in ("onnxruntime", "openvino"):
+        got = inference.load_model(tmp_path / "gres.onnx", engine=engine, precision="fp32")(image, tokens)
+        assert ((got.flatten(1) == NOTHING).all(1) == answered).all()  # the same phrases answered "no target"
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref[~answered].abs().max().item())
 
 
 def test_export_refuses_bad_flags(files, tmp_path, capsys):
